@@ -1,0 +1,1 @@
+"""The host-independent training backend. Never imports ComfyUI."""
