@@ -1,1 +1,56 @@
+"""Model families: what differs between SD1.x, SDXL, ... behind one small interface.
 
+A family knows how to load its models (diffusers folder or single-file checkpoint), encode
+captions into the UNet's conditioning, and which components a LoRA can target. The loop and
+the methods only talk to this interface, so a new family (SDXL: two text encoders, pooled
+embeddings, time ids) is one new module plus one line in ``FAMILIES``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .base import Family, ModelBundle, ModelLoadError
+from .sd15 import Sd15Family
+
+FAMILIES: dict[str, Family] = {f.name: f for f in (Sd15Family(),)}
+
+
+def get_family(name: str) -> Family:
+    """The family registered as ``name``; a clear error lists the known ones."""
+    if name not in FAMILIES:
+        raise ModelLoadError(f"model.family = {name!r} is not supported; known families: "
+                             f"{', '.join(FAMILIES)}.")
+    return FAMILIES[name]
+
+
+def detect_family(path: str | Path) -> Family:
+    """The family whose ``detect`` accepts the model at ``path``."""
+    for family in FAMILIES.values():
+        if family.detect(Path(path)):
+            return family
+    raise ModelLoadError(f"model.path = {str(path)!r} is not a model Tsuika can train yet "
+                         f"(supported families: {', '.join(FAMILIES)}); it must be a diffusers "
+                         "folder or a single-file .safetensors checkpoint of one of them.")
+
+
+def load_model(path: str | Path, family: str = "auto", prediction_type: str = "auto",
+               ) -> ModelBundle:
+    """Load a base model for training.
+
+    Args:
+        path: a diffusers folder or a single-file ``.safetensors`` checkpoint.
+        family: a name from ``FAMILIES`` or ``"auto"``.
+        prediction_type: ``"auto"`` reads it from the model; or force ``epsilon`` /
+            ``v_prediction``.
+    """
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise ModelLoadError(f"model.path = {str(path)!r} does not exist; give a diffusers "
+                             "folder or a .safetensors checkpoint.")
+    fam = detect_family(p) if family == "auto" else get_family(family)
+    return fam.load(p, prediction_type=prediction_type)
+
+
+__all__ = ["FAMILIES", "Family", "ModelBundle", "ModelLoadError", "detect_family",
+           "get_family", "load_model"]

@@ -1,0 +1,139 @@
+"""The ``tsuika`` command: train from a TOML config plus ``--set section.key=value`` overrides.
+
+    tsuika train [CONFIG.toml] [--set train.steps=200 ...]
+    tsuika fixture sd15-tiny OUT_DIR
+    tsuika options
+    tsuika demo [OUT_DIR]
+
+Works unchanged under ``accelerate launch --num_processes N -m tsuika.trainers.cli train``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import textwrap
+
+from .callbacks import Callbacks, StepInfo, TrainingStopped
+from .config import SECTIONS, ConfigError, load_config, option_help, option_names
+
+log = logging.getLogger("tsuika")
+
+
+class TerminalProgress(Callbacks):
+    """A tqdm bar with loss, s/step and ETA; messages go to the log."""
+
+    def __init__(self, quiet: bool = False):
+        self.bar = None
+        self.quiet = quiet
+
+    def on_start(self, info):
+        from tqdm import tqdm
+
+        log.info("training on %s (%s): %d images, buckets %s, %d trainable parameters",
+                 info["device"], info["dtype"], info["images"], info["buckets"],
+                 info["trainable_parameters"])
+        self.bar = tqdm(total=info["steps"], initial=info["start_step"], unit="step",
+                        disable=self.quiet, dynamic_ncols=True)
+
+    def on_step(self, info: StepInfo):
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{info.loss:.4f}", s_per_step=f"{info.seconds_per_step:.2f}")
+            self.bar.update(1)
+
+    def on_save(self, info):
+        log.info("saved %s", info.lora_path)
+
+    def on_message(self, text):
+        log.info("%s", text)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tsuika", description="Train LoRAs for diffusion models.")
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train from a TOML config and/or --set overrides",
+                       epilog="options: " + ", ".join(option_names()) +
+                       " (see `tsuika options` for help on each)")
+    t.add_argument("config", nargs="?", help="TOML file with [model], [data], ... sections")
+    t.add_argument("--set", dest="overrides", action="append", default=[],
+                   metavar="SECTION.KEY=VALUE", help="override one option (repeatable)")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    f = sub.add_parser("fixture", help="write a random-weight model for tests and trials")
+    f.add_argument("name", help="sd15-tiny or sd15-hostable")
+    f.add_argument("out_dir")
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32")
+    f.add_argument("--overwrite", action="store_true")
+    sub.add_parser("options", help="list every option with its default and help")
+    d = sub.add_parser("demo", help="train on the bundled sample data with the bundled model")
+    d.add_argument("out_dir", nargs="?", default="outputs/demo")
+    d.add_argument("--steps", type=int, default=None)
+    return p
+
+
+def _print_options() -> None:
+    import dataclasses
+
+    for section, cls in SECTIONS.items():
+        print(f"[{section}]")
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            print(f"  {section}.{f.name} = {default!r}")
+            for line in textwrap.wrap(option_help(f"{section}.{f.name}"), 76):
+                print(f"      {line}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "diffusers", "transformers", "peft"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        if args.command == "options":
+            _print_options()
+            return 0
+        if args.command == "fixture":
+            from .fixtures import write_fixture
+
+            paths = write_fixture(args.name, args.out_dir, seed=args.seed, dtype=args.dtype,
+                                  overwrite=args.overwrite)
+            for kind, path in paths.items():
+                print(f"{kind}: {path}")
+            return 0
+        if args.command == "demo":
+            from .demo import run_demo
+
+            run_demo(args.out_dir, steps=args.steps)
+            return 0
+        config = load_config(args.config, args.overrides)
+        from .loop import train
+
+        progress = TerminalProgress(quiet=args.quiet or rank != 0)
+        try:
+            result = train(config, progress)
+        finally:
+            progress.close()
+        if rank == 0:
+            print(f"LoRA: {result.lora_path}")
+            for kind, path in result.files.items():
+                if kind != "lora":
+                    print(f"{kind}: {path}")
+        return 0
+    except TrainingStopped as e:
+        print(f"tsuika: {e}", file=sys.stderr)
+        return 3
+    except (ConfigError, ValueError, FileExistsError, FileNotFoundError) as e:
+        print(f"tsuika: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,334 @@
+"""Training configuration: the single source of option names, defaults and help text.
+
+Every option lives in one dataclass section (``model``, ``data``, ``network``, ``train``,
+``output``, ``sample``) and is addressed as ``section.key`` everywhere: TOML files, the CLI's
+``--set section.key=value``, node inputs and error messages. Each field carries its help text
+and limits in ``field(metadata=...)`` so tooltips, CLI help and docs cannot drift apart.
+Validation happens in ``__post_init__``: a bad value fails at once, naming the option, the
+value and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+CONFIG_VERSION = 1
+
+
+class ConfigError(ValueError):
+    """An option has a bad value, or an unknown option was given."""
+
+
+def opt(default: Any, help: str, *, choices: tuple | None = None, min: float | None = None,
+        max: float | None = None, factory: Any = None) -> Any:
+    """A config field with its help text and limits (read by validation, CLI help, nodes)."""
+    meta = {"help": help, "choices": choices, "min": min, "max": max}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _check_field(section: str, f: dataclasses.Field, value: Any) -> None:
+    name = f"{section}.{f.name}"
+    meta = f.metadata
+    if meta.get("choices") and value not in meta["choices"]:
+        raise ConfigError(f"{name} = {value!r} is not a valid choice; use one of: "
+                          f"{', '.join(map(str, meta['choices']))}.")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if meta.get("min") is not None and value < meta["min"]:
+            raise ConfigError(f"{name} = {value!r} is below its minimum {meta['min']}; "
+                              f"set it to at least {meta['min']}.")
+        if meta.get("max") is not None and value > meta["max"]:
+            raise ConfigError(f"{name} = {value!r} is above its maximum {meta['max']}; "
+                              f"set it to at most {meta['max']}.")
+
+
+class _Section:
+    """Validates every field's choices and range after construction."""
+
+    SECTION = ""
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            _check_field(self.SECTION, f, getattr(self, f.name))
+        self.validate()
+
+    def validate(self) -> None:  # cross-field rules, overridden per section
+        pass
+
+
+@dataclass
+class ModelConfig(_Section):
+    SECTION = "model"
+    path: str = opt("", "Base model: a diffusers folder or a single-file .safetensors "
+                        "checkpoint (original layout, as kept in ComfyUI's models/checkpoints).")
+    family: str = opt("auto", "Model family; 'auto' detects it from the weights.",
+                      choices=("auto", "sd15"))
+    prediction_type: str = opt("auto", "What the UNet predicts; 'auto' reads it from the model "
+                                       "(scheduler config or checkpoint), never guesses.",
+                               choices=("auto", "epsilon", "v_prediction"))
+
+
+@dataclass
+class DataConfig(_Section):
+    SECTION = "data"
+    dir: str = opt("", "Folder of images with same-name .txt captions; kohya 'N_name' "
+                       "sub-folders repeat their images N times.")
+    resolution: int = opt(512, "Training resolution: bucket area is at most resolution^2.",
+                          min=32, max=4096)
+    caption_extension: str = opt(".txt", "Extension of the caption files next to the images.")
+    trigger_word: str = opt("", "Word put first in every caption (kept when tags are shuffled).")
+    shuffle_tags: bool = opt(False, "Shuffle comma-separated tags every step.")
+    keep_tokens: int = opt(0, "With shuffling/dropout, keep the first N tags in place.", min=0)
+    tag_dropout: float = opt(0.0, "Probability of dropping each (non-kept) tag per step.",
+                             min=0.0, max=1.0)
+    caption_dropout: float = opt(0.0, "Probability of training a step on an empty caption.",
+                                 min=0.0, max=1.0)
+    buckets: bool = opt(True, "Aspect-ratio buckets (no forced square crop).")
+    bucket_step: int = opt(64, "Bucket sides are multiples of this many pixels.", min=8, max=256)
+    crop: str = opt("center", "How an image is cropped to its bucket.",
+                    choices=("center", "random"))
+    flip: bool = opt(False, "Random horizontal flip (both variants are cached).")
+    cache_latents: bool = opt(True, "Encode each image with the VAE once, keyed by content.")
+    cache_dir: str = opt("", "Where caches live; empty means <output.dir>/.cache.")
+
+    def validate(self) -> None:
+        if self.crop == "random" and self.cache_latents:
+            raise ConfigError("data.crop = 'random' cannot be combined with data.cache_latents "
+                              "= true (a cached latent has one fixed crop); set data.crop = "
+                              "'center' or data.cache_latents = false.")
+        if self.bucket_step % 8:
+            raise ConfigError(f"data.bucket_step = {self.bucket_step} must be a multiple of 8 "
+                              "(the VAE downsamples by 8); use 64.")
+        if self.caption_extension and not self.caption_extension.startswith("."):
+            raise ConfigError(f"data.caption_extension = {self.caption_extension!r} must start "
+                              "with a dot, e.g. '.txt'.")
+
+
+@dataclass
+class NetworkConfig(_Section):
+    SECTION = "network"
+    method: str = opt("lora", "Training method.", choices=("lora",))
+    rank: int = opt(16, "LoRA rank (dim) of attention/linear layers.", min=1, max=1024)
+    alpha: float = opt(8.0, "LoRA alpha; the update is scaled by alpha / rank.",
+                       min=0.0001, max=4096)
+    conv_rank: int = opt(0, "Rank of LoRA on 3x3 convolutions (LoCon); 0 = off.", min=0, max=1024)
+    conv_alpha: float = opt(1.0, "Alpha of the convolution LoRA.", min=0.0001, max=4096)
+    dropout: float = opt(0.0, "Dropout on the LoRA input.", min=0.0, max=1.0)
+    train_text_encoder: bool = opt(False, "Also train a LoRA on the text encoder.")
+
+
+@dataclass
+class TrainConfig(_Section):
+    SECTION = "train"
+    steps: int = opt(1000, "Optimizer steps to train.", min=1, max=10_000_000)
+    batch_size: int = opt(1, "Images per step (per process).", min=1, max=1024)
+    gradient_accumulation: int = opt(1, "Micro-batches accumulated per optimizer step.",
+                                     min=1, max=1024)
+    learning_rate: float = opt(1e-4, "Learning rate of the UNet LoRA.", min=0.0, max=10.0)
+    text_encoder_lr: float = opt(5e-5, "Learning rate of the text-encoder LoRA.",
+                                 min=0.0, max=10.0)
+    optimizer: str = opt("adamw", "Optimizer; 'adamw8bit' needs bitsandbytes and CUDA.",
+                         choices=("adamw", "adamw8bit"))
+    weight_decay: float = opt(0.01, "AdamW weight decay.", min=0.0, max=10.0)
+    lr_scheduler: str = opt("constant", "Learning-rate schedule (warm-up from lr_warmup_steps).",
+                            choices=("constant", "cosine", "linear"))
+    lr_warmup_steps: int = opt(0, "Linear warm-up steps at the start.", min=0)
+    max_grad_norm: float = opt(1.0, "Clip the gradient norm to this; 0 = off.", min=0.0)
+    seed: int = opt(0, "Seed: the same seed gives the same result on the CPU.", min=0)
+    mixed_precision: str = opt("auto", "Compute precision: 'auto' uses bf16 where the device "
+                                       "runs it faster (CUDA with bf16, CPUs with bf16 matmul "
+                                       "units), else fp32.",
+                               choices=("auto", "no", "bf16", "fp16"))
+    gradient_checkpointing: bool = opt(False, "Recompute activations to save memory.")
+    noise_offset: float = opt(0.0, "Noise offset (helps very dark/bright images); 0.05 typical.",
+                              min=0.0, max=1.0)
+    min_snr_gamma: float = opt(0.0, "Min-SNR loss weighting gamma (5 is common); 0 = off.",
+                               min=0.0, max=100.0)
+    device: str = opt("auto", "Device: 'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:1' ...")
+    resume: str = opt("", "Resume from a saved state folder, or 'latest' for the newest "
+                          "state in output.dir.")
+
+    def validate(self) -> None:
+        if self.lr_warmup_steps >= self.steps and self.lr_warmup_steps > 0:
+            raise ConfigError(f"train.lr_warmup_steps = {self.lr_warmup_steps} must be smaller "
+                              f"than train.steps = {self.steps}.")
+
+
+@dataclass
+class OutputConfig(_Section):
+    SECTION = "output"
+    dir: str = opt("outputs", "Folder for the trained file, states, logs and samples.")
+    name: str = opt("tsuika_lora", "Base file name of the trained LoRA (no extension).")
+    save_every: int = opt(0, "Save the LoRA and a resumable state every N steps; 0 = only at "
+                             "the end.", min=0)
+    keep_last: int = opt(3, "Keep only the newest N intermediate saves; 0 = keep all.", min=0)
+    overwrite: bool = opt(False, "Allow replacing an existing output file of the same name.")
+    save_dtype: str = opt("fp16", "Precision of the saved LoRA tensors.",
+                          choices=("fp16", "bf16", "fp32"))
+    metadata_paths: bool = opt(False, "Write local folder paths into the file's metadata.")
+
+    def validate(self) -> None:
+        bad = set('/\\:*?"<>|') & set(self.name)
+        if bad or not self.name.strip() or self.name in (".", ".."):
+            raise ConfigError(f"output.name = {self.name!r} is not a plain file name; remove "
+                              f"{''.join(sorted(bad)) or 'the dots'} (it may not contain a path).")
+
+
+@dataclass
+class SampleConfig(_Section):
+    SECTION = "sample"
+    prompts: list = opt(None, "Prompts sampled during and after training (fixed seed).",
+                        factory=list)
+    every: int = opt(0, "Sample every N steps; 0 = only before and after training.", min=0)
+    steps: int = opt(20, "Denoising steps per sample.", min=1, max=1000)
+    guidance_scale: float = opt(7.0, "Classifier-free guidance scale of samples.",
+                                min=0.0, max=50.0)
+    seed: int = opt(0, "Seed of the sample images.", min=0)
+    size: int = opt(0, "Sample side in pixels; 0 = data.resolution.", min=0, max=4096)
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig, "data": DataConfig, "network": NetworkConfig,
+    "train": TrainConfig, "output": OutputConfig, "sample": SampleConfig,
+}
+
+
+@dataclass
+class TsuikaConfig:
+    """The whole training configuration (one section per concern)."""
+
+    version: int = CONFIG_VERSION
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def require_inputs(self) -> None:
+        """Check the options a training run cannot start without."""
+        if not self.model.path:
+            raise ConfigError("model.path is empty; set it to a diffusers folder or a "
+                              ".safetensors checkpoint (--set model.path=...).")
+        if not self.data.dir:
+            raise ConfigError("data.dir is empty; set it to a folder of images "
+                              "(--set data.dir=...).")
+
+
+def option_names() -> list[str]:
+    """Every valid ``section.key``."""
+    return [f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)]
+
+
+def option_help(name: str) -> str:
+    """The help text of ``section.key`` (node tooltips and CLI help read this)."""
+    section, key = name.split(".", 1)
+    return _field(section, key).metadata["help"]
+
+
+def _field(section: str, key: str) -> dataclasses.Field:
+    cls = SECTIONS.get(section)
+    fields = {f.name: f for f in dataclasses.fields(cls)} if cls else {}
+    if key not in fields:
+        raise ConfigError(f"unknown option {section}.{key!s}; valid options are: "
+                          f"{', '.join(option_names())}.")
+    return fields[key]
+
+
+def _coerce(name: str, f: dataclasses.Field, value: Any) -> Any:
+    """Convert a TOML or command-line value to the field's type, or say why not."""
+    kind = f.type if isinstance(f.type, type) else eval(f.type, vars(typing), {})  # noqa: S307
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
+            return False
+    elif kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value.replace("_", ""))
+            except ValueError:
+                pass
+    elif kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif kind is list:
+        if isinstance(value, list):
+            return [str(v) for v in value]
+        if isinstance(value, str):
+            return [p for p in (s.strip() for s in value.split("|")) if p]
+    elif kind is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    raise ConfigError(f"{name} = {value!r} is not a valid {kind.__name__}.")
+
+
+def build_config(values: dict[str, dict[str, Any]] | None = None,
+                 overrides: list[str] | None = None) -> TsuikaConfig:
+    """Build a validated config from nested values (a TOML document) and ``a.b=value`` strings.
+
+    Args:
+        values: ``{"train": {"steps": 100}, ...}``; unknown sections or keys are an error.
+        overrides: ``["train.steps=100", ...]`` applied after ``values``.
+    """
+    merged: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
+    for section, entries in (values or {}).items():
+        if section == "version":
+            if entries != CONFIG_VERSION:
+                raise ConfigError(f"config version {entries!r} is not supported; this Tsuika "
+                                  f"reads version {CONFIG_VERSION}.")
+            continue
+        if section not in SECTIONS or not isinstance(entries, dict):
+            raise ConfigError(f"unknown config section {section!r}; valid sections are: "
+                              f"{', '.join(SECTIONS)}.")
+        for key, value in entries.items():
+            merged[section][key] = _coerce(f"{section}.{key}", _field(section, key), value)
+    for item in overrides or []:
+        name, sep, raw = item.partition("=")
+        if not sep or "." not in name:
+            raise ConfigError(f"override {item!r} must look like section.key=value, "
+                              "e.g. train.steps=200.")
+        section, key = name.strip().split(".", 1)
+        merged[section][key] = _coerce(name, _field(section, key), raw.strip())
+    return TsuikaConfig(**{s: SECTIONS[s](**merged[s]) for s in SECTIONS})
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> TsuikaConfig:
+    """Read a TOML config file (optional) and apply ``section.key=value`` overrides."""
+    values: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist; check the path.")
+        try:
+            values = tomllib.loads(p.read_text(encoding="utf-8-sig"))
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {str(p)!r} is not valid TOML: {e}.") from e
+    return build_config(values, overrides)
+
+
+def replace(config: TsuikaConfig, **sections: dict[str, Any]) -> TsuikaConfig:
+    """A copy of ``config`` with some ``section={key: value}`` changed (validated again)."""
+    values = config.to_dict()
+    values.pop("version")
+    for section, entries in sections.items():
+        values[section].update(entries)
+    return build_config(values)

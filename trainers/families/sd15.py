@@ -1,0 +1,137 @@
+"""Stable Diffusion 1.x / 2.x: one CLIP text encoder, UNet conditioned on its hidden states."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from .base import CONFIG_DIR, ModelBundle, ModelLoadError
+
+log = logging.getLogger(__name__)
+
+TOKENIZER_DIR = CONFIG_DIR / "clip_tokenizer"
+
+
+def load_tokenizer(folder: Path | None = None):
+    """A CLIP tokenizer from ``folder`` (a diffusers ``tokenizer/``), else the shipped one."""
+    from transformers import CLIPTokenizer
+
+    src = folder if folder is not None and (folder / "vocab.json").is_file() else TOKENIZER_DIR
+    return CLIPTokenizer(str(src / "vocab.json"), str(src / "merges.txt"))
+
+
+def read_config(name: str, part: str) -> dict:
+    """A shipped diffusers/transformers config, e.g. ``read_config("sd15", "unet")``."""
+    return json.loads((CONFIG_DIR / name / f"{part}.json").read_text())
+
+
+def _single_file_keys(path: Path) -> list[str]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return list(f.keys())
+    except Exception as e:  # safetensors raises several types for a non-safetensors file
+        raise ModelLoadError(f"model.path = {str(path)!r} is not a readable .safetensors file "
+                             f"({e}). Tsuika never unpickles .ckpt files: convert it to "
+                             "safetensors first.") from e
+
+
+class Sd15Family:
+    """SD1.x (and SD2.x v-prediction) in the diffusers folder or original single-file layout."""
+
+    name = "sd15"
+    base_model_version = "sd_v1"
+
+    # -- detection and loading ------------------------------------------------------------
+    def detect(self, path: Path) -> bool:
+        if path.is_dir():
+            cfg = path / "unet" / "config.json"
+            if not cfg.is_file():
+                return False
+            unet = json.loads(cfg.read_text())
+            return not unet.get("addition_embed_type") and (path / "text_encoder").is_dir() \
+                and not (path / "text_encoder_2").is_dir()
+        if path.suffix.lower() != ".safetensors":
+            return False
+        keys = _single_file_keys(path)
+        return any(k.startswith("model.diffusion_model.") for k in keys) and not any(
+            k.startswith("conditioner.") for k in keys)
+
+    def load(self, path: Path, prediction_type: str = "auto") -> ModelBundle:
+        if path.is_dir():
+            bundle = self._load_folder(path)
+        else:
+            bundle = self._load_single_file(path)
+        if prediction_type != "auto":
+            bundle.prediction_type = prediction_type
+        bundle.scheduler_config["prediction_type"] = bundle.prediction_type
+        for m in (bundle.unet, bundle.vae, *bundle.text_encoders):
+            m.requires_grad_(False).eval()
+        log.info("loaded %s (%s, %s)", path.name, self.name, bundle.prediction_type)
+        return bundle
+
+    def _load_folder(self, path: Path) -> ModelBundle:
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from transformers import CLIPTextModel
+
+        kw = {"local_files_only": True}
+        try:
+            unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kw)
+            vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **kw)
+            te = CLIPTextModel.from_pretrained(path / "text_encoder", **kw)
+        except (OSError, ValueError) as e:
+            raise ModelLoadError(f"model.path = {str(path)!r}: the diffusers folder is "
+                                 f"incomplete or unreadable ({e}).") from e
+        sched_file = path / "scheduler" / "scheduler_config.json"
+        sched = json.loads(sched_file.read_text()) if sched_file.is_file() else read_config(
+            "sd15", "scheduler")
+        return ModelBundle(
+            family=self.name, unet=unet, vae=vae, text_encoders=[te],
+            tokenizers=[load_tokenizer(path / "tokenizer")], scheduler_config=sched,
+            prediction_type=sched.get("prediction_type", "epsilon"), source_name=path.name)
+
+    def _load_single_file(self, path: Path) -> ModelBundle:
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from transformers import CLIPTextConfig, CLIPTextModel
+
+        from ..formats.ldm_checkpoint import ldm_to_diffusers
+        from ..formats.safetensors_io import load_safetensors
+
+        checkpoint, metadata = load_safetensors(path)
+        conv = ldm_to_diffusers(checkpoint, metadata=metadata)
+        del checkpoint
+        unet = UNet2DConditionModel.from_config(conv.unet_config)
+        vae = AutoencoderKL.from_config(conv.vae_config)
+        te = CLIPTextModel(CLIPTextConfig(**conv.text_encoder_config))
+        for module, sd, what in ((unet, conv.unet, "UNet"), (vae, conv.vae, "VAE"),
+                                 (te, conv.text_encoder, "text encoder")):
+            missing, unexpected = module.load_state_dict(sd, strict=False)
+            missing = [k for k in missing if not k.endswith("position_ids")]
+            if missing or unexpected:
+                raise ModelLoadError(
+                    f"model.path = {str(path)!r}: the {what} weights do not match the inferred "
+                    f"architecture (missing {missing[:5]}, unexpected {unexpected[:5]}).")
+        pred = conv.info.get("prediction_type", "epsilon")
+        sched = read_config("sd15", "scheduler")
+        return ModelBundle(
+            family=self.name, unet=unet, vae=vae, text_encoders=[te],
+            tokenizers=[load_tokenizer()], scheduler_config=sched, prediction_type=pred,
+            source_name=path.name, extra={"ldm_info": conv.info})
+
+    # -- training-time behaviour ----------------------------------------------------------
+    def encode_text(self, bundle: ModelBundle, captions: list[str],
+                    device: torch.device) -> dict[str, torch.Tensor]:
+        tok = bundle.tokenizers[0]
+        ids = tok(captions, padding="max_length", max_length=tok.model_max_length,
+                  truncation=True, return_tensors="pt").input_ids.to(device)
+        hidden = bundle.text_encoders[0](ids)[0]
+        return {"encoder_hidden_states": hidden}
+
+    def predict(self, bundle: ModelBundle, noisy: torch.Tensor, timesteps: torch.Tensor,
+                cond: dict[str, torch.Tensor]) -> torch.Tensor:
+        return bundle.unet(noisy, timesteps, encoder_hidden_states=cond["encoder_hidden_states"],
+                           return_dict=False)[0]

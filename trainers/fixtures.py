@@ -1,0 +1,95 @@
+"""Random-weight models of a family's architecture, written as a diffusers folder and as a
+single-file checkpoint in the original layout. Tests train on them; users can try the tool
+on them; ``sd15-hostable`` is the smallest one ComfyUI itself detects and samples as SD1.5.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+
+from .families.base import CONFIG_DIR
+from .families.sd15 import TOKENIZER_DIR, read_config
+
+log = logging.getLogger(__name__)
+
+FIXTURES = {
+    "sd15-tiny": "sd15_tiny",
+    "sd15-hostable": "sd15_hostable",
+}
+
+
+def build_modules(config_name: str, seed: int = 0):
+    """(unet, vae, text_encoder, configs) with seeded random weights."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    cfg = {p: read_config(config_name, p) for p in ("unet", "vae", "text_encoder", "scheduler")}
+    unet = UNet2DConditionModel.from_config(cfg["unet"])
+    vae = AutoencoderKL.from_config(cfg["vae"])
+    te = CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"]))
+    return unet.eval(), vae.eval(), te.eval(), cfg
+
+
+def write_fixture(name: str, out_dir: str | Path, seed: int = 0, dtype: str = "fp32",
+                  overwrite: bool = False) -> dict[str, Path]:
+    """Write ``<out>/diffusers/`` and ``<out>/<name>.safetensors``.
+
+    Args:
+        name: a key of ``FIXTURES``.
+        out_dir: destination folder (created).
+        dtype: ``fp32`` or ``fp16`` for the single-file checkpoint.
+        overwrite: replace existing files of the same names.
+    """
+    from .formats.ldm_checkpoint import diffusers_to_ldm
+    from .formats.safetensors_io import save_safetensors
+
+    if name not in FIXTURES:
+        raise ValueError(f"fixture {name!r} is unknown; choose one of: {', '.join(FIXTURES)}.")
+    out = Path(out_dir)
+    folder, single = out / "diffusers", out / f"{name}.safetensors"
+    for p in (folder, single):
+        if p.exists() and not overwrite:
+            raise FileExistsError(f"{p} already exists; remove it or pass --overwrite.")
+    out.mkdir(parents=True, exist_ok=True)
+    unet, vae, te, cfg = build_modules(FIXTURES[name], seed)
+    if folder.exists():
+        shutil.rmtree(folder)
+    unet.save_pretrained(folder / "unet")
+    vae.save_pretrained(folder / "vae")
+    te.save_pretrained(folder / "text_encoder")
+    (folder / "tokenizer").mkdir(parents=True)
+    for f in ("vocab.json", "merges.txt"):
+        shutil.copy(TOKENIZER_DIR / f, folder / "tokenizer" / f)
+    (folder / "tokenizer" / "tokenizer_config.json").write_text(json.dumps(
+        {"model_max_length": 77, "tokenizer_class": "CLIPTokenizer"}))
+    (folder / "scheduler").mkdir()
+    (folder / "scheduler" / "scheduler_config.json").write_text(
+        json.dumps(cfg["scheduler"], indent=2))
+    (folder / "model_index.json").write_text(json.dumps({
+        "_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", "DDPMScheduler"],
+        "safety_checker": [None, None], "feature_extractor": [None, None],
+        "requires_safety_checker": False}, indent=2))
+    ldm = diffusers_to_ldm(unet.state_dict(), vae.state_dict(), te.state_dict(),
+                           unet_config=dict(unet.config), vae_config=dict(vae.config))
+    if dtype == "fp16":
+        ldm = {k: v.half() if v.is_floating_point() else v for k, v in ldm.items()}
+    tc = cfg["text_encoder"]
+    hints = {"tsuika.unet_attention_head_dim": json.dumps(cfg["unet"]["attention_head_dim"]),
+             "tsuika.te_num_attention_heads": str(tc["num_attention_heads"]),
+             "tsuika.vae_norm_num_groups": str(cfg["vae"]["norm_num_groups"]),
+             "tsuika.fixture": name, "modelspec.architecture": "stable-diffusion-v1",
+             "modelspec.prediction_type": cfg["scheduler"]["prediction_type"]}
+    save_safetensors(single, ldm, hints, overwrite=overwrite)
+    log.info("wrote fixture %s: %s and %s", name, folder, single)
+    return {"diffusers": folder, "single_file": single}
+
+
+__all__ = ["FIXTURES", "CONFIG_DIR", "build_modules", "write_fixture"]

@@ -1,0 +1,270 @@
+"""THE training loop: one readable function, host-agnostic, device and precision as arguments.
+
+Every random draw of step ``s`` comes from generators seeded by (seed, micro-batch index), so
+a resumed run repeats exactly what an uninterrupted one would have done. Under
+``accelerate launch`` the same loop runs data-parallel: each process takes every N-th
+micro-batch and DDP averages the gradients.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .callbacks import Callbacks, SaveInfo, StepInfo, TrainingStopped
+from .config import TsuikaConfig
+from .device import resolve_device, resolve_precision
+from .families import ModelBundle, get_family, load_model
+from .methods import get_method
+from .prepare import TrainingData
+from .run_io import RunWriter
+from .state import TrainingState, load_state, resolve_resume
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN or infinite; the last good save is named in the message."""
+
+
+@dataclass
+class TrainResult:
+    lora_path: Path
+    state_dir: Path | None
+    steps: int
+    losses: list[float] = field(default_factory=list)
+    samples_before: list = field(default_factory=list)
+    samples_after: list = field(default_factory=list)
+    files: dict[str, Path] = field(default_factory=dict)
+
+
+def _distributed():
+    """An accelerate Accelerator when launched with several processes, else None."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    from accelerate import Accelerator
+
+    return Accelerator()
+
+
+def train(config: TsuikaConfig, callbacks: Callbacks | None = None,
+          bundle: ModelBundle | None = None, scan=None) -> TrainResult:
+    """Train ``config.network.method`` on ``config.data.dir`` and write the results.
+
+    Args:
+        config: a validated :class:`TsuikaConfig`.
+        callbacks: the host's listener (progress, samples, stop requests).
+        bundle: already-loaded models (the ComfyUI nodes pass the user's models); when
+            None, ``config.model.path`` is loaded.
+        scan: an already-scanned dataset (``data.folder.DatasetScan``); None scans data.dir.
+    """
+    cb = callbacks or Callbacks()
+    acc = _distributed()
+    device = acc.device if acc is not None else resolve_device(config.train.device)
+    precision = resolve_precision(device, config.train.mixed_precision)
+    if bundle is None:
+        config.require_inputs()
+        bundle = load_model(config.model.path, config.model.family, config.model.prediction_type)
+    family = get_family(bundle.family)
+    method = get_method(config.network.method)
+    method.validate(config, bundle)
+    out = RunWriter(config, bundle, is_main=acc is None or acc.is_main_process)
+
+    # Frozen weights live in the compute dtype; the VAE stays fp32 (it is used only to fill
+    # the cache, and half-precision SD VAEs are known to overflow).
+    bundle.vae.to(device, torch.float32)
+    data = TrainingData(config, bundle, precision, out.cache_dir, scan=scan)
+    for skipped in data.scan.skipped:
+        cb.on_message(f"skipped {skipped.path}: {skipped.reason}")
+    hits, encoded = data.fill_latent_cache()
+    cb.on_message(f"{len(data.examples)} images used, {len(data.scan.skipped)} skipped; "
+                  f"latent cache: {hits} reused, {encoded} encoded")
+    bundle.unet.to(device, precision.compute_dtype)
+    for te in bundle.text_encoders:
+        te.to(device, precision.compute_dtype)
+    if data.cache is not None:
+        bundle.vae.to("cpu")  # everything it had to encode is cached
+
+    samples_before = out.sample(family, bundle, precision, step=0, cb=cb)
+    groups = method.prepare(config, bundle)
+    train_te = method.trains_text_encoder(config)
+    text_cache: dict[str, dict] = {}
+    if config.train.gradient_checkpointing:
+        bundle.unet.enable_gradient_checkpointing()
+    bundle.unet.train()
+
+    optimizer = _make_optimizer(config, groups, device)
+    from diffusers.optimization import get_scheduler
+
+    total = config.train.steps
+    lr_sched = get_scheduler(config.train.lr_scheduler if config.train.lr_warmup_steps == 0
+                             or config.train.lr_scheduler != "constant"
+                             else "constant_with_warmup", optimizer,
+                             num_warmup_steps=config.train.lr_warmup_steps,
+                             num_training_steps=total)
+    start = 0
+    resume_dir = resolve_resume(config.train.resume, out.dir)
+    if resume_dir is not None:
+        st = load_state(resume_dir)
+        method.load_trainable_state(bundle, st.trainable)
+        optimizer.load_state_dict(st.optimizer)
+        lr_sched.load_state_dict(st.scheduler)
+        start = st.step
+        cb.on_message(f"resumed from {resume_dir} at step {start}")
+        out.losses = [tuple(r) for r in st.info.get("losses", [])][:start]
+
+    unet = bundle.unet
+    if acc is not None:
+        unet = torch.nn.parallel.DistributedDataParallel(unet, device_ids=None
+                                                         if device.type == "cpu" else [device])
+    from diffusers import DDPMScheduler
+
+    noise_sched = DDPMScheduler.from_config(bundle.scheduler_config)
+    alphas = noise_sched.alphas_cumprod.to(device)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision.compute_dtype == torch.float16)
+    params = [p for g in groups for p in g["params"]]
+    accum, world = config.train.gradient_accumulation, acc.num_processes if acc else 1
+    rank = acc.process_index if acc else 0
+
+    def save(step: int, final: bool) -> SaveInfo:
+        state = TrainingState(step=step, trainable=method.trainable_state(bundle),
+                              optimizer=optimizer.state_dict(), scheduler=lr_sched.state_dict(),
+                              info={"losses": out.losses})
+        info = out.save(method, state, step, final)
+        cb.on_save(info)
+        return info
+
+    cb.on_start({"images": len(data.examples), "steps": total, "start_step": start,
+                 "buckets": {f"{w}x{h}": n for (w, h), n in data.bucket_counts.items()},
+                 "trainable_parameters": sum(p.numel() for p in params),
+                 "device": str(device), "dtype": str(precision.compute_dtype)})
+    last_save: SaveInfo | None = None
+    step = start
+    t_last = time.perf_counter()
+    while step < total:
+        if cb.should_stop():
+            info = save(step, final=False)
+            raise TrainingStopped(
+                f"training stopped at step {step}/{total}; the LoRA so far is {info.lora_path} "
+                f"and a resumable state is {info.state_dir} (resume with train.resume = "
+                f"'{info.state_dir}' or 'latest').", info)
+        loss_sum = torch.zeros((), device=device)
+        for j in range(accum):
+            m = (step * accum + j) * world + rank
+            batch, epoch = data.micro_batch(m)
+            latents = batch.latents.to(device)
+            g = torch.Generator("cpu").manual_seed(config.train.seed * 1_000_003 + m)
+            noise = torch.randn(latents.shape, generator=g)
+            if config.train.noise_offset:
+                noise += config.train.noise_offset * torch.randn(
+                    (latents.shape[0], latents.shape[1], 1, 1), generator=g)
+            t = torch.randint(0, noise_sched.config.num_train_timesteps, (latents.shape[0],),
+                              generator=g)
+            noise, t = noise.to(device), t.to(device)
+            noisy = noise_sched.add_noise(latents, noise, t)
+            target = noise if bundle.prediction_type == "epsilon" else \
+                noise_sched.get_velocity(latents, noise, t)
+            with torch.set_grad_enabled(train_te), precision.context():
+                cond = _encode(family, bundle, batch.captions, device, text_cache,
+                               cache_ok=data.captions_static and not train_te)
+            with precision.context():
+                pred = family.predict(bundle, noisy, t, cond) if acc is None else unet(
+                    noisy, t, encoder_hidden_states=cond["encoder_hidden_states"],
+                    return_dict=False)[0]
+            loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean((1, 2, 3))
+            if config.train.min_snr_gamma:
+                loss = loss * _min_snr_weight(alphas, t, config.train.min_snr_gamma,
+                                              bundle.prediction_type)
+            loss = loss.mean() / accum
+            scaler.scale(loss).backward()
+            loss_sum += loss.detach()
+        scaler.unscale_(optimizer)
+        if config.train.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(params, config.train.max_grad_norm)
+        loss_value = float(loss_sum)  # one host sync per step: the progress bar shows it
+        if not math.isfinite(loss_value):
+            where = (f"the last good save is {last_save.lora_path} (state {last_save.state_dir})"
+                     if last_save else "nothing was saved before it (no save_every reached)")
+            raise NonFiniteLoss(f"the loss became {loss_value} at step {step + 1}; stopped "
+                                f"without saving the broken weights; {where}. Lower "
+                                "train.learning_rate or use train.mixed_precision = 'bf16'/'no'.")
+        scaler.step(optimizer)
+        scaler.update()
+        lr_sched.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        now = time.perf_counter()
+        lr = lr_sched.get_last_lr()[0]
+        out.losses.append((step, loss_value, lr))
+        cb.on_step(StepInfo(step=step, total_steps=total, loss=loss_value, learning_rate=lr,
+                            seconds_per_step=now - t_last, epoch=epoch))
+        t_last = now
+        every = config.sample.every
+        if every and step % every == 0 and step < total:
+            out.sample(family, bundle, precision, step=step, cb=cb)
+        if config.output.save_every and step % config.output.save_every == 0 and step < total:
+            last_save = save(step, final=False)
+
+    if acc is not None:
+        _check_ranks_in_sync(acc, params)
+    final = save(step, final=True)
+    samples_after = out.sample(family, bundle, precision, step=step, cb=cb, final=True)
+    files = out.finish(samples_before, samples_after)
+    return TrainResult(lora_path=Path(final.lora_path), state_dir=Path(final.state_dir)
+                       if final.state_dir else None, steps=step,
+                       losses=[r[1] for r in out.losses], samples_before=samples_before,
+                       samples_after=samples_after, files=files)
+
+
+def _encode(family, bundle, captions, device, cache, cache_ok):
+    if not cache_ok:
+        return family.encode_text(bundle, captions, device)
+    missing = [c for c in dict.fromkeys(captions) if c not in cache]
+    if missing:
+        with torch.no_grad():
+            enc = family.encode_text(bundle, missing, device)
+        for i, c in enumerate(missing):
+            cache[c] = {k: v[i:i + 1].detach() for k, v in enc.items()}
+    return {k: torch.cat([cache[c][k] for c in captions]) for k in cache[captions[0]]}
+
+
+def _min_snr_weight(alphas_cumprod, t, gamma, prediction_type):
+    """Min-SNR-gamma weights (Hang et al. 2023): min(SNR, gamma) / SNR (or SNR + 1 for v)."""
+    a = alphas_cumprod[t]
+    snr = a / (1 - a)
+    clipped = torch.clamp(snr, max=gamma)
+    return clipped / (snr + 1) if prediction_type == "v_prediction" else clipped / snr
+
+
+def _make_optimizer(config: TsuikaConfig, groups: list[dict], device: torch.device):
+    tr = config.train
+    clean = [{"params": g["params"], "lr": g["lr"]} for g in groups if g["params"]]
+    if tr.optimizer == "adamw8bit":
+        if device.type != "cuda":
+            raise ValueError("train.optimizer = 'adamw8bit' needs a CUDA device; use 'adamw'.")
+        try:
+            import bitsandbytes as bnb
+        except ImportError as e:
+            raise ValueError("train.optimizer = 'adamw8bit' needs the bitsandbytes package "
+                             "(pip install bitsandbytes); or use 'adamw'.") from e
+        return bnb.optim.AdamW8bit(clean, weight_decay=tr.weight_decay)
+    return torch.optim.AdamW(clean, weight_decay=tr.weight_decay,
+                             fused=device.type in ("cuda", "cpu"))
+
+
+def _check_ranks_in_sync(acc, params):
+    """Every process must end with the same weights; say so (or fail) explicitly."""
+    local = torch.stack([p.detach().float().sum() for p in params]).sum().reshape(1)
+    gathered = acc.gather(local.to(acc.device))
+    spread = float(gathered.max() - gathered.min())
+    if spread > 1e-5 * max(1.0, float(gathered.abs().max())):
+        raise RuntimeError(f"data-parallel ranks diverged: weight checksums {gathered.tolist()}")
+    log.info("ranks in sync: %d processes, weight checksum %.6f", acc.num_processes,
+             float(gathered[0]))

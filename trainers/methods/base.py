@@ -1,0 +1,40 @@
+"""The protocol every training method implements."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from ..config import TsuikaConfig
+from ..families.base import ModelBundle
+
+
+class MethodError(ValueError):
+    """A method cannot be applied with these options to this model."""
+
+
+class Method(Protocol):
+    """Prepare a model for training, name what trains, and turn it into a file.
+
+    ``prepare`` changes the bundle's modules in place (adds adapters, unfreezes weights) and
+    returns the optimizer's parameter groups. ``export`` returns the tensors and metadata of
+    the file users load elsewhere; ``trainable_state`` / ``load_trainable_state`` are the
+    exact (lossless, fp32) weights a resumable state keeps.
+    """
+
+    name: str
+
+    def validate(self, config: TsuikaConfig, bundle: ModelBundle) -> None: ...
+
+    def prepare(self, config: TsuikaConfig, bundle: ModelBundle) -> list[dict]: ...
+
+    def trains_text_encoder(self, config: TsuikaConfig) -> bool: ...
+
+    def trainable_state(self, bundle: ModelBundle) -> dict[str, torch.Tensor]: ...
+
+    def load_trainable_state(self, bundle: ModelBundle,
+                             state: dict[str, torch.Tensor]) -> None: ...
+
+    def export(self, config: TsuikaConfig, bundle: ModelBundle,
+               dtype: torch.dtype) -> dict[str, torch.Tensor]: ...

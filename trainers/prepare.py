@@ -1,0 +1,169 @@
+"""Turn a dataset folder into what the loop consumes: bucketed, cached latents and captions.
+
+Latents are cached on disk keyed by (image content hash, VAE weights hash, bucket, crop,
+flip), so a changed image or model never reuses a stale entry and an unchanged dataset is
+encoded once across runs. With flip on, both variants are cached and each step picks one.
+Text embeddings are cached in memory per caption when captions never change between steps
+(no shuffle or dropout) and the text encoder is frozen; otherwise they are encoded per step.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import TsuikaConfig
+from .data.buckets import assign_bucket, make_buckets, resize_and_crop
+from .data.cache import ContentCache
+from .data.captions import CaptionAugment
+from .data.folder import DatasetScan, scan_folder
+from .data.images import load_image_rgb
+from .device import Precision
+from .families.base import ModelBundle, module_hash
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Example:
+    """One image of the dataset as the loop sees it."""
+
+    path: Path
+    sha256: str
+    caption: str
+    repeats: int
+    bucket: tuple[int, int]
+
+
+@dataclass
+class MicroBatch:
+    latents: torch.Tensor  # (B, C, h, w), already multiplied by the VAE scaling factor
+    captions: list[str]
+
+
+def image_to_tensor(image) -> torch.Tensor:
+    """A PIL RGB image as a (3, H, W) float tensor in [-1, 1]."""
+    arr = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy())
+    return arr.permute(2, 0, 1).float() / 127.5 - 1.0
+
+
+class TrainingData:
+    """The dataset, its buckets and caches, and a deterministic order of micro-batches."""
+
+    def __init__(self, config: TsuikaConfig, bundle: ModelBundle, precision: Precision,
+                 cache_root: Path, scan: DatasetScan | None = None):
+        self.config = config
+        d = config.data
+        self.scan = scan if scan is not None else scan_folder(
+            Path(d.dir).expanduser(), caption_extension=d.caption_extension)
+        buckets = (make_buckets(d.resolution, step=d.bucket_step) if d.buckets
+                   else [(d.resolution, d.resolution)])
+        self.examples = [
+            Example(path=Path(it.path), sha256=it.sha256, caption=it.caption,
+                    repeats=it.repeats,
+                    bucket=assign_bucket(it.width, it.height, buckets) if d.buckets
+                    else (d.resolution, d.resolution))
+            for it in self.scan.items]
+        self.augment = CaptionAugment(
+            trigger_word=d.trigger_word, shuffle_tags=d.shuffle_tags,
+            keep_tokens=d.keep_tokens, tag_dropout=d.tag_dropout,
+            caption_dropout=d.caption_dropout)
+        self.bundle = bundle
+        self.precision = precision
+        self.scale = float(bundle.vae.config.scaling_factor)
+        self.cache = ContentCache(cache_root / "latents") if d.cache_latents else None
+        self._latents: dict[tuple[int, bool], torch.Tensor] = {}
+        self._order_epoch: int | None = None
+        self._order: list[list[int]] = []
+
+    # -- what the run uses ----------------------------------------------------------------
+    @property
+    def bucket_counts(self) -> dict[tuple[int, int], int]:
+        counts: dict[tuple[int, int], int] = {}
+        for ex in self.examples:
+            counts[ex.bucket] = counts.get(ex.bucket, 0) + ex.repeats
+        return counts
+
+    @property
+    def captions_static(self) -> bool:
+        return self.augment.is_static
+
+    def fill_latent_cache(self) -> tuple[int, int]:
+        """Encode every (image, flip variant) once; returns (cache hits, newly encoded)."""
+        if self.cache is None:
+            return 0, 0
+        vae_hash = module_hash(self.bundle.vae)
+        hits = encoded = 0
+        flips = (False, True) if self.config.data.flip else (False,)
+        for i, ex in enumerate(self.examples):
+            for flip in flips:
+                key = self.cache.key(image=ex.sha256, vae=vae_hash, bucket=ex.bucket,
+                                     crop="center", flip=flip)
+                got = self.cache.get(key)
+                if got is None:
+                    latent = self._encode(ex, flip, random.Random(0), sample=False)
+                    self.cache.put(key, {"latent": latent})
+                    encoded += 1
+                else:
+                    latent = got["latent"]
+                    hits += 1
+                self._latents[(i, flip)] = latent
+        return hits, encoded
+
+    @torch.no_grad()
+    def _encode(self, ex: Example, flip: bool, rng: random.Random, sample: bool,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+        image = load_image_rgb(ex.path)
+        crop = "center" if self.cache is not None else self.config.data.crop
+        image, _ = resize_and_crop(image, ex.bucket, crop=crop, rng=rng, flip=flip)
+        x = image_to_tensor(image).unsqueeze(0)
+        vae = self.bundle.vae
+        x = x.to(self.precision.device, vae.dtype)
+        dist = vae.encode(x).latent_dist
+        # The cache stores the distribution's mean (deterministic, so it is content-keyed);
+        # uncached runs draw a fresh sample each step like the reference scripts.
+        z = dist.sample(generator) if sample else dist.mean
+        return z[0].float().cpu()
+
+    # -- deterministic order ----------------------------------------------------------------
+    def epoch_order(self, epoch: int) -> list[list[int]]:
+        """Micro-batches of one epoch: repeats expanded, one bucket per batch, seeded shuffle."""
+        if self._order_epoch == epoch:
+            return self._order
+        rng = random.Random(f"{self.config.train.seed}:order:{epoch}")
+        by_bucket: dict[tuple[int, int], list[int]] = {}
+        for i, ex in enumerate(self.examples):
+            by_bucket.setdefault(ex.bucket, []).extend([i] * ex.repeats)
+        bs = self.config.train.batch_size
+        batches: list[list[int]] = []
+        for bucket in sorted(by_bucket):
+            idx = by_bucket[bucket]
+            rng.shuffle(idx)
+            batches.extend(idx[j:j + bs] for j in range(0, len(idx), bs))
+        rng.shuffle(batches)
+        self._order_epoch, self._order = epoch, batches
+        return batches
+
+    def micro_batch(self, index: int) -> tuple[MicroBatch, int]:
+        """The ``index``-th micro-batch of the whole run and its epoch (same on resume)."""
+        per_epoch = len(self.epoch_order(0))
+        epoch, pos = divmod(index, per_epoch)
+        members = self.epoch_order(epoch)[pos]
+        rng = random.Random(f"{self.config.train.seed}:batch:{index}")
+        latents, captions = [], []
+        for i in members:
+            ex = self.examples[i]
+            flip = self.config.data.flip and rng.random() < 0.5
+            if self.cache is not None:
+                z = self._latents[(i, flip)]
+            else:
+                g = torch.Generator("cpu").manual_seed(rng.randrange(2**63))
+                z = self._encode(ex, flip, rng, sample=True, generator=g)
+            latents.append(z)
+            captions.append(self.augment.apply(ex.caption, rng))
+        return MicroBatch(torch.stack(latents) * self.scale, captions), epoch
