@@ -117,6 +117,10 @@ class NetworkConfig(_Section):
     rank: int = opt(16, "LoRA rank (dim) of attention/linear layers.", min=1, max=1024)
     alpha: float = opt(8.0, "LoRA alpha; the update is scaled by alpha / rank.",
                        min=0.0001, max=4096)
+    target: str = opt("transformer", "Layers the LoRA adapts: 'transformer' = every linear layer "
+                                     "of the UNet's transformer blocks plus proj_in/proj_out "
+                                     "(kohya's default); 'attention' = to_q/to_k/to_v/to_out only.",
+                      choices=("transformer", "attention"))
     conv_rank: int = opt(0, "Rank of LoRA on 3x3 convolutions (LoCon); 0 = off.", min=0, max=1024)
     conv_alpha: float = opt(1.0, "Alpha of the convolution LoRA.", min=0.0001, max=4096)
     dropout: float = opt(0.0, "Dropout on the LoRA input.", min=0.0, max=1.0)

@@ -46,7 +46,7 @@ def write_fixture(name: str, out_dir: str | Path, seed: int = 0, dtype: str = "f
         dtype: ``fp32`` or ``fp16`` for the single-file checkpoint.
         overwrite: replace existing files of the same names.
     """
-    from .formats.ldm_checkpoint import diffusers_to_ldm
+    from .formats.ldm_checkpoint import config_metadata_hints, diffusers_to_ldm
     from .formats.safetensors_io import save_safetensors
 
     if name not in FIXTURES:
@@ -81,12 +81,10 @@ def write_fixture(name: str, out_dir: str | Path, seed: int = 0, dtype: str = "f
                            unet_config=dict(unet.config), vae_config=dict(vae.config))
     if dtype == "fp16":
         ldm = {k: v.half() if v.is_floating_point() else v for k, v in ldm.items()}
-    tc = cfg["text_encoder"]
-    hints = {"tsuika.unet_attention_head_dim": json.dumps(cfg["unet"]["attention_head_dim"]),
-             "tsuika.te_num_attention_heads": str(tc["num_attention_heads"]),
-             "tsuika.vae_norm_num_groups": str(cfg["vae"]["norm_num_groups"]),
-             "tsuika.fixture": name, "modelspec.architecture": "stable-diffusion-v1",
-             "modelspec.prediction_type": cfg["scheduler"]["prediction_type"]}
+    hints = config_metadata_hints(unet_config=cfg["unet"], vae_config=cfg["vae"],
+                                  text_encoder_config=cfg["text_encoder"])
+    hints.update({"tsuika.fixture": name, "modelspec.architecture": "stable-diffusion-v1",
+                  "modelspec.prediction_type": cfg["scheduler"]["prediction_type"]})
     save_safetensors(single, ldm, hints, overwrite=overwrite)
     log.info("wrote fixture %s: %s and %s", name, folder, single)
     return {"diffusers": folder, "single_file": single}

@@ -23,6 +23,7 @@ from .data.cache import ContentCache
 from .data.captions import CaptionAugment
 from .data.folder import DatasetScan, scan_folder
 from .data.images import load_image_rgb
+from .data.sampler import BucketBatchSampler
 from .device import Precision
 from .families.base import ModelBundle, module_hash
 
@@ -78,16 +79,16 @@ class TrainingData:
         self.scale = float(bundle.vae.config.scaling_factor)
         self.cache = ContentCache(cache_root / "latents") if d.cache_latents else None
         self._latents: dict[tuple[int, bool], torch.Tensor] = {}
+        self.sampler = BucketBatchSampler([(ex.repeats, ex.bucket) for ex in self.examples],
+                                          batch_size=config.train.batch_size,
+                                          seed=config.train.seed)
         self._order_epoch: int | None = None
         self._order: list[list[int]] = []
 
     # -- what the run uses ----------------------------------------------------------------
     @property
     def bucket_counts(self) -> dict[tuple[int, int], int]:
-        counts: dict[tuple[int, int], int] = {}
-        for ex in self.examples:
-            counts[ex.bucket] = counts.get(ex.bucket, 0) + ex.repeats
-        return counts
+        return self.sampler.bucket_counts
 
     @property
     def captions_static(self) -> bool:
@@ -133,21 +134,9 @@ class TrainingData:
     # -- deterministic order ----------------------------------------------------------------
     def epoch_order(self, epoch: int) -> list[list[int]]:
         """Micro-batches of one epoch: repeats expanded, one bucket per batch, seeded shuffle."""
-        if self._order_epoch == epoch:
-            return self._order
-        rng = random.Random(f"{self.config.train.seed}:order:{epoch}")
-        by_bucket: dict[tuple[int, int], list[int]] = {}
-        for i, ex in enumerate(self.examples):
-            by_bucket.setdefault(ex.bucket, []).extend([i] * ex.repeats)
-        bs = self.config.train.batch_size
-        batches: list[list[int]] = []
-        for bucket in sorted(by_bucket):
-            idx = by_bucket[bucket]
-            rng.shuffle(idx)
-            batches.extend(idx[j:j + bs] for j in range(0, len(idx), bs))
-        rng.shuffle(batches)
-        self._order_epoch, self._order = epoch, batches
-        return batches
+        if self._order_epoch != epoch:
+            self._order_epoch, self._order = epoch, self.sampler.batches(epoch)
+        return self._order
 
     def micro_batch(self, index: int) -> tuple[MicroBatch, int]:
         """The ``index``-th micro-batch of the whole run and its epoch (same on resume)."""

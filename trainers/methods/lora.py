@@ -22,6 +22,7 @@ ADAPTER = "default"
 UNET_LINEAR = re.compile(
     r".*attentions\.\d+\.(proj_in|proj_out|transformer_blocks\.\d+\.(attn[12]\.(to_q|to_k|to_v|"
     r"to_out\.0)|ff\.net\.(0\.proj|2)))$")
+UNET_ATTENTION = re.compile(r".*transformer_blocks\.\d+\.attn[12]\.(to_q|to_k|to_v|to_out\.0)$")
 # LoCon: the 3x3 convolutions of the resnets and the down/up samplers.
 UNET_CONV = re.compile(r".*(resnets\.\d+\.(conv1|conv2)|downsamplers\.0\.conv|upsamplers\.0\.conv)$")
 TEXT_LINEAR = re.compile(r".*layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|out_proj)|mlp\.(fc1|fc2))$")
@@ -63,7 +64,8 @@ class LoraMethod:
 
         net, tr = config.network, config.train
         groups = []
-        unet_targets = _targets(bundle.unet, UNET_LINEAR)
+        unet_targets = _targets(bundle.unet, UNET_ATTENTION if net.target == "attention"
+                                else UNET_LINEAR)
         conv_targets = _targets(bundle.unet, UNET_CONV) if net.conv_rank else []
         unet_cfg = LoraConfig(
             r=net.rank, lora_alpha=net.alpha, lora_dropout=net.dropout,

@@ -1,0 +1,81 @@
+"""Pieces the benchmark scripts share: random-weight models, inputs, FLOPs, matmul rate."""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from pathlib import Path
+
+
+def build_bundle(config_name: str):
+    """A ModelBundle with random weights of a shipped architecture (sd15, sd15_tiny, ...)."""
+    from tsuika.trainers.families.base import ModelBundle
+    from tsuika.trainers.families.sd15 import load_tokenizer
+    from tsuika.trainers.fixtures import build_modules
+
+    unet, vae, te, cfg = build_modules(config_name, seed=0)
+    for m in (unet, vae, te):
+        m.requires_grad_(False)
+    return ModelBundle(family="sd15", unet=unet, vae=vae, text_encoders=[te],
+                       tokenizers=[load_tokenizer()], scheduler_config=cfg["scheduler"],
+                       prediction_type="epsilon", source_name=f"random-{config_name}")
+
+
+def make_images(resolution: int, n: int, device, folder: Path | None = None):
+    """``n`` random images: tensors in [-1, 1] on ``device``, or PNG+caption files in ``folder``."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    arrays = [rng.integers(0, 256, (resolution, resolution, 3), dtype=np.uint8) for _ in range(n)]
+    if folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+        for i, a in enumerate(arrays):
+            Image.fromarray(a).save(folder / f"{i}.png")
+            (folder / f"{i}.txt").write_text("a photo of a sks dog")
+        return None
+    return [torch.from_numpy(a).permute(2, 0, 1)[None].float().div(127.5).sub(1).to(device)
+            for a in arrays]
+
+
+def peak_rss_gib() -> float:
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kb / (2**20 if sys.platform != "darwin" else 2**30)
+
+
+def unet_step_flops(config_name: str, resolution: int, device: str) -> float:
+    """FLOPs of one UNet forward + backward at ``resolution`` (batch 1), counted by torch."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    bundle = build_bundle(config_name)
+    unet = bundle.unet.to(device)
+    lat = resolution // 8
+    x = torch.randn(1, 4, lat, lat, device=device, requires_grad=True)
+    ctx = torch.randn(1, 77, unet.config.cross_attention_dim, device=device)
+    with FlopCounterMode(display=False) as fc:
+        unet(x, torch.tensor([500], device=device), ctx).sample.sum().backward()
+    return float(fc.get_total_flops())
+
+
+def matmul_rate(device: str, n: int = 2048, repeat: int = 10) -> tuple[float, float]:
+    """Measured (fp32, bf16) FLOP/s of a large square matmul on ``device``."""
+    import torch
+
+    rates = []
+    for dtype in (torch.float32, torch.bfloat16):
+        a = torch.randn(n, n, device=device, dtype=dtype)
+        b = torch.randn(n, n, device=device, dtype=dtype)
+        for _ in range(2):
+            a @ b
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(repeat):
+            a @ b
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        rates.append(2 * n**3 * repeat / (time.perf_counter() - t0))
+    return rates[0], rates[1]

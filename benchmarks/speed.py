@@ -1,0 +1,162 @@
+"""Speed and memory of one LoRA training step: Tsuika against the reference approach.
+
+Same work on both sides: an SD1.5-architecture model with random weights (speed does not
+depend on weight values), LoRA rank 16 on to_q/to_k/to_v/to_out.0, AdamW, batch 1, one
+caption per image. The reference is the training step of diffusers' LoRA example script
+(VAE encode and text encode every step, fp32); Tsuika runs its default path (cached
+latents and text embeddings, bf16 autocast where the device is faster in bf16).
+
+Each measurement is a fresh process (so peak memory is that side's alone); the sides run
+interleaved A B A B and the script prints the median s/step, the ratios, FLOPs per step
+and the fraction of the device's measured matmul rate.
+
+    python benchmarks/speed.py --resolution 256 --steps 8 --pairs 2
+    python benchmarks/speed.py --device cuda --resolution 512 --steps 30 --pairs 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from _bench_common import (build_bundle, make_images, matmul_rate, peak_rss_gib,  # noqa: E402
+                           unet_step_flops)
+
+
+def run_reference(args) -> dict:
+    """The reference training step: encode image and caption each step, fp32, AdamW."""
+    import torch
+    import torch.nn.functional as F
+    from diffusers import DDPMScheduler
+    from peft import LoraConfig
+
+    device = torch.device(args.device)
+    bundle = build_bundle(args.model)
+    unet, vae, te, tok = bundle.unet, bundle.vae, bundle.text_encoders[0], bundle.tokenizers[0]
+    for m in (unet, vae, te):
+        m.requires_grad_(False).to(device)
+    unet.add_adapter(LoraConfig(r=16, lora_alpha=16, init_lora_weights="gaussian",
+                                target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    params = [p for p in unet.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    sched = DDPMScheduler.from_config(bundle.scheduler_config)
+    images = make_images(args.resolution, 4, device)
+    ids = tok(["a photo of a sks dog"], padding="max_length", max_length=77,
+              truncation=True, return_tensors="pt").input_ids.to(device)
+    times = []
+    for step in range(args.steps + args.warmup):
+        t0 = time.perf_counter()
+        pixels = images[step % len(images)]
+        latents = vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor
+        noise = torch.randn_like(latents)
+        t = torch.randint(0, sched.config.num_train_timesteps, (1,), device=device)
+        noisy = sched.add_noise(latents, noise, t)
+        hidden = te(ids, return_dict=False)[0]
+        pred = unet(noisy, t, hidden, return_dict=False)[0]
+        loss = F.mse_loss(pred.float(), noise.float())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if step >= args.warmup:
+            times.append(time.perf_counter() - t0)
+    return {"s_per_step": statistics.median(times), "dtype": "fp32"}
+
+
+def run_tsuika(args) -> dict:
+    """Tsuika's default path through its real loop (trainers.loop.train)."""
+    import tempfile
+
+    import torch
+
+    from tsuika.trainers.callbacks import Callbacks
+    from tsuika.trainers.config import build_config
+    from tsuika.trainers.loop import train
+
+    bundle = build_bundle(args.model)
+    times: list[float] = []
+
+    class Timer(Callbacks):
+        def on_step(self, info):
+            times.append(info.seconds_per_step)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "data"
+        make_images(args.resolution, 4, None, folder=data)
+        config = build_config(overrides=[
+            f"data.dir={data}", f"output.dir={tmp}/out", f"data.resolution={args.resolution}",
+            f"train.steps={args.steps + args.warmup}", "network.rank=16", "network.alpha=16",
+            "network.target=attention", f"train.device={args.device}",
+            f"train.mixed_precision={args.precision}", "output.save_dtype=fp16"])
+        t0 = time.perf_counter()
+        train(config, Timer(), bundle=bundle)
+        total = time.perf_counter() - t0
+    return {"s_per_step": statistics.median(times[args.warmup:]),
+            "dtype": str(bundle.unet.dtype).replace("torch.", ""), "run_s": total,
+            "cuda": torch.cuda.is_available()}
+
+
+def worker(args) -> None:
+    fn = run_tsuika if args.impl == "tsuika" else run_reference
+    result = fn(args)
+    result["peak_rss_gib"] = peak_rss_gib()
+    if args.device.startswith("cuda"):
+        import torch
+
+        result["peak_vram_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--model", default="sd15", help="shipped config name (sd15, sd15_tiny)")
+    p.add_argument("--resolution", type=int, default=256)
+    p.add_argument("--steps", type=int, default=8, help="measured steps per run")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--pairs", type=int, default=2, help="A B rounds")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--precision", default="auto", help="Tsuika's train.mixed_precision")
+    p.add_argument("--impl", choices=("tsuika", "reference"), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.impl:
+        worker(args)
+        return
+    runs: dict[str, list[dict]] = {"tsuika": [], "reference": []}
+    for _ in range(args.pairs):
+        for impl in ("tsuika", "reference"):
+            cmd = [sys.executable, __file__, "--impl", impl] + [
+                f"--{k}={v}" for k, v in vars(args).items() if k != "impl" and v is not None]
+            out = subprocess.run(cmd, capture_output=True, text=True)
+            line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
+            if out.returncode or not line:
+                sys.exit(f"{impl} run failed:\n{out.stderr[-3000:]}")
+            runs[impl].append(json.loads(line[-1][7:]))
+            print(impl, runs[impl][-1], flush=True)
+    med = {k: {m: statistics.median(r[m] for r in v) for m in v[0] if isinstance(v[0][m], float)}
+           for k, v in runs.items()}
+    flops = unet_step_flops(args.model, args.resolution, args.device)
+    rate32, rate16 = matmul_rate(args.device)
+    t, r = med["tsuika"], med["reference"]
+    print(f"\nmodel {args.model}, {args.resolution}x{args.resolution}, batch 1, device {args.device}")
+    print(f"s/step      tsuika {t['s_per_step']:.3f}  reference {r['s_per_step']:.3f}  "
+          f"ratio {t['s_per_step'] / r['s_per_step']:.2f}")
+    mem = "peak_vram_gib" if "peak_vram_gib" in t else "peak_rss_gib"
+    print(f"{mem:12s}tsuika {t[mem]:.2f}  reference {r[mem]:.2f}  ratio {t[mem] / r[mem]:.2f}")
+    print(f"UNet fwd+bwd FLOPs/step {flops / 1e9:.1f} G; matmul rate fp32 {rate32 / 1e9:.0f} "
+          f"GFLOP/s, bf16 {rate16 / 1e9:.0f} GFLOP/s")
+    print(f"bf16 floor {flops / rate16:.3f} s/step; tsuika at {flops / rate16 / t['s_per_step']:.0%}"
+          f" of the bf16 matmul rate (reference at {flops / rate32 / r['s_per_step']:.0%} of fp32)")
+
+
+if __name__ == "__main__":
+    main()
