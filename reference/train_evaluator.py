@@ -1,7 +1,7 @@
 """Train the reference evaluator on freshly rendered scenes of the whole world.
 
     python -m tsuika.reference.train_evaluator --out reference/evaluator.safetensors \\
-        --steps 1500 --seed 0
+        --steps 1200 --seed 0
 
 Every step renders a new batch (held-out concepts included, uniformly over each attribute's
 values), roughens most of it (blur, noise, colour gain: generated samples are never clean),
@@ -107,7 +107,7 @@ def head_accuracy(net: EvaluatorNet, x: torch.Tensor, labels: dict, batch_size: 
     return {a: right[a] / max(1, int((labels[a] != IGNORE).sum())) for a in labels}
 
 
-def train_evaluator(steps: int = 1500, seed: int = 0, image_size: int = 64,
+def train_evaluator(steps: int = 1200, seed: int = 0, image_size: int = 64,
                     batch_size: int = 64, learning_rate: float = 3e-3, width: int = 32,
                     hidden: int = 128, val_size: int = 1000, out: str | Path | None = None,
                     overwrite: bool = False, log_every: int = 100) -> Evaluator:
@@ -191,19 +191,21 @@ def main(argv: list[str] | None = None) -> int:
                                 description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="destination .safetensors (a .json is "
                    "written next to it)")
-    p.add_argument("--steps", type=int, default=1500, help="optimiser steps (default 1500)")
+    p.add_argument("--steps", type=int, default=1200, help="optimiser steps (default 1200)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--image-size", type=int, default=64, help="render side (default 64)")
     p.add_argument("--batch-size", type=int, default=64, help="images per step (default 64)")
     p.add_argument("--val-size", type=int, default=1000,
                    help="fresh renders for the final accuracy (default 1000)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default 1: the net is small, and on a shared "
+                   "machine more threads were many times slower)")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if args.threads < 1:
+        p.error(f"--threads {args.threads}: use 1 or more.")
+    torch.set_num_threads(args.threads)
     try:
         evaluator = train_evaluator(steps=args.steps, seed=args.seed,
                                     image_size=args.image_size, batch_size=args.batch_size,

@@ -19,8 +19,18 @@ from tsuika.reference.train_evaluator import head_accuracy, main, render_batch, 
 SHIPPED = Path(__file__).resolve().parents[1] / "reference" / "evaluator.safetensors"
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """A net this small gains nothing from more threads, and on a busy machine torch's
+    thread pool waiting for its peers made training here 20x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
-def tiny_evaluator() -> Evaluator:
+def tiny_evaluator(one_thread) -> Evaluator:
     return train_evaluator(steps=120, seed=0, image_size=32, batch_size=32, width=8, hidden=32,
                            val_size=64, log_every=1000)
 
@@ -125,7 +135,7 @@ def test_command_line_writes_and_refuses_to_overwrite(tmp_path):
     out = tmp_path / "cli.safetensors"
     args = ["--out", str(out), "--steps", "2", "--image-size", "32", "--batch-size", "4",
             "--val-size", "4"]
-    assert main(args) == 0
+    assert main(args) == 0  # sets one thread, as the one_thread fixture does
     assert out.is_file() and out.with_suffix(".json").is_file()
     before = out.read_bytes()
     assert main(args) == 2

@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{kind}: {path}")
             return 0
         if args.command == "demo":
-            from .demo import run_demo
+            from ..reference.demo import run_demo
 
             run_demo(args.out_dir, steps=args.steps)
             return 0

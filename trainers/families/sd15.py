@@ -20,7 +20,7 @@ def load_tokenizer(folder: Path | None = None):
     from transformers import CLIPTokenizer
 
     src = folder if folder is not None and (folder / "vocab.json").is_file() else TOKENIZER_DIR
-    return CLIPTokenizer(str(src / "vocab.json"), str(src / "merges.txt"))
+    return CLIPTokenizer(str(src / "vocab.json"), str(src / "merges.txt"), model_max_length=77)
 
 
 def read_config(name: str, part: str) -> dict:
