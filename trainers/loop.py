@@ -65,6 +65,14 @@ def train(config: TsuikaConfig, callbacks: Callbacks | None = None,
             None, ``config.model.path`` is loaded.
         scan: an already-scanned dataset (``data.folder.DatasetScan``); None scans data.dir.
     """
+    # The loop seeds torch's global RNG per step (adapter dropout); the host's RNG state is
+    # restored afterwards, so a long-lived host (ComfyUI) sees no side effect.
+    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=cuda):
+        return _train(config, callbacks, bundle, scan)
+
+
+def _train(config, callbacks, bundle, scan) -> TrainResult:
     cb = callbacks or Callbacks()
     acc = _distributed()
     device = acc.device if acc is not None else resolve_device(config.train.device)
@@ -93,6 +101,7 @@ def train(config: TsuikaConfig, callbacks: Callbacks | None = None,
         bundle.vae.to("cpu")  # everything it had to encode is cached
 
     samples_before = out.sample(family, bundle, precision, step=0, cb=cb)
+    torch.manual_seed(config.train.seed)  # adapter initialisation draws from the global RNG
     groups = method.prepare(config, bundle)
     train_te = method.trains_text_encoder(config)
     text_cache: dict[str, dict] = {}
@@ -174,6 +183,8 @@ def train(config: TsuikaConfig, callbacks: Callbacks | None = None,
             with torch.set_grad_enabled(train_te), precision.context():
                 cond = _encode(family, bundle, batch.captions, device, text_cache,
                                cache_ok=data.captions_static and not train_te)
+            # Dropout inside the adapters uses the global RNG: seed it per micro-batch.
+            torch.manual_seed(config.train.seed * 1_000_003 + m)
             with precision.context():
                 pred = family.predict(bundle, noisy, t, cond) if acc is None else unet(
                     noisy, t, encoder_hidden_states=cond["encoder_hidden_states"],

@@ -1,0 +1,183 @@
+"""The reference model's training script: its stages run on a micro architecture, the output
+loads through the family loader (folder and single file) and samples images."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import pytest
+import torch
+
+from tsuika.reference import train_model as tm
+from tsuika.reference.world import prompts_for_eval, sample_scene
+
+
+def write_micro_configs(folder):
+    """The shipped configs with every width shrunk (same structure, same tokenizer)."""
+    cfg = tm.load_configs()
+    cfg["unet"].update(block_out_channels=[16, 16, 32], attention_head_dim=2,
+                       cross_attention_dim=16, norm_num_groups=8)
+    cfg["vae"].update(block_out_channels=[8, 8, 16], norm_num_groups=4)
+    cfg["text_encoder"].update(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                               num_attention_heads=2, projection_dim=16)
+    folder.mkdir()
+    for part, data in cfg.items():
+        (folder / f"{part}.json").write_text(json.dumps(data))
+    return folder
+
+
+def micro_args(out, configs, *extra):
+    return ["--out", str(out), "--config-dir", str(configs), "--vae-steps", "2",
+            "--vae-batch", "4", "--unet-steps", "3", "--batch", "4", "--pool-size", "8",
+            "--val-images", "6", "--eval-images", "0", "--sample-steps", "2",
+            "--log-every", "1", *extra]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A micro model trained for a few steps by the command line entry point."""
+    root = tmp_path_factory.mktemp("reference_model")
+    configs = write_micro_configs(root / "configs")
+    assert tm.main(micro_args(root / "out", configs)) == 0
+    return root / "out"
+
+
+def test_shipped_configs_fit_the_single_file_layout():
+    """Every shipped architecture choice survives diffusers -> LDM -> diffusers, so the
+    single-file checkpoint rebuilds the same model."""
+    from tsuika.trainers.formats.ldm_checkpoint import (config_metadata_hints, diffusers_to_ldm,
+                                                        ldm_to_diffusers)
+
+    cfg = tm.load_configs()
+    unet, vae, te = tm.build_models(cfg, seed=0)
+    ldm = diffusers_to_ldm(unet.state_dict(), vae.state_dict(), te.state_dict(),
+                           unet_config=dict(unet.config), vae_config=dict(vae.config))
+    conv = ldm_to_diffusers(ldm, metadata=config_metadata_hints(
+        dict(unet.config), dict(vae.config), cfg["text_encoder"]))
+    for key in ("block_out_channels", "down_block_types", "up_block_types", "layers_per_block",
+                "attention_head_dim", "cross_attention_dim", "norm_num_groups"):
+        assert list(conv.unet_config[key]) == list(cfg["unet"][key]) \
+            if isinstance(cfg["unet"][key], list) else conv.unet_config[key] == cfg["unet"][key]
+    for key in ("block_out_channels", "latent_channels", "norm_num_groups", "scaling_factor"):
+        assert conv.vae_config[key] == cfg["vae"][key]
+    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
+        assert conv.text_encoder_config[key] == cfg["text_encoder"][key]
+    assert cfg["text_encoder"]["vocab_size"] == 49408  # the real CLIP tokenizer's vocabulary
+    assert cfg["scheduler"]["prediction_type"] == "epsilon"
+
+
+def test_latent_normalisation_keeps_reconstructions_and_standardises(tmp_path):
+    cfg = tm.load_configs(write_micro_configs(tmp_path / "configs"))
+    _, vae, _ = tm.build_models(cfg, seed=0)
+    vae.eval()
+    rng = random.Random(0)
+    scenes = [sample_scene(rng) for _ in range(16)]
+    x = tm.render_batch(scenes, 64)
+    with torch.no_grad():
+        before = vae.decode(vae.encode(x).latent_dist.mode()).sample
+    stats = tm.normalize_latents(vae, scenes, device=torch.device("cpu"))
+    with torch.no_grad():
+        after = vae.decode(vae.encode(x).latent_dist.mode()).sample
+        z = vae.encode(x).latent_dist.sample(generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(before, after, atol=1e-4)
+    scaled = z * vae.config.scaling_factor
+    assert scaled.mean(dim=(0, 2, 3)).abs().max() < 1e-3
+    assert (scaled.std(dim=(0, 2, 3)) - 1).abs().max() < 1e-3
+    assert len(stats["latent_std_before"]) == cfg["vae"]["latent_channels"]
+
+
+def test_run_writes_report_and_both_formats(trained):
+    report = json.loads((trained / "training_report.json").read_text())
+    assert report["unet"]["steps"] == 3 and report["vae"]["steps"] == 2
+    assert len(report["unet"]["loss_curve"]) == 3
+    assert all(math.isfinite(loss) for _, loss in report["unet"]["loss_curve"])
+    assert report["seed"] == 0 and "--unet-steps 3" in report["command"]
+    assert report["sample_seconds_per_image"] > 0
+    assert (trained / "samples.png").is_file()
+    assert (trained / "diffusers" / "model_index.json").is_file()
+    assert (trained / f"{tm.MODEL_NAME}.safetensors").is_file()
+    assert "evaluation" not in report  # --eval-images 0
+
+
+@pytest.mark.parametrize("form", ["diffusers", "single_file"])
+def test_output_loads_and_samples_through_the_family(trained, form):
+    from tsuika.trainers.device import Precision
+    from tsuika.trainers.families import get_family, load_model
+    from tsuika.trainers.sampling import sample_images
+
+    path = trained / ("diffusers" if form == "diffusers" else f"{tm.MODEL_NAME}.safetensors")
+    bundle = load_model(path)
+    assert bundle.family == "sd15" and bundle.prediction_type == "epsilon"
+    assert {p.dtype for m in (bundle.unet, bundle.vae, *bundle.text_encoders)
+            for p in m.parameters()} == {torch.float32}
+    images = sample_images(get_family(bundle.family), bundle, ["a red circle", "a blue star"],
+                           Precision(torch.device("cpu"), torch.float32), size=64, steps=2)
+    assert [im.size for im in images] == [(64, 64), (64, 64)]
+
+
+def test_folder_and_single_file_hold_the_same_weights(trained):
+    from tsuika.trainers.families import load_model
+
+    folder = load_model(trained / "diffusers")
+    single = load_model(trained / f"{tm.MODEL_NAME}.safetensors")
+    for a, b in ((folder.unet, single.unet), (folder.vae, single.vae),
+                 (folder.text_encoders[0], single.text_encoders[0])):
+        sa, sb = a.state_dict(), b.state_dict()
+        sa.pop("embeddings.position_ids", None), sb.pop("embeddings.position_ids", None)
+        assert sa.keys() == sb.keys()
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_existing_outputs_are_kept(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "training_report.json").write_text("{}")
+    configs = write_micro_configs(tmp_path / "configs")
+    assert tm.main(micro_args(out, configs)) == 2
+    assert (out / "training_report.json").read_text() == "{}"
+    assert not (out / "diffusers").exists()
+
+
+def test_time_budget_stops_training_and_still_saves(tmp_path):
+    configs = write_micro_configs(tmp_path / "configs")
+    out = tmp_path / "out"
+    args = micro_args(out, configs, "--time-budget-minutes", "0.000001")
+    args[args.index("--unet-steps") + 1] = "1000"
+    assert tm.main(args) == 0
+    report = json.loads((out / "training_report.json").read_text())
+    assert report["unet"]["steps"] < 1000
+    assert (out / f"{tm.MODEL_NAME}.safetensors").is_file()
+
+
+class _StubEvaluator:
+    """Predicts a fixed answer: the prompt's own scene (``perfect``) or always a black square."""
+
+    vocab = {"shape": ("circle", "square", "heart"), "color": ("red", "black"),
+             "texture": ("solid",), "background": ("gray",), "position": ("center",),
+             "size": ("small", "large")}
+
+    def __init__(self, answer):
+        self.answer = answer
+
+    def predict(self, images):
+        return [dict(self.answer) for _ in range(len(images))]
+
+
+def test_evaluate_scores_right_and_wrong_predictions():
+    prompts = prompts_for_eval()
+    retention = prompts[0]
+    held = next(p for p in prompts if p.concept == "heart")
+    images = torch.zeros(3, 3, 64, 64)
+    right = tm.evaluate(_StubEvaluator(retention.spec), {retention: images})
+    assert right["retention_prompt_fidelity"] == 1.0
+    assert set(right["retention_attribute_accuracy"].values()) == {1.0}
+    wrong_answer = {**retention.spec, "shape": "heart" if retention.spec["shape"] != "heart"
+                    else "circle", "color": "black" if retention.spec["color"] != "black"
+                    else "red"}
+    wrong = tm.evaluate(_StubEvaluator(wrong_answer), {retention: images, held: images})
+    assert wrong["retention_prompt_fidelity"] == 0.0
+    assert wrong["retention_attribute_accuracy"]["shape"] == 0.0
+    assert wrong["retention_attribute_accuracy"]["background"] == 1.0
+    assert wrong["held_out_baseline"][0]["concept_fidelity"] == 1.0  # it said "heart"

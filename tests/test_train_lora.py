@@ -1,0 +1,140 @@
+"""Training smoke tests on the tiny model: runs, learns, saves loadable files, resumes exactly."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_overrides
+
+from tsuika.trainers.callbacks import Callbacks, TrainingStopped
+from tsuika.trainers.config import build_config
+from tsuika.trainers.formats.safetensors_io import load_safetensors
+from tsuika.trainers.loop import NonFiniteLoss, train
+
+
+def _train(tiny_model, data, out, steps=4, callbacks=None, which="single_file", **extra):
+    cfg = build_config(overrides=tiny_overrides(tiny_model[which], data, out, steps, **extra))
+    return train(cfg, callbacks)
+
+
+@pytest.mark.parametrize("which", ["single_file", "diffusers"])
+def test_lora_trains_and_saves_kohya_keys(tiny_model, image_folder, tmp_path, which):
+    res = _train(tiny_model, image_folder, tmp_path / "out", steps=3, which=which,
+                 **{"network.train_text_encoder": "true", "network.alpha": 2})
+    assert res.steps == 3 and all(map(lambda v: v == v and abs(v) < 1e6, res.losses))
+    tensors, meta = load_safetensors(res.lora_path)
+    keys = set(tensors)
+    assert ("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+            ".lora_down.weight") in keys
+    assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight" in keys
+    alphas = {k: float(v) for k, v in tensors.items() if k.endswith(".alpha")}
+    assert alphas and set(alphas.values()) == {2.0}
+    for k in alphas:
+        base = k[: -len(".alpha")]
+        assert tensors[base + ".lora_down.weight"].shape[0] == 4
+    assert meta["ss_network_dim"] == "4" and meta["ss_network_alpha"] == "2.0"
+    assert str(tmp_path) not in json.dumps(meta), "absolute local paths leaked into metadata"
+    for kind in ("loss_csv", "loss_plot", "config"):
+        assert res.files[kind].is_file()
+
+
+def test_training_lowers_the_loss_on_one_image(tiny_model, tmp_path):
+    from conftest import make_images
+
+    data = tmp_path / "one"
+    make_images(data, n=1)
+    res = _train(tiny_model, data, tmp_path / "out", steps=40,
+                 **{"train.learning_rate": 1e-2, "network.rank": 8})
+    first, last = sum(res.losses[:8]) / 8, sum(res.losses[-8:]) / 8
+    assert last < first * 0.9, (first, last)
+
+
+def test_fixed_seed_is_reproducible(tiny_model, image_folder, tmp_path):
+    a = _train(tiny_model, image_folder, tmp_path / "a", steps=3)
+    b = _train(tiny_model, image_folder, tmp_path / "b", steps=3)
+    ta, _ = load_safetensors(a.lora_path)
+    tb, _ = load_safetensors(b.lora_path)
+    assert a.losses == b.losses
+    assert all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+def test_resume_gives_the_same_weights_as_one_run(tiny_model, image_folder, tmp_path):
+    extra = {"output.save_every": 3, "train.lr_scheduler": "cosine"}
+    full = _train(tiny_model, image_folder, tmp_path / "full", steps=6, **extra)
+
+    class StopAt4(Callbacks):
+        def __init__(self):
+            self.step = 0
+
+        def on_step(self, info):
+            self.step = info.step
+
+        def should_stop(self):
+            return self.step >= 4
+
+    with pytest.raises(TrainingStopped) as stopped:
+        _train(tiny_model, image_folder, tmp_path / "cut", steps=6, callbacks=StopAt4(),
+               **extra)
+    msg = str(stopped.value)
+    assert "step 4/6" in msg and "resume" in msg and stopped.value.save.state_dir in msg
+    resumed = _train(tiny_model, image_folder, tmp_path / "cut", steps=6,
+                     **extra, **{"train.resume": "latest"})
+    a, _ = load_safetensors(full.state_dir / "trainable.safetensors")
+    b, _ = load_safetensors(resumed.state_dir / "trainable.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6), k
+    assert full.losses == resumed.losses
+
+
+def test_nan_loss_stops_with_a_clear_message(tiny_model, image_folder, tmp_path, monkeypatch):
+    from tsuika.trainers.families.sd15 import Sd15Family
+
+    real, calls = Sd15Family.predict, []
+
+    def goes_nan_at_step_3(self, *args):
+        calls.append(1)
+        out = real(self, *args)
+        return out * float("nan") if len(calls) >= 3 else out
+
+    monkeypatch.setattr(Sd15Family, "predict", goes_nan_at_step_3)
+    with pytest.raises(NonFiniteLoss) as e:
+        _train(tiny_model, image_folder, tmp_path / "out", steps=6,
+               **{"output.save_every": 2})
+    msg = str(e.value)
+    assert "step 3" in msg and "tsuika_lora-step00000002.safetensors" in msg
+    assert "learning_rate" in msg
+    assert (tmp_path / "out" / "tsuika_lora-step00000002.safetensors").is_file()
+    assert not (tmp_path / "out" / "tsuika_lora.safetensors").exists()
+
+
+def test_existing_output_is_not_overwritten(tiny_model, image_folder, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "tsuika_lora.safetensors").write_bytes(b"user file")
+    with pytest.raises(FileExistsError, match="output.overwrite"):
+        _train(tiny_model, image_folder, out, steps=1)
+    assert (out / "tsuika_lora.safetensors").read_bytes() == b"user file"
+
+
+def test_latent_cache_is_reused_and_keyed_by_content(tiny_model, image_folder, tmp_path):
+    messages = []
+
+    class Listen(Callbacks):
+        def on_message(self, text):
+            messages.append(text)
+
+    cache = tmp_path / "cache"
+    kw = {"data.cache_dir": cache}
+    _train(tiny_model, image_folder, tmp_path / "a", steps=1, callbacks=Listen(), **kw)
+    _train(tiny_model, image_folder, tmp_path / "b", steps=1, callbacks=Listen(), **kw)
+    from PIL import Image
+
+    Image.new("RGB", (64, 64), (1, 2, 3)).save(image_folder / "img_00.png")
+    _train(tiny_model, image_folder, tmp_path / "c", steps=1, callbacks=Listen(), **kw)
+    cache_lines = [m for m in messages if "latent cache" in m]
+    assert "0 reused, 4 encoded" in cache_lines[0]
+    assert "4 reused, 0 encoded" in cache_lines[1]
+    assert "3 reused, 1 encoded" in cache_lines[2]
