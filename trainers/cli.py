@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
             result = train(config, progress)
         finally:
             progress.close()
-        if rank == 0:
+        if result.lora_path is not None:
             print(f"LoRA: {result.lora_path}")
             for kind, path in result.files.items():
                 if kind != "lora":

@@ -36,7 +36,7 @@ class NonFiniteLoss(RuntimeError):
 
 @dataclass
 class TrainResult:
-    lora_path: Path
+    lora_path: Path | None  # None on data-parallel ranks other than the main one
     state_dir: Path | None
     steps: int
     losses: list[float] = field(default_factory=list)
@@ -51,7 +51,8 @@ def _distributed():
         return None
     from accelerate import Accelerator
 
-    return Accelerator()
+    # On a machine without CUDA, accelerate only goes multi-process (gloo) when told cpu=True.
+    return Accelerator(cpu=not torch.cuda.is_available())
 
 
 def train(config: TsuikaConfig, callbacks: Callbacks | None = None,
@@ -91,7 +92,11 @@ def _train(config, callbacks, bundle, scan) -> TrainResult:
     data = TrainingData(config, bundle, precision, out.cache_dir, scan=scan)
     for skipped in data.scan.skipped:
         cb.on_message(f"skipped {skipped.path}: {skipped.reason}")
+    if acc is not None and not acc.is_main_process:
+        acc.wait_for_everyone()  # rank 0 fills the shared latent cache first
     hits, encoded = data.fill_latent_cache()
+    if acc is not None and acc.is_main_process:
+        acc.wait_for_everyone()
     cb.on_message(f"{len(data.examples)} images used, {len(data.scan.skipped)} skipped; "
                   f"latent cache: {hits} reused, {encoded} encoded")
     bundle.unet.to(device, precision.compute_dtype)
@@ -228,8 +233,8 @@ def _train(config, callbacks, bundle, scan) -> TrainResult:
     final = save(step, final=True)
     samples_after = out.sample(family, bundle, precision, step=step, cb=cb, final=True)
     files = out.finish(samples_before, samples_after)
-    return TrainResult(lora_path=Path(final.lora_path), state_dir=Path(final.state_dir)
-                       if final.state_dir else None, steps=step,
+    return TrainResult(lora_path=Path(final.lora_path) if final.lora_path else None,
+                       state_dir=Path(final.state_dir) if final.state_dir else None, steps=step,
                        losses=[r[1] for r in out.losses], samples_before=samples_before,
                        samples_after=samples_after, files=files)
 
