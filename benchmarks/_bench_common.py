@@ -46,17 +46,20 @@ def peak_rss_gib() -> float:
 
 
 def unet_step_flops(config_name: str, resolution: int, device: str) -> float:
-    """FLOPs of one UNet forward + backward at ``resolution`` (batch 1), counted by torch."""
+    """FLOPs of one LoRA training step of the UNet (forward, backward to the adapters only:
+    frozen weights need no weight gradients), batch 1, counted by torch's FlopCounterMode."""
     import torch
+    from peft import LoraConfig
     from torch.utils.flop_counter import FlopCounterMode
 
-    bundle = build_bundle(config_name)
-    unet = bundle.unet.to(device)
+    unet = build_bundle(config_name).unet.to(device)
+    unet.add_adapter(LoraConfig(r=16, lora_alpha=16,
+                                target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
     lat = resolution // 8
-    x = torch.randn(1, 4, lat, lat, device=device, requires_grad=True)
+    x = torch.randn(1, 4, lat, lat, device=device)
     ctx = torch.randn(1, 77, unet.config.cross_attention_dim, device=device)
     with FlopCounterMode(display=False) as fc:
-        unet(x, torch.tensor([500], device=device), ctx).sample.sum().backward()
+        unet(x, torch.tensor([500], device=device), ctx).sample.float().pow(2).mean().backward()
     return float(fc.get_total_flops())
 
 

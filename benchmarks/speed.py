@@ -70,7 +70,8 @@ def run_reference(args) -> dict:
             torch.cuda.synchronize()
         if step >= args.warmup:
             times.append(time.perf_counter() - t0)
-    return {"s_per_step": statistics.median(times), "dtype": "fp32"}
+    return {"s_per_step": statistics.median(times), "images_per_s": 1 / statistics.median(times),
+            "dtype": "fp32"}
 
 
 def run_tsuika(args) -> dict:
@@ -92,16 +93,18 @@ def run_tsuika(args) -> dict:
 
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "data"
-        make_images(args.resolution, 4, None, folder=data)
+        make_images(args.resolution, 16, None, folder=data)
         config = build_config(overrides=[
             f"data.dir={data}", f"output.dir={tmp}/out", f"data.resolution={args.resolution}",
             f"train.steps={args.steps + args.warmup}", "network.rank=16", "network.alpha=16",
             "network.target=attention", f"train.device={args.device}",
-            f"train.mixed_precision={args.precision}", "output.save_dtype=fp16"])
+            f"train.mixed_precision={args.precision}", "output.save_dtype=fp16",
+            *args.tsuika_set])
         t0 = time.perf_counter()
         train(config, Timer(), bundle=bundle)
         total = time.perf_counter() - t0
     return {"s_per_step": statistics.median(times[args.warmup:]),
+            "images_per_s": config.train.batch_size / statistics.median(times[args.warmup:]),
             "dtype": str(bundle.unet.dtype).replace("torch.", ""), "run_s": total,
             "cuda": torch.cuda.is_available()}
 
@@ -126,6 +129,8 @@ def main() -> None:
     p.add_argument("--pairs", type=int, default=2, help="A B rounds")
     p.add_argument("--device", default="cpu")
     p.add_argument("--precision", default="auto", help="Tsuika's train.mixed_precision")
+    p.add_argument("--tsuika-set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="extra Tsuika options, e.g. train.compile=true")
     p.add_argument("--impl", choices=("tsuika", "reference"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.impl:
@@ -135,7 +140,9 @@ def main() -> None:
     for _ in range(args.pairs):
         for impl in ("tsuika", "reference"):
             cmd = [sys.executable, __file__, "--impl", impl] + [
-                f"--{k}={v}" for k, v in vars(args).items() if k != "impl" and v is not None]
+                f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
+                if k not in ("impl", "tsuika_set") and v is not None]
+            cmd += [f"--tsuika-set={s}" for s in args.tsuika_set]
             out = subprocess.run(cmd, capture_output=True, text=True)
             line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
             if out.returncode or not line:
@@ -148,13 +155,16 @@ def main() -> None:
     rate32, rate16 = matmul_rate(args.device)
     t, r = med["tsuika"], med["reference"]
     print(f"\nmodel {args.model}, {args.resolution}x{args.resolution}, batch 1, device {args.device}")
+    print(f"images/s    tsuika {t['images_per_s']:.2f}  reference {r['images_per_s']:.2f}  "
+          f"ratio {t['images_per_s'] / r['images_per_s']:.2f}")
     print(f"s/step      tsuika {t['s_per_step']:.3f}  reference {r['s_per_step']:.3f}  "
           f"ratio {t['s_per_step'] / r['s_per_step']:.2f}")
     mem = "peak_vram_gib" if "peak_vram_gib" in t else "peak_rss_gib"
     print(f"{mem:12s}tsuika {t[mem]:.2f}  reference {r[mem]:.2f}  ratio {t[mem] / r[mem]:.2f}")
-    print(f"UNet fwd+bwd FLOPs/step {flops / 1e9:.1f} G; matmul rate fp32 {rate32 / 1e9:.0f} "
+    print(f"UNet LoRA-step FLOPs {flops / 1e9:.1f} G; matmul rate fp32 {rate32 / 1e9:.0f} "
           f"GFLOP/s, bf16 {rate16 / 1e9:.0f} GFLOP/s")
-    print(f"bf16 floor {flops / rate16:.3f} s/step; tsuika at {flops / rate16 / t['s_per_step']:.0%}"
+    tflops = flops * t["images_per_s"]
+    print(f"bf16 floor {flops / rate16:.3f} s/image; tsuika at {tflops / rate16:.0%}"
           f" of the bf16 matmul rate (reference at {flops / rate32 / r['s_per_step']:.0%} of fp32)")
 
 

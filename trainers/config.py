@@ -150,6 +150,8 @@ class TrainConfig(_Section):
                                        "units), else fp32.",
                                choices=("auto", "no", "bf16", "fp16"))
     gradient_checkpointing: bool = opt(False, "Recompute activations to save memory.")
+    compile: bool = opt(False, "torch.compile the UNet (slow first steps, faster after; "
+                               "pays off on GPUs for runs of hundreds of steps).")
     noise_offset: float = opt(0.0, "Noise offset (helps very dark/bright images); 0.05 typical.",
                               min=0.0, max=1.0)
     min_snr_gamma: float = opt(0.0, "Min-SNR loss weighting gamma (5 is common); 0 = off.",

@@ -113,6 +113,8 @@ def _train(config, callbacks, bundle, scan) -> TrainResult:
     if config.train.gradient_checkpointing:
         bundle.unet.enable_gradient_checkpointing()
     bundle.unet.train()
+    if config.train.compile:
+        bundle.unet.compile()  # in place: state_dict keys and the adapters stay as they are
 
     optimizer = _make_optimizer(config, groups, device)
     from diffusers.optimization import get_scheduler

@@ -95,15 +95,29 @@ class Sd15Family:
             prediction_type=sched.get("prediction_type", "epsilon"), source_name=path.name)
 
     def _load_single_file(self, path: Path) -> ModelBundle:
+        from ..formats.safetensors_io import load_safetensors
+
+        checkpoint, metadata = load_safetensors(path)
+        return self.bundle_from_ldm(checkpoint, metadata, source_name=path.name)
+
+    def bundle_from_ldm(self, checkpoint: dict, metadata: dict | None = None,
+                        source_name: str = "checkpoint",
+                        prediction_type: str | None = None) -> ModelBundle:
+        """Build the modules from an original-layout state dict (a single file's contents,
+        or what a host like ComfyUI holds in memory).
+
+        Args:
+            checkpoint: ``model.diffusion_model.*``, ``first_stage_model.*``,
+                ``cond_stage_model.*`` tensors.
+            metadata: the file's safetensors metadata (architecture hints).
+            prediction_type: known prediction type; None reads it from the checkpoint.
+        """
         from diffusers import AutoencoderKL, UNet2DConditionModel
         from transformers import CLIPTextConfig, CLIPTextModel
 
         from ..formats.ldm_checkpoint import ldm_to_diffusers
-        from ..formats.safetensors_io import load_safetensors
 
-        checkpoint, metadata = load_safetensors(path)
         conv = ldm_to_diffusers(checkpoint, metadata=metadata)
-        del checkpoint
         unet = UNet2DConditionModel.from_config(conv.unet_config)
         vae = AutoencoderKL.from_config(conv.vae_config)
         te = CLIPTextModel(CLIPTextConfig(**conv.text_encoder_config))
@@ -113,14 +127,16 @@ class Sd15Family:
             missing = [k for k in missing if not k.endswith("position_ids")]
             if missing or unexpected:
                 raise ModelLoadError(
-                    f"model.path = {str(path)!r}: the {what} weights do not match the inferred "
+                    f"model {source_name!r}: the {what} weights do not match the inferred "
                     f"architecture (missing {missing[:5]}, unexpected {unexpected[:5]}).")
-        pred = conv.info.get("prediction_type", "epsilon")
+        pred = prediction_type or conv.info.get("prediction_type", "epsilon")
         sched = read_config("sd15", "scheduler")
+        for m in (unet, vae, te):
+            m.requires_grad_(False).eval()
         return ModelBundle(
             family=self.name, unet=unet, vae=vae, text_encoders=[te],
-            tokenizers=[load_tokenizer()], scheduler_config=sched, prediction_type=pred,
-            source_name=path.name, extra={"ldm_info": conv.info})
+            tokenizers=[load_tokenizer()], scheduler_config=dict(sched, prediction_type=pred),
+            prediction_type=pred, source_name=source_name, extra={"ldm_info": conv.info})
 
     # -- training-time behaviour ----------------------------------------------------------
     def encode_text(self, bundle: ModelBundle, captions: list[str],

@@ -1,45 +1,260 @@
-"""kohya ``ss_*`` and ``modelspec.*`` training metadata (all values strings)."""
+"""kohya ``ss_*`` and ``modelspec.*`` training metadata (all values strings).
+
+What readers use: A1111/Forge show ``ss_tag_frequency``, ``ss_output_name`` and
+``ss_sd_model_name`` and sort LoRAs by base model from ``ss_base_model_version``
+(``sdxl_*``) and ``ss_v2`` (``"True"`` means SD2); kohya's tools read ``ss_network_dim`` /
+``ss_network_alpha``; ModelSpec readers read ``modelspec.architecture`` / ``title`` /
+``resolution``. ComfyUI applies LoRAs from the tensors alone.
+
+Local paths are private: by default every path-valued field is reduced to its last component
+and any other absolute path found in a value is reduced the same way.
+"""
 
 from __future__ import annotations
 
+import datetime
 import json
+import logging
+import ntpath
+import posixpath
 import time
-from pathlib import Path
+from collections.abc import Mapping
+from typing import Any
+
+log = logging.getLogger(__name__)
 
 
-def training_metadata(config, step: int, base_model_name: str, base_model_version: str,
-                      prediction_type: str, started_at: float,
-                      include_paths: bool = False) -> dict[str, str]:
-    """Metadata of a trained LoRA; local paths only when ``include_paths``."""
+# Family (Tsuika name or kohya name) -> (ss_base_model_version, ss_v2, ModelSpec architecture,
+# default resolution). SD2 / SDXL rows are the seam for later families.
+FAMILIES = {
+    "sd15": ("sd_v1", False, "stable-diffusion-v1", 512),
+    "sd_v1": ("sd_v1", False, "stable-diffusion-v1", 512),
+    "sd2": ("sd_v2", True, "stable-diffusion-v2-512", 512),
+    "sd2_v": ("sd_v2", True, "stable-diffusion-v2-768-v", 768),
+    "sd_v2": ("sd_v2", True, "stable-diffusion-v2-512", 512),
+    "sdxl": ("sdxl_base_v1-0", False, "stable-diffusion-xl-v1-base", 1024),
+}
+MODELSPEC_VERSION = "1.0.0"
+# kohya writes "diffusers" for SD1/SD2 LoRAs (diffusers module names), sgm's URL for SDXL.
+_IMPLEMENTATION = {"sdxl": "https://github.com/Stability-AI/generative-models"}
+
+# Fields copied as they are: field name -> metadata key.
+_PLAIN_FIELDS = {
+    "network_module": "ss_network_module", "network_dim": "ss_network_dim",
+    "network_alpha": "ss_network_alpha", "conv_dim": "ss_conv_dim",
+    "conv_alpha": "ss_conv_alpha", "learning_rate": "ss_learning_rate",
+    "unet_lr": "ss_unet_lr", "text_encoder_lr": "ss_text_encoder_lr", "step": "ss_steps",
+    "max_train_steps": "ss_max_train_steps", "epoch": "ss_epoch", "num_epochs": "ss_num_epochs",
+    "seed": "ss_seed", "num_train_images": "ss_num_train_images",
+    "batch_size": "ss_batch_size_per_device",
+    "gradient_accumulation_steps": "ss_gradient_accumulation_steps",
+    "optimizer": "ss_optimizer", "lr_scheduler": "ss_lr_scheduler",
+    "lr_warmup_steps": "ss_lr_warmup_steps", "mixed_precision": "ss_mixed_precision",
+    "noise_offset": "ss_noise_offset", "min_snr_gamma": "ss_min_snr_gamma",
+    "clip_skip": "ss_clip_skip", "max_grad_norm": "ss_max_grad_norm",
+    "caption_dropout_rate": "ss_caption_dropout_rate", "shuffle_caption": "ss_shuffle_caption",
+    "keep_tokens": "ss_keep_tokens", "output_name": "ss_output_name",
+    "training_comment": "ss_training_comment",
+    "author": "modelspec.author", "description": "modelspec.description",
+    "license": "modelspec.license", "tags": "modelspec.tags",
+    "trigger_phrase": "modelspec.trigger_phrase", "usage_hint": "modelspec.usage_hint",
+}
+# Fields with their own handling in training_metadata().
+_SPECIAL_FIELDS = ("base_model_version", "base_model_name", "prediction_type", "resolution",
+                   "started_at", "finished_at", "title", "dataset_dirs", "tag_frequency",
+                   "network_args", "extra")
+# Values that are JSON documents (read_metadata decodes them).
+JSON_KEYS = ("ss_tag_frequency", "ss_dataset_dirs", "ss_reg_dataset_dirs", "ss_bucket_info",
+             "ss_datasets", "ss_network_args", "lora_adapter_metadata",
+             "tsuika.config")
+# Config sections/keys that hold local paths.
+_CONFIG_PATHS = (("model", "path"), ("data", "dir"), ("data", "cache_dir"), ("output", "dir"),
+                 ("train", "resume"))
+
+
+def is_absolute_path(value: str) -> bool:
+    """POSIX (``/home/x``), home (``~/x``) or Windows (``C:\\x``, ``\\\\server\\x``) path."""
+    return (posixpath.isabs(value) or value == "~" or value.startswith(("~/", "~\\"))
+            or ntpath.isabs(value) and ("\\" in value or ":" in value))
+
+
+def path_name(value: str) -> str:
+    """The last component of a POSIX or Windows path (``/a/b/`` -> ``b``)."""
+    value = value.rstrip("/\\")
+    return ntpath.basename(posixpath.basename(value)) or value
+
+
+def _scrub(value: Any) -> Any:
+    """``value`` with every absolute path string reduced to its last component."""
+    if isinstance(value, str):
+        return path_name(value) if is_absolute_path(value) else value
+    if isinstance(value, Mapping):
+        return {_scrub(k): _scrub(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_scrub(v) for v in value]
+    return value
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, sort_keys=True, default=str)
+
+
+def _resolution(value) -> tuple[int, int]:
+    if isinstance(value, int):
+        return value, value
+    if isinstance(value, (tuple, list)) and len(value) == 2:
+        return int(value[0]), int(value[1])
+    raise ValueError(f"resolution = {value!r}: give an int (512) or a (width, height) pair.")
+
+
+def fields_from_config(config) -> dict[str, Any]:
+    """The metadata fields a ``TsuikaConfig`` determines (see :func:`training_metadata`)."""
     c = config
-    data_dir = Path(c.data.dir)
-    meta = {
-        "ss_network_module": "networks.lora", "ss_network_dim": str(c.network.rank),
-        "ss_network_alpha": str(c.network.alpha), "ss_learning_rate": str(c.train.learning_rate),
-        "ss_text_encoder_lr": str(c.train.text_encoder_lr), "ss_unet_lr": str(c.train.learning_rate),
-        "ss_steps": str(step), "ss_max_train_steps": str(c.train.steps), "ss_seed": str(c.train.seed),
-        "ss_resolution": f"({c.data.resolution}, {c.data.resolution})",
-        "ss_base_model_version": "sd_v1" if base_model_version == "sd15" else base_model_version,
-        "ss_sd_model_name": base_model_name, "ss_training_started_at": str(started_at),
-        "ss_training_finished_at": str(time.time()), "ss_output_name": c.output.name,
-        "ss_v2": str(prediction_type == "v_prediction"), "ss_batch_size_per_device": str(c.train.batch_size),
-        "ss_gradient_accumulation_steps": str(c.train.gradient_accumulation),
-        "ss_optimizer": c.train.optimizer, "ss_lr_scheduler": c.train.lr_scheduler,
-        "ss_mixed_precision": c.train.mixed_precision, "ss_noise_offset": str(c.train.noise_offset),
-        "ss_min_snr_gamma": str(c.train.min_snr_gamma),
-        "ss_dataset_dirs": json.dumps({data_dir.name: {}} if not include_paths else {str(data_dir): {}}),
-        "modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": "stable-diffusion-v1/lora",
-        "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
-        "modelspec.title": c.output.name, "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "tsuika.config": json.dumps(c.to_dict() if include_paths else _scrub(c.to_dict())),
+    fields: dict[str, Any] = {
+        "network_dim": c.network.rank, "network_alpha": c.network.alpha,
+        "learning_rate": c.train.learning_rate, "unet_lr": c.train.learning_rate,
+        "max_train_steps": c.train.steps, "seed": c.train.seed,
+        "resolution": c.data.resolution, "batch_size": c.train.batch_size,
+        "gradient_accumulation_steps": c.train.gradient_accumulation,
+        "optimizer": c.train.optimizer, "lr_scheduler": c.train.lr_scheduler,
+        "lr_warmup_steps": c.train.lr_warmup_steps, "mixed_precision": c.train.mixed_precision,
+        "noise_offset": c.train.noise_offset, "min_snr_gamma": c.train.min_snr_gamma,
+        "max_grad_norm": c.train.max_grad_norm, "output_name": c.output.name,
+        "caption_dropout_rate": c.data.caption_dropout, "shuffle_caption": c.data.shuffle_tags,
+        "keep_tokens": c.data.keep_tokens,
     }
+    if c.network.train_text_encoder:
+        fields["text_encoder_lr"] = c.train.text_encoder_lr
+    if c.network.conv_rank:
+        fields["conv_dim"], fields["conv_alpha"] = c.network.conv_rank, c.network.conv_alpha
+    if c.data.dir:
+        fields["dataset_dirs"] = [c.data.dir]
+    if c.data.trigger_word:
+        fields["trigger_phrase"] = c.data.trigger_word
+    return fields
+
+
+def _config_json(config, include_paths: bool) -> str:
+    data = json.loads(json.dumps(config.to_dict(), default=str))
+    if not include_paths:
+        for section, key in _CONFIG_PATHS:
+            if isinstance(data.get(section), dict) and data[section].get(key):
+                data[section][key] = path_name(str(data[section][key]))
+        data = _scrub(data)
+    return _json(data)
+
+
+def training_metadata(config=None, *, include_paths: bool = False,
+                      **fields: Any) -> dict[str, str]:
+    """kohya ``ss_*`` + ``modelspec.*`` metadata of a trained LoRA; every value a string.
+
+    Args:
+        config: optional ``TsuikaConfig``; its options fill the fields (explicit fields win)
+            and it is stored, paths scrubbed, as ``tsuika.config``.
+        include_paths: keep local folder paths; by default only their last component is
+            written (``ss_dataset_dirs`` keyed by folder name, ``ss_sd_model_name`` a file
+            name) and any absolute path inside a value is reduced the same way.
+        **fields: ``step`` (the step saved, ``ss_steps``), ``network_dim``,
+            ``network_alpha``, ``base_model_version`` (``sd15``/``sd_v1``/``sd2``/``sd2_v``/
+            ``sdxl``), ``base_model_name``, ``prediction_type`` (``epsilon`` or
+            ``v_prediction``), ``resolution`` (int or (w, h)), ``started_at`` /
+            ``finished_at`` (Unix time; finished defaults to now), ``title`` (defaults to
+            ``output_name``), ``dataset_dirs`` (list of folders, or ``{folder: {"n_repeats",
+            "img_count"}}``), ``tag_frequency`` (``{folder: {tag: count}}``),
+            ``network_args`` (dict), ``extra`` (``{key: str}`` copied as is), and the plain
+            fields listed in ``_PLAIN_FIELDS`` (learning rates, seed, optimizer ...).
+
+    Raises:
+        TypeError: an unknown field (the message lists the known ones).
+        ValueError: an unknown ``base_model_version`` or a bad ``resolution``.
+    """
+    if config is not None:
+        fields = {**fields_from_config(config), **{k: v for k, v in fields.items()
+                                                    if v is not None}}
+    unknown = sorted(set(fields) - set(_PLAIN_FIELDS) - set(_SPECIAL_FIELDS))
+    if unknown:
+        raise TypeError(f"training_metadata got unknown fields {unknown}; known fields: "
+                        f"{', '.join(sorted([*_PLAIN_FIELDS, *_SPECIAL_FIELDS]))}.")
+    family = str(fields.get("base_model_version") or "sd15")
+    if family not in FAMILIES:
+        raise ValueError(f"base_model_version = {family!r} is unknown; known: "
+                         f"{', '.join(FAMILIES)}.")
+    ss_version, v2, architecture, default_res = FAMILIES[family]
+    v_pred = str(fields.get("prediction_type") or "epsilon") in ("v_prediction", "v")
+    finished = float(fields.get("finished_at") or time.time())
+    width, height = _resolution(fields.get("resolution") or default_res)
+
+    meta: dict[str, str] = {"ss_network_module": "networks.lora"}
+    for name, key in _PLAIN_FIELDS.items():
+        if fields.get(name) is not None:
+            meta[key] = str(fields[name])
+    meta.update({
+        "ss_base_model_version": ss_version, "ss_v2": str(v2),
+        "ss_v_parameterization": str(v_pred), "ss_resolution": f"({width}, {height})",
+        "ss_training_finished_at": str(finished),
+        "modelspec.sai_model_spec": MODELSPEC_VERSION,
+        "modelspec.architecture": f"{architecture}/lora",
+        "modelspec.implementation": _IMPLEMENTATION.get(family, "diffusers"),
+        "modelspec.resolution": f"{width}x{height}",
+        "modelspec.prediction_type": "v" if v_pred else "epsilon",
+        "modelspec.date": datetime.datetime.fromtimestamp(int(finished)).isoformat(),
+    })
+    if fields.get("started_at") is not None:
+        meta["ss_training_started_at"] = str(float(fields["started_at"]))
+    title = fields.get("title") or fields.get("output_name")
+    if title:
+        meta["modelspec.title"] = str(title)
+    if fields.get("base_model_name"):
+        name = str(fields["base_model_name"])
+        meta["ss_sd_model_name"] = name if include_paths else path_name(name)
+    dirs = fields.get("dataset_dirs")
+    if dirs:
+        dirs = dirs if isinstance(dirs, Mapping) else {str(d): {} for d in dirs}
+        meta["ss_dataset_dirs"] = _json(dirs if include_paths else
+                                        {path_name(str(k)): v for k, v in dirs.items()})
+    tags = fields.get("tag_frequency")
+    if tags:
+        meta["ss_tag_frequency"] = _json(tags if include_paths else
+                                         {path_name(str(k)): v for k, v in tags.items()})
+    if fields.get("network_args"):
+        meta["ss_network_args"] = _json(fields["network_args"])
+    if config is not None:
+        meta["tsuika.config"] = _config_json(config, include_paths)
+    for key, value in (fields.get("extra") or {}).items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise TypeError(f"extra metadata {key!r} = {value!r}: keys and values must be "
+                            "strings.")
+        meta[key] = value
+    if not include_paths:
+        meta = {k: _scrub_value(k, v) for k, v in meta.items()}
     return meta
 
 
-def _scrub(d: dict) -> dict:
-    out = json.loads(json.dumps(d))
-    for sec, key in (("model", "path"), ("data", "dir"), ("output", "dir"), ("data", "cache_dir"),
-                     ("train", "resume")):
-        if out[sec].get(key):
-            out[sec][key] = Path(out[sec][key]).name
+def _scrub_value(key: str, value: str) -> str:
+    if key in JSON_KEYS:
+        try:
+            return _json(_scrub(json.loads(value)))
+        except json.JSONDecodeError:
+            pass
+    return _scrub(value)
+
+
+def read_metadata(metadata: Mapping[str, str] | None) -> dict[str, Any]:
+    """A file's metadata with the JSON-valued keys (``ss_tag_frequency`` ...) decoded.
+
+    Values that should be JSON but are not are kept as strings (with a warning): metadata
+    written by other tools is informative, never a reason to refuse a file.
+
+    Args:
+        metadata: the string metadata of a safetensors file (may be None).
+    """
+    out: dict[str, Any] = dict(metadata or {})
+    for key in JSON_KEYS:
+        raw = out.get(key)
+        if not isinstance(raw, str) or not raw.strip():
+            continue
+        try:
+            out[key] = json.loads(raw)
+        except json.JSONDecodeError as e:
+            log.warning("metadata %s is not valid JSON (%s); kept as text", key, e)
     return out

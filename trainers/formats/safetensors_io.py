@@ -1,58 +1,153 @@
-"""Reading and writing safetensors files: atomic, never overwriting unless asked."""
+"""Reading and writing safetensors files: atomic, never overwriting unless asked, never unpickling."""
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
+# A safetensors file starts with an 8-byte little-endian header length, then a JSON header.
+_HEADER_LEN_BYTES = 8
+_MAX_HEADER = 100 * 1024 * 1024  # the safetensors format's own limit
+# Pickled PyTorch files: a zip archive (torch >= 1.6) or a raw pickle stream (protocol 2+).
+_PICKLE_MAGICS = (b"PK\x03\x04", b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
 
-def save_safetensors(path, tensors: dict[str, torch.Tensor], metadata: dict | None = None,
+
+def _check_metadata(metadata: Mapping | None, path: Path) -> dict[str, str] | None:
+    if metadata is None:
+        return None
+    bad = {repr(k): type(v).__name__ for k, v in metadata.items()
+           if not isinstance(k, str) or not isinstance(v, str)}
+    if bad:
+        raise TypeError(f"metadata for {path}: safetensors metadata keys and values must be "
+                        f"strings; these are not: {bad}. Convert them (json.dumps for "
+                        "structured values).")
+    return dict(metadata)
+
+
+def _prepare_tensors(tensors: Mapping[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
+    """CPU, contiguous, and no two tensors sharing memory (safetensors refuses that)."""
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for key, value in tensors.items():
+        if not isinstance(key, str):
+            raise TypeError(f"tensor names written to {path} must be strings; got {key!r}.")
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{key!r} written to {path} is a {type(value).__name__}, not a "
+                            "torch.Tensor.")
+        t = value.detach().to("cpu").contiguous()
+        # Tied or sliced tensors share storage; copy them so each is written on its own.
+        storage = t.untyped_storage().data_ptr() if t.numel() else None
+        if storage is not None and storage in seen:
+            t = t.clone()
+        elif storage is not None:
+            seen.add(storage)
+        out[key] = t
+    return out
+
+
+def _fsync_dir(folder: Path) -> None:
+    # Makes the rename itself durable; not every platform can open a folder for this.
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_safetensors(path, tensors: Mapping[str, torch.Tensor],
+                     metadata: Mapping[str, str] | None = None,
                      overwrite: bool = False) -> Path:
-    """Write ``tensors`` atomically (temp file in the same folder, then rename).
+    """Write ``tensors`` atomically: a temp file in the same folder, fsync, then rename.
+
+    A crash mid-write leaves the old file (or nothing), never a truncated one.
 
     Args:
-        path: destination ``.safetensors`` file.
-        tensors: name -> tensor (made contiguous, moved to the CPU).
+        path: destination ``.safetensors`` file; its folder is created.
+        tensors: name -> tensor (moved to the CPU, made contiguous, shared memory copied).
         metadata: string -> string safetensors metadata.
         overwrite: replace an existing file; otherwise an existing file is an error.
+
+    Returns:
+        The path written.
+
+    Raises:
+        FileExistsError: ``path`` exists and ``overwrite`` is False.
+        TypeError: a metadata value or a tensor is of the wrong type.
     """
     from safetensors.torch import save_file
 
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder; give a file path ending in .safetensors.")
     if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} already exists; choose another name or allow "
-                              "overwriting it.")
-    bad = {k: type(v).__name__ for k, v in (metadata or {}).items() if not isinstance(v, str)}
-    if bad:
-        raise ValueError(f"safetensors metadata values must be strings; got {bad}.")
+        raise FileExistsError(f"{path} already exists; choose another file name or pass "
+                              "overwrite=True to replace it.")
+    meta = _check_metadata(metadata, path)
+    prepared = _prepare_tensors(tensors, path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    tmp = Path(tmp_name)
     try:
-        save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, tmp,
-                  metadata=metadata)
+        save_file(prepared, str(tmp), metadata=meta)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+    _fsync_dir(path.parent)
     return path
 
 
-def load_safetensors(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(tensors, metadata) of a safetensors file; pickled checkpoints are refused."""
-    from safetensors import safe_open
+def _check_is_safetensors(path: Path) -> None:
+    """Raise a clear error unless ``path`` starts like a safetensors file."""
+    with open(path, "rb") as fh:
+        head = fh.read(_HEADER_LEN_BYTES + 1)
+    if head.startswith(_PICKLE_MAGICS):
+        raise ValueError(f"{path} is a pickled PyTorch file (.ckpt/.pt/.bin), not safetensors. "
+                         "Tsuika never unpickles files because unpickling can run arbitrary "
+                         "code; convert it to .safetensors with a tool you trust and load that.")
+    size = int.from_bytes(head[:_HEADER_LEN_BYTES], "little") if len(head) > 8 else 0
+    if len(head) <= _HEADER_LEN_BYTES or not 0 < size <= _MAX_HEADER or head[8:9] != b"{":
+        raise ValueError(f"{path} is not a safetensors file (no safetensors header); give a "
+                         ".safetensors file.")
+
+
+def load_safetensors(path, device: str = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read a safetensors file: ``(tensors, metadata)``.
+
+    Args:
+        path: a ``.safetensors`` file.
+        device: where the tensors are loaded.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: ``path`` is a pickle (refused) or not a safetensors file.
+    """
+    from safetensors import SafetensorError, safe_open
 
     path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist; check the file name and folder.")
     if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist.")
+        raise IsADirectoryError(f"{path} is a folder; give a .safetensors file.")
+    _check_is_safetensors(path)
     try:
-        with safe_open(str(path), framework="pt") as f:
+        with safe_open(str(path), framework="pt", device=device) as f:
             metadata = dict(f.metadata() or {})
             tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # safetensors raises several error types for a foreign file
-        raise ValueError(f"{path} is not a safetensors file ({e}); Tsuika never unpickles "
-                         ".ckpt/.pt files: convert it to .safetensors first.") from e
+    except (SafetensorError, json.JSONDecodeError, OSError) as e:
+        raise ValueError(f"{path} is a damaged or incomplete safetensors file ({e}); write it "
+                         "again or download it again.") from e
     return tensors, metadata

@@ -1,0 +1,191 @@
+"""The one bridge between Tsuika's backend and the ComfyUI host.
+
+Everything that touches ComfyUI internals lives here: turning the user's loaded MODEL / CLIP /
+VAE into the backend's diffusers modules, freeing ComfyUI's memory before training, progress
+and cancel, web events, folders, and applying a LoRA to MODEL + CLIP. The node modules stay
+thin callers of this and of ``trainers/``.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import re
+from pathlib import Path
+
+import torch
+
+from ..trainers.callbacks import Callbacks, SaveInfo, StepInfo
+from ..trainers.families.base import ModelBundle
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_COMFY_MODELS = {"SD15": "sd15"}
+
+
+class LoraDict(dict):
+    """A LORA_MODEL value: kohya-named tensors (what ComfyUI's own LoRA nodes accept), plus the
+    training metadata our Save node writes into the file."""
+
+    metadata: dict[str, str]
+
+    def __init__(self, tensors: dict, metadata: dict | None = None):
+        super().__init__(tensors)
+        self.metadata = dict(metadata or {})
+
+
+def comfy_family(model) -> str:
+    """The backend family of a ComfyUI MODEL, or a clear error naming what it is."""
+    kind = type(model.model.model_config).__name__
+    if kind not in SUPPORTED_COMFY_MODELS:
+        raise ValueError(f"model: this is a {kind} model; Tsuika trains "
+                         f"{', '.join(SUPPORTED_COMFY_MODELS)} models so far. Load an SD1.x "
+                         "checkpoint with Load Checkpoint.")
+    return SUPPORTED_COMFY_MODELS[kind]
+
+
+def free_host_memory() -> None:
+    """Unload every model ComfyUI holds (also un-patching LoRAs baked into shared weights)."""
+    import comfy.model_management as mm
+
+    mm.unload_all_models()
+    gc.collect()
+    mm.soft_empty_cache()
+
+
+def bundle_from_comfy(model, clip, vae) -> ModelBundle:
+    """Fresh diffusers/transformers modules holding copies of the user's loaded weights.
+
+    ComfyUI's weights are inference tensors shared by every clone of the model; the copies
+    are ordinary tensors, so training never touches what ComfyUI holds.
+    """
+    from ..trainers.families.sd15 import Sd15Family
+
+    family = comfy_family(model)
+    free_host_memory()  # unpatches shared weights, so we read the originals
+    with torch.inference_mode(False):
+        sd = model.model.state_dict_for_saving(clip.get_sd(), vae.get_sd())
+        sd = {k: v.detach().clone() for k, v in sd.items()}
+        pred = "v_prediction" if model.model.model_type.name == "V_PREDICTION" else "epsilon"
+        bundle = Sd15Family().bundle_from_ldm(sd, source_name="ComfyUI model",
+                                              prediction_type=pred)
+    bundle.family = family
+    return bundle
+
+
+def apply_lora(model, clip, lora: dict, strength_model: float, strength_clip: float):
+    """MODEL and CLIP clones with ``lora`` patched in (the originals are untouched)."""
+    import comfy.sd
+
+    return comfy.sd.load_lora_for_models(model, clip, dict(lora), strength_model,
+                                         strength_clip)
+
+
+def run_dir(name: str) -> Path:
+    """A new folder for one training run under ComfyUI's output directory."""
+    import time
+
+    import folder_paths
+
+    base = Path(folder_paths.get_output_directory()) / "tsuika" / safe_name(name)
+    return base / time.strftime("run_%Y%m%d-%H%M%S")
+
+
+def latest_state(name: str) -> str:
+    """The newest resumable state of runs named ``name``; a clear error when there is none."""
+    import folder_paths
+
+    from ..trainers.state import find_latest_state
+
+    base = Path(folder_paths.get_output_directory()) / "tsuika" / safe_name(name)
+    for run in sorted(base.glob("run_*"), reverse=True):
+        state = find_latest_state(run)
+        if state is not None:
+            return str(state)
+    raise ValueError(f"resume: no saved state for output name {name!r} under {base}; train "
+                     "once without resume first.")
+
+
+def safe_name(name: str) -> str:
+    """A file-name-safe version of ``name`` (no folders, no reserved characters)."""
+    cleaned = re.sub(r"[^\w\-. ]+", "_", name.strip()).strip(". ")
+    return cleaned[:120] or "tsuika_lora"
+
+
+def loras_dir() -> Path:
+    import folder_paths
+
+    return Path(folder_paths.get_folder_paths("loras")[0])
+
+
+def emit(event: str, payload: dict) -> None:
+    """Send a ``tsuika.*`` web event to the client that queued the prompt (if a server runs)."""
+    try:
+        import server
+    except ImportError:
+        return
+    inst = getattr(server.PromptServer, "instance", None)
+    if inst is not None:
+        inst.send_sync(event, payload, inst.client_id)
+
+
+class ComfyProgress(Callbacks):
+    """Progress bar (one update per step, also ComfyUI's cancel check), sample previews and
+    the live loss chart. A cancel becomes a graceful stop: the loop saves and says where."""
+
+    def __init__(self, node_id: str | None, total: int):
+        import comfy.utils
+
+        self.node_id = node_id
+        self.total = total
+        self.bar = comfy.utils.ProgressBar(total, node_id=node_id)
+        self.stop = False
+        self.messages: list[str] = []
+
+    def _update(self, value: int, preview=None) -> None:
+        import comfy.model_management as mm
+
+        try:
+            self.bar.update_absolute(value, self.total, preview)
+        except mm.InterruptProcessingException:
+            self.stop = True
+
+    def on_step(self, info: StepInfo) -> None:
+        self._update(info.step)
+        emit("tsuika.loss", {"node": self.node_id, "step": info.step, "total": info.total_steps,
+                             "loss": info.loss, "lr": info.learning_rate})
+
+    def on_sample(self, step, images, prompts) -> None:
+        if images:
+            from ..trainers.report import image_grid
+
+            self._update(step, ("JPEG", image_grid([images]), 512))
+
+    def on_save(self, info: SaveInfo) -> None:
+        emit("tsuika.saved", {"node": self.node_id, "step": info.step, "path": info.lora_path})
+
+    def on_message(self, text: str) -> None:
+        log.info("%s", text)
+        self.messages.append(text)
+
+    def should_stop(self) -> bool:
+        if not self.stop:
+            import comfy.model_management as mm
+
+            if mm.processing_interrupted():
+                self.stop = True
+                try:  # consume the one-shot flag: the node reports the stop itself
+                    mm.throw_exception_if_processing_interrupted()
+                except mm.InterruptProcessingException:
+                    pass
+        return self.stop
+
+
+def images_to_tensor(images: list) -> torch.Tensor:
+    """PIL images (same size) as a ComfyUI IMAGE batch [B, H, W, C] in 0..1."""
+    import numpy as np
+
+    if not images:
+        return torch.zeros((1, 64, 64, 3))
+    arr = np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0 for im in images])
+    return torch.from_numpy(arr)

@@ -1,0 +1,15 @@
+"""The pack's node list (ComfyUI V3 API). Node ids are the workflow's identity: never rename."""
+
+from __future__ import annotations
+
+from comfy_api.latest import ComfyExtension, io
+
+
+class TsuikaExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        from .dataset import TsuikaDatasetFromImages, TsuikaLoadDataset
+        from .lora import TsuikaApplyLoRA, TsuikaSaveLoRA
+        from .train_lora import TsuikaTrainLoRA, TsuikaTrainLoRAAdvanced
+
+        return [TsuikaLoadDataset, TsuikaDatasetFromImages, TsuikaTrainLoRA,
+                TsuikaTrainLoRAAdvanced, TsuikaApplyLoRA, TsuikaSaveLoRA]
