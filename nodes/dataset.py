@@ -12,12 +12,19 @@ from ..trainers.data.folder import DatasetError, scan_folder
 from .types import Dataset
 
 
+PACK_ROOT = Path(__file__).resolve().parents[1]
+
+
 def resolve_folder(folder: str) -> Path:
-    """An absolute path as given, or a sub-folder of ComfyUI's input directory."""
+    """An absolute path as given; else a sub-folder of ComfyUI's input directory; else a
+    folder inside the pack (so the shipped ``examples/sample_data/heart`` works as is)."""
     import folder_paths
 
     p = Path(folder.strip()).expanduser()
-    return p if p.is_absolute() else Path(folder_paths.get_input_directory()) / p
+    if p.is_absolute():
+        return p
+    in_input = Path(folder_paths.get_input_directory()) / p
+    return in_input if in_input.is_dir() or not (PACK_ROOT / p).is_dir() else PACK_ROOT / p
 
 
 def folder_problem(folder: str) -> str | None:

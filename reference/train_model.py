@@ -103,7 +103,7 @@ def _out_of_time(deadline: float | None) -> bool:
 
 # ------------------------------------------------------------------------------ stage 1
 def train_vae(vae, *, steps: int, batch_size: int, learning_rate: float = 1e-3,
-              kl_weight: float = 1e-5, l1_weight: float = 1.0, seed: int = 0,
+              kl_weight: float = 1e-6, l1_weight: float = 1.0, seed: int = 0,
               image_size: int = 64,
               device: torch.device = torch.device("cpu"), dtype: torch.dtype = torch.float32,
               deadline: float | None = None, log_every: int = 50) -> dict:
@@ -308,7 +308,10 @@ def train_diffusion(unet, text_encoder, tokens: TokenCache, latents: tuple[torch
         m.to(device).train().requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=learning_rate, weight_decay=1e-2)
     sched = _warmup_cosine(opt, steps, warmup=max(1, min(200, steps // 10)))
-    ema = EMAModel(params, decay=ema_decay, foreach=True) if ema_decay > 0 else None
+    # EMA warm-up: the average spans about step**(2/3) recent steps (100 at step 1000), capped
+    # by ``ema_decay``, so a short or early-stopped run does not keep its first, worst weights.
+    ema = (EMAModel(params, decay=ema_decay, use_ema_warmup=True, power=2 / 3, foreach=True)
+           if ema_decay > 0 else None)
     mean, std = latents
     start, running, curve, done = time.perf_counter(), 0.0, [], 0
     for step in range(1, steps + 1):

@@ -223,7 +223,7 @@ class KohyaFormat:
             tensors[f"{name}.lora_down.weight"] = w.down.contiguous()
             tensors[f"{name}.lora_up.weight"] = w.up.contiguous()
             # float32 so an alpha like 0.1 survives; the loaders read it with .item().
-            tensors[f"{name}.alpha"] = torch.tensor(float(w.rank), dtype=torch.float32)
+            tensors[f"{name}.alpha"] = torch.tensor(w.alpha, dtype=torch.float32)
         # diffusers uses this key as the LoraConfig and refuses it next to kohya alphas.
         metadata = {k: v for k, v in lsd.metadata.items() if k != ADAPTER_METADATA_KEY}
         return tensors, metadata
