@@ -145,6 +145,9 @@ def test_kohya_alphas_are_the_trained_alpha_not_the_rank(trained):
     alphas = {k: v for k, v in tensors.items() if k.endswith(".alpha")}
     assert alphas and all(v.ndim == 0 for v in alphas.values())
     assert {float(v) for v in alphas.values()} == {ALPHA}
+    half, _ = L.to_kohya(lsd, dtype=torch.float16)  # saving in fp16 never rounds the alpha
+    assert {v.dtype for k, v in half.items() if not k.endswith(".alpha")} == {torch.float16}
+    assert {v.dtype for k, v in half.items() if k.endswith(".alpha")} == {torch.float32}
 
 
 def test_per_module_alpha_pattern_survives_export(trained):
@@ -214,7 +217,7 @@ def test_peft_layout_round_trip_with_adapter_metadata(trained):
     lsd.modules[first] = L.LoraWeights(w.down, w.up, 0.5)  # one module with its own alpha
     tensors, meta = L.write_lora(lsd, "peft")
     assert any(k.startswith("unet.") and k.endswith(".lora_A.weight") for k in tensors)
-    assert any(k.startswith("text_encoder.encoder.layers.0") for k in tensors)
+    assert any(k.startswith("text_encoder.text_model.encoder.layers.0") for k in tensors)
     config = json.loads(meta[L.ADAPTER_METADATA_KEY])
     assert config["unet.lora_alpha"] == ALPHA and config["unet.r"] == RANK
     assert L.detect_format(tensors).name == "peft"
@@ -286,7 +289,8 @@ def test_comfy_native_file_reads_through_an_ldm_map(trained):
     kohya_ldm = {"lora_unet_input_blocks_1_0_in_layers_2.lora_down.weight": c.down,
                  "lora_unet_input_blocks_1_0_in_layers_2.lora_up.weight": c.up,
                  "lora_unet_input_blocks_1_0_in_layers_2.alpha": torch.tensor(3.0)}
-    got = L.read_lora(kohya_ldm, index, ldm_to_diffusers_module_map=ldm_map)
+    full_ckpt_map = {f"model.diffusion_model.{k}": v for k, v in ldm_map.items()}
+    got = L.read_lora(kohya_ldm, index, ldm_to_diffusers_module_map=full_ckpt_map)
     assert got.modules[("unet", "down_blocks.0.resnets.0.conv1")].alpha == 3.0
 
 
@@ -359,6 +363,8 @@ def test_diffusers_loads_our_peft_layout_too(trained, tmp_path):
     pipe = _tiny_pipeline(tmp_path, copy.deepcopy(unet), copy.deepcopy(te))
     pipe.load_lora_weights(str(path))
     assert torch.allclose(_unet_out(pipe.unet), _unet_out(_merged(unet, lsd, "unet")),
+                          atol=1e-5)
+    assert torch.allclose(_te_out(pipe.text_encoder), _te_out(_merged(te, lsd, "text_encoder")),
                           atol=1e-5)
 
 

@@ -193,8 +193,8 @@ class KohyaFormat:
                                   "ModuleIndex.from_models({'unet': unet, 'text_encoder': te}).")
         _refuse_unsupported(tensors, self.name)
         pool = _KeyPool(tensors, self.name)
-        ldm_names = (flat_index("unet", ldm_to_diffusers_module_map)
-                     if ldm_to_diffusers_module_map else {})
+        ldm_map = _normalise_ldm_map(ldm_to_diffusers_module_map) or {}
+        ldm_names = flat_index("unet", ldm_map)
         groups: dict[tuple[str, str], dict[str, str]] = {}
         for key in tensors:
             split = _split(key, self._SUFFIXES)
@@ -203,7 +203,7 @@ class KohyaFormat:
             name, role = split
             if name in ldm_names:  # kohya names in LDM module naming (lora_unet_input_blocks_)
                 component = "unet"
-                path = module_index.resolve("unet", ldm_to_diffusers_module_map[ldm_names[name]])
+                path = module_index.resolve("unet", ldm_map[ldm_names[name]])
             else:
                 component, path = module_index.from_kohya(name)
             groups.setdefault((component, path), {})[role] = key
@@ -279,8 +279,9 @@ class PeftFormat:
 
     def detect(self, keys: Iterable[str]) -> bool:
         for key in keys:
-            if key.startswith(("diffusion_model.", "text_encoders.")):
-                continue
+            if (key.startswith(("diffusion_model.", "text_encoders."))
+                    or component_of_kohya_name(key) is not None):
+                continue  # the other layouts' keys; the layouts stay disjoint
             if key.endswith(_PEFT_MARKERS) or _PROCESSOR.search(key):
                 return True
         return False
@@ -344,8 +345,11 @@ class PeftFormat:
             if comp not in PEFT_PREFIXES:
                 raise LoraFormatError(f"component {comp!r} has no diffusers prefix; known: "
                                       f"{', '.join(PEFT_PREFIXES)}.")
-            prefix = PEFT_PREFIXES[comp]
+            # Keys keep the text_model. level: diffusers drops it for models without it, and
+            # ComfyUI maps diffusers text-encoder keys only in that spelling.
+            prefix, root = PEFT_PREFIXES[comp], COMPONENTS[comp].root
             for key, value in to_peft_state_dict(lsd, comp).items():
+                key = key if not root or key.startswith(root) else root + key
                 tensors[prefix + key] = value
             for k, v in peft_config_kwargs(lsd, comp).items():
                 adapter_meta[prefix + k] = v
@@ -524,9 +528,18 @@ def write_lora(lsd: LoraStateDict, format: str = "kohya"
     return fmt.write(lsd)
 
 
-def to_kohya(lsd: LoraStateDict) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """``(tensors, metadata)`` in kohya layout, ready for ``save_safetensors``."""
-    return write_lora(lsd, "kohya")
+def to_kohya(lsd: LoraStateDict, dtype: torch.dtype | None = None
+             ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """``(tensors, metadata)`` in kohya layout, ready for ``save_safetensors``.
+
+    Args:
+        lsd: the LoRA.
+        dtype: cast the up/down weights (e.g. ``torch.float16``); alphas stay float32.
+    """
+    tensors, metadata = write_lora(lsd, "kohya")
+    if dtype is not None:
+        tensors = {k: v if k.endswith(".alpha") else v.to(dtype) for k, v in tensors.items()}
+    return tensors, metadata
 
 
 # -- live peft models ---------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Reading and writing safetensors files: atomic, never overwriting unless asked, never unpickling."""
+"""safetensors files: atomic writes, no overwriting unless asked, never unpickling."""
 
 from __future__ import annotations
 
