@@ -91,6 +91,13 @@ def run_dir(name: str) -> Path:
     return base / time.strftime("run_%Y%m%d-%H%M%S")
 
 
+def cache_dir() -> Path:
+    """Latent caches shared by all runs (entries are keyed by content, never stale)."""
+    import folder_paths
+
+    return Path(folder_paths.get_output_directory()) / "tsuika" / ".cache"
+
+
 def latest_state(name: str) -> str:
     """The newest resumable state of runs named ``name``; a clear error when there is none."""
     import folder_paths

@@ -89,7 +89,8 @@ def run_training(node_id, model, clip, vae, dataset, options: dict, resume: bool
     _host.comfy_family(model)  # refuse an unsupported family before any work
     name = str(options.get("output.name", "tsuika_lora"))
     values = {f"{k}": v for k, v in options.items()}
-    values.update({"output.dir": _host.run_dir(name), "data.dir": dataset.root})
+    values.update({"output.dir": _host.run_dir(name), "data.dir": dataset.root,
+                   "data.cache_dir": _host.cache_dir()})
     if resume:
         values["train.resume"] = _host.latest_state(name)
     try:

@@ -1,0 +1,67 @@
+"""The pack inside a real ComfyUI server (../shared/tools/real_host.py).
+
+Runs when COMFYUI_DIR points at a ComfyUI checkout (and COMFYUI_PYTHON at its venv's python,
+default <COMFYUI_DIR>/../comfy-venv/bin/python); skipped, visibly, otherwise.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+HARNESS = ROOT.parent / "shared" / "tools" / "real_host.py"
+COMFY = os.environ.get("COMFYUI_DIR")
+NODES = ["TsuikaLoadDataset", "TsuikaDatasetFromImages", "TsuikaTrainLoRA",
+         "TsuikaTrainLoRAAdvanced", "TsuikaApplyLoRA", "TsuikaSaveLoRA"]
+
+pytestmark = pytest.mark.skipif(
+    not COMFY or not HARNESS.is_file(),
+    reason="set COMFYUI_DIR to a ComfyUI checkout (and have ../shared/tools/real_host.py)")
+
+
+@pytest.fixture(scope="module")
+def host_models(tmp_path_factory):
+    from tsuika.trainers.fixtures import write_fixture
+
+    models = tmp_path_factory.mktemp("models")
+    paths = write_fixture("sd15-hostable", models / "build", dtype="fp16")
+    (models / "checkpoints").mkdir()
+    os.symlink(paths["single_file"], models / "checkpoints" / "sd15-hostable.safetensors")
+    return models
+
+
+def _run(args, timeout=3000):
+    python = os.environ.get("COMFYUI_PYTHON", str(Path(COMFY).parent / "comfy-venv/bin/python"))
+    cmd = [sys.executable, str(HARNESS), "--comfy", COMFY, "--python", python,
+           "--plugin", str(ROOT), "--link-name", "tsuika", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+
+
+def test_workflows_and_examples_run_with_zero_unmatched_lora_keys(host_models, tmp_path):
+    report = tmp_path / "report.json"
+    r = _run(["--models", str(host_models), "--output-dir", str(tmp_path / "out"),
+              "--strict-lora", "--report", str(report),
+              str(ROOT / "tests/workflows/train_then_generate.json"),
+              str(ROOT / "tests/workflows/load_saved_lora.json"),
+              str(ROOT / "tests/workflows/dataset_from_generated_images.json"),
+              str(ROOT / "example_workflows"), "--expect-nodes", *NODES])  # flags last: nargs
+    assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-2000:]
+    assert "RESULT: PASS" in r.stdout and report.is_file()
+    saved = Path(COMFY) / "models" / "loras" / "tsuika_example_heart.safetensors"
+    saved.unlink(missing_ok=True)
+
+
+def test_cancel_saves_weights_and_a_resumable_state(host_models, tmp_path):
+    out = tmp_path / "out"
+    r = _run(["--models", str(host_models), "--output-dir", str(out), "--timeout", "60",
+              str(ROOT / "tests/workflows_cancel/train_until_cancelled.json"),
+              "--expect-fail", "train_until_cancelled.json"])
+    log = r.stdout + r.stderr
+    assert r.returncode == 0, log[-6000:]
+    assert "interrupt sent and honoured" in log, log[-6000:]
+    states = list(out.glob("tsuika/tsuika_lora/run_*/states/step_*/trainable.safetensors"))
+    loras = list(out.glob("tsuika/tsuika_lora/run_*/tsuika_lora-step*.safetensors"))
+    assert states and loras, log[-3000:]
