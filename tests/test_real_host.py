@@ -57,7 +57,7 @@ def test_workflows_and_examples_run_with_zero_unmatched_lora_keys(host_models, t
 def test_cancel_saves_weights_and_a_resumable_state(host_models, tmp_path):
     out = tmp_path / "out"
     r = _run(["--models", str(host_models), "--output-dir", str(out), "--timeout", "60",
-              str(ROOT / "tests/workflows_cancel/train_until_cancelled.json"),
+              str(ROOT / "tests/workflows_negative/train_until_cancelled.json"),
               "--expect-fail", "train_until_cancelled.json"])
     log = r.stdout + r.stderr
     assert r.returncode == 0, log[-6000:]
@@ -65,3 +65,14 @@ def test_cancel_saves_weights_and_a_resumable_state(host_models, tmp_path):
     states = list(out.glob("tsuika/tsuika_lora/run_*/states/step_*/trainable.safetensors"))
     loras = list(out.glob("tsuika/tsuika_lora/run_*/tsuika_lora-step*.safetensors"))
     assert states and loras, log[-3000:]
+
+
+def test_bad_inputs_are_refused_when_queued(host_models):
+    neg = ROOT / "tests/workflows_negative"
+    r = _run(["--models", str(host_models), str(neg / "bad_missing_folder.json"),
+              str(neg / "bad_rank.json"), "--expect-fail", "bad_missing_folder.json",
+              "bad_rank.json"])
+    log = r.stdout + r.stderr
+    assert r.returncode == 0, log[-6000:]
+    assert "prompt_outputs_failed_validation" in log
+    assert "no_such_folder_tsuika' does not exist" in log and "(rank)" in log
