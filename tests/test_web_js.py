@@ -1,0 +1,25 @@
+"""The web extension, run by Node against stand-ins of ComfyUI's app/api modules."""
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+NODE = shutil.which("node")
+
+
+@pytest.mark.skipif(NODE is None, reason="needs Node.js")
+def test_loss_chart_collects_events_and_draws(tmp_path):
+    # The module imports ComfyUI's scripts by URL; point those imports at the stand-ins.
+    src = (ROOT / "web/js/loss_chart.js").read_text()
+    stubs = ROOT / "tests/web"
+    src = src.replace('"../../scripts/app.js"', f'"{(stubs / "app_stub.mjs").as_uri()}"')
+    src = src.replace('"../../scripts/api.js"', f'"{(stubs / "api_stub.mjs").as_uri()}"')
+    module = tmp_path / "loss_chart.mjs"
+    module.write_text(src)
+    r = subprocess.run([NODE, str(stubs / "loss_chart_test.mjs"), module.as_uri()],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "step 5/5  loss 0.2000" in r.stdout

@@ -1,0 +1,2 @@
+export const listeners = {};
+export const api = { addEventListener(t, f) { listeners[t] = f; } };
