@@ -88,7 +88,7 @@ def _train(config, callbacks, bundle, scan) -> TrainResult:
 
     # Frozen weights live in the compute dtype; the VAE stays fp32 (it is used only to fill
     # the cache, and half-precision SD VAEs are known to overflow).
-    bundle.vae.to(device, torch.float32)
+    _move(bundle.vae, device, torch.float32)
     data = TrainingData(config, bundle, precision, out.cache_dir, scan=scan)
     for skipped in data.scan.skipped:
         cb.on_message(f"skipped {skipped.path}: {skipped.reason}")
@@ -99,7 +99,7 @@ def _train(config, callbacks, bundle, scan) -> TrainResult:
         acc.wait_for_everyone()
     cb.on_message(f"{len(data.examples)} images used, {len(data.scan.skipped)} skipped; "
                   f"latent cache: {hits} reused, {encoded} encoded")
-    bundle.unet.to(device, precision.compute_dtype)
+    _move(bundle.unet, device, precision.compute_dtype)
     for te in bundle.text_encoders:
         te.to(device, precision.compute_dtype)
     if data.cache is not None:
@@ -239,6 +239,11 @@ def _train(config, callbacks, bundle, scan) -> TrainResult:
                        state_dir=Path(final.state_dir) if final.state_dir else None, steps=step,
                        losses=[r[1] for r in out.losses], samples_before=samples_before,
                        samples_after=samples_after, files=files)
+
+
+def _move(module: torch.nn.Module, device, dtype) -> None:
+    # torch's own .to(): diffusers' override warns about fp32-kept modules these models lack.
+    torch.nn.Module.to(module, device=device, dtype=dtype)
 
 
 def _encode(family, bundle, captions, device, cache, cache_ok):
