@@ -8,7 +8,7 @@ from pathlib import Path
 
 from comfy_api.latest import io, ui
 
-from ..trainers.data.folder import DatasetError, scan_folder
+from ..trainers.data.folder import DatasetError, quick_fingerprint, scan_folder
 from .types import Dataset
 
 
@@ -35,19 +35,6 @@ def folder_problem(folder: str) -> str | None:
         return (f"folder {folder!r} does not exist (looked at {p}); give an existing folder "
                 "of images, or a sub-folder name of ComfyUI's input folder")
     return None
-
-
-def quick_fingerprint(root: Path) -> str:
-    """Changes whenever a file in the dataset is added, removed, renamed or rewritten
-    (names, sizes and modification times), without reading every image."""
-    h = hashlib.sha256()
-    for dirpath, dirnames, files in sorted(os.walk(root)):
-        dirnames.sort()
-        for name in sorted(files):
-            st = os.stat(os.path.join(dirpath, name))
-            h.update(f"{os.path.relpath(os.path.join(dirpath, name), root)}|{st.st_size}|"
-                     f"{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()
 
 
 class TsuikaLoadDataset(io.ComfyNode):

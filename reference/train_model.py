@@ -37,7 +37,8 @@ import torch
 from PIL import Image
 from torch.nn import functional as F
 
-from .world import HELD_OUT, caption, prompts_for_eval, render, sample_finetune_scene, sample_scene
+from .concepts import BACKGROUNDS, HELD_OUT
+from .world import caption, prompts_for_eval, render, sample_finetune_scene, sample_scene
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +107,14 @@ def augment_dihedral(images: torch.Tensor, rng: random.Random) -> torch.Tensor:
     return torch.stack(out)
 
 
+def subject_mask(images: torch.Tensor, scenes) -> torch.Tensor:
+    """(N, 1, H, W): 1 where a pixel of ``images`` (in [-1, 1]) is not the plain background
+    of its scene (subject and its antialiased edge), else 0."""
+    bg = torch.tensor([BACKGROUNDS[s.background] for s in scenes], dtype=torch.float32)
+    bg = (bg / 127.5 - 1)[:, :, None, None]
+    return ((images - bg).abs().amax(dim=1, keepdim=True) > 2 / 255).float()
+
+
 def _warmup_cosine(opt, steps: int, warmup: int):
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (
         1 + math.cos(math.pi * min(1.0, s / max(1, steps)))))
@@ -117,8 +126,8 @@ def _out_of_time(deadline: float | None) -> bool:
 
 # ------------------------------------------------------------------------------ stage 1
 def train_vae(vae, *, steps: int, batch_size: int, learning_rate: float = 1e-3,
-              kl_weight: float = 1e-6, l1_weight: float = 1.0, seed: int = 0,
-              image_size: int = 64,
+              kl_weight: float = 1e-6, l1_weight: float = 1.0, subject_weight: float = 4.0,
+              seed: int = 0, image_size: int = 64,
               device: torch.device = torch.device("cpu"), dtype: torch.dtype = torch.float32,
               deadline: float | None = None, log_every: int = 50) -> dict:
     """Train ``vae`` in place on fresh renders of pretraining scenes.
@@ -131,6 +140,8 @@ def train_vae(vae, *, steps: int, batch_size: int, learning_rate: float = 1e-3,
         kl_weight: weight of the KL term (mean per latent element) against the pixel MSE.
         l1_weight: weight of an L1 pixel term, which keeps edges and stripes sharper than
             MSE alone.
+        subject_weight: extra weight of pixels that differ from the background. A small
+            subject covers ~5 % of the image; unweighted, its colour barely moves the loss.
         seed: seeds scenes and posterior samples.
         image_size: render side.
         device: where to train.
@@ -151,15 +162,18 @@ def train_vae(vae, *, steps: int, batch_size: int, learning_rate: float = 1e-3,
         if _out_of_time(deadline):
             log.warning("VAE: time budget reached after %d of %d steps", done, steps)
             break
-        x = augment_dihedral(render_batch([sample_scene(rng) for _ in range(batch_size)],
-                                          image_size), rng).to(device)
+        scenes = [sample_scene(rng) for _ in range(batch_size)]
+        x = augment_dihedral(render_batch(scenes, image_size), rng)
+        weight = (1 + subject_weight * subject_mask(x, scenes)).to(device)
+        x = x.to(device)
         with autocast(device, dtype):
             posterior = vae.encode(x).latent_dist
             rec = vae.decode(posterior.sample(generator=gen)).sample
-        rec = rec.float()
-        mse = F.mse_loss(rec, x)
+        err = rec.float() - x
+        mse = err.pow(2).mean()
         kl = posterior.kl().float().mean() / posterior.mean[0].numel()
-        loss = mse + l1_weight * F.l1_loss(rec, x) + kl_weight * kl
+        pixel = ((err.pow(2) + l1_weight * err.abs()) * weight).sum() / (weight.sum() * 3)
+        loss = pixel + kl_weight * kl
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)

@@ -203,3 +203,19 @@ def test_file_sha256_matches_hashlib(tmp_path):
 def test_normalize_caption():
     assert normalize_caption("  a, b,\r\nc\rd\n\n") == "a, b, c, d"
     assert normalize_caption("\n \n") == ""
+
+
+def test_quick_fingerprint_changes_with_a_caption_edit(tmp_path):
+    import os
+
+    from tsuika.trainers.data.folder import quick_fingerprint
+
+    (tmp_path / "a.txt").write_text("a red circle")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b.txt").write_text("x")
+    before = quick_fingerprint(tmp_path)
+    assert quick_fingerprint(tmp_path) == before
+    (tmp_path / "a.txt").write_text("a blue circle")
+    st = os.stat(tmp_path / "a.txt")
+    os.utime(tmp_path / "a.txt", ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    assert quick_fingerprint(tmp_path) != before

@@ -42,14 +42,19 @@ def _run(args, timeout=3000):
 
 def test_workflows_and_examples_run_with_zero_unmatched_lora_keys(host_models, tmp_path):
     report = tmp_path / "report.json"
+    again = tmp_path / "requeued.json"  # the same graph queued twice: served from cache
+    again.write_text((ROOT / "tests/workflows/train_then_generate.json").read_text())
     r = _run(["--models", str(host_models), "--output-dir", str(tmp_path / "out"),
               "--strict-lora", "--report", str(report),
-              str(ROOT / "tests/workflows/train_then_generate.json"),
+              str(ROOT / "tests/workflows/train_then_generate.json"), str(again),
               str(ROOT / "tests/workflows/load_saved_lora.json"),
               str(ROOT / "tests/workflows/dataset_from_generated_images.json"),
               str(ROOT / "example_workflows"), "--expect-nodes", *NODES])  # flags last: nargs
     assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-2000:]
     assert "RESULT: PASS" in r.stdout and report.is_file()
+    requeued = r.stdout.split("== " + str(again))[1].split("\n")[1]
+    seconds = float(requeued.split(" in ")[1].rstrip("s"))
+    assert seconds < 2.0, f"an unchanged graph trained again: {requeued}"
     saved = Path(COMFY) / "models" / "loras" / "tsuika_example_heart.safetensors"
     saved.unlink(missing_ok=True)
 

@@ -344,3 +344,25 @@ def _no_images_message(scan: DatasetScan) -> str:
         more = f" (and {len(scan.skipped) - 3} more)" if len(scan.skipped) > 3 else ""
         message += f" {len(scan.skipped)} file(s) were skipped: {first}{more}."
     return message
+
+
+def quick_fingerprint(root: str | Path) -> str:
+    """A cheap fingerprint of a folder tree: it changes whenever a file is added, removed,
+    renamed or rewritten (relative names, sizes and modification times), without reading
+    the images. Hosts use it to decide whether a dataset must be scanned again.
+
+    Args:
+        root: the dataset folder.
+    """
+    import hashlib
+    import os
+
+    root = Path(root)
+    h = hashlib.sha256()
+    for dirpath, dirnames, files in sorted(os.walk(root)):
+        dirnames.sort()
+        for name in sorted(files):
+            full = os.path.join(dirpath, name)
+            st = os.stat(full)
+            h.update(f"{os.path.relpath(full, root)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
