@@ -6,8 +6,9 @@ The SD1.5 recipe, scaled down: the same classes (``UNet2DConditionModel``, ``Aut
 ``CLIPTextModel`` with the real CLIP tokenizer, a DDPM scheduler config) built from the small
 configs in ``reference/model_configs/``, at 64x64 pixels and 16x16x4 latents.
 
-Stage 1 trains the VAE on freshly rendered pretraining scenes (MSE + a small KL term), then
-folds a per-channel latent normalisation into its ``quant_conv`` / ``post_quant_conv`` so that
+Stage 1 trains the VAE on freshly rendered pretraining scenes, turned and mirrored at random
+(MSE + L1, subject pixels weighted up, a small KL term), then folds a per-channel latent
+normalisation into its ``quant_conv`` / ``post_quant_conv`` so that
 ``latents * 0.18215`` (SD's scaling factor, which single-file loaders assume) has zero mean and
 unit variance. Stage 2 freezes the VAE, encodes a fixed pool of rendered scenes once, and
 trains the text encoder and the UNet jointly with the epsilon-prediction loss on paraphrased
@@ -734,7 +735,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--precision", choices=("auto", "fp32", "bf16"), default="auto",
       help="autocast dtype; auto = bf16 on CUDA, fp32 on the CPU")
     a("--time-budget-minutes", type=float, default=None,
-      help="stop training early (and still evaluate and save) after this long")
+      help="whole-run limit: the VAE stops at 20 %% of it, the UNet at 90 %%, then the "
+           "model is still evaluated and saved")
     a("--evaluator", default=str(DEFAULT_EVALUATOR), help="evaluator .safetensors for scores")
     a("--eval-images", type=int, default=16, help="samples per evaluation prompt (default 16)")
     a("--sample-steps", type=int, default=25, help="DDIM steps when sampling (default 25)")

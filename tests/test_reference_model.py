@@ -151,6 +151,26 @@ def test_time_budget_stops_training_and_still_saves(tmp_path):
     assert (out / f"{tm.MODEL_NAME}.safetensors").is_file()
 
 
+def test_subject_mask_covers_the_subject_only():
+    from tsuika.reference.concepts import Scene
+
+    spec = {"shape": "square", "color": "red", "texture": "solid", "background": "gray",
+            "position": "center"}
+    small, large = (Scene.from_spec({**spec, "size": s}) for s in ("small", "large"))
+    mask = tm.subject_mask(tm.render_batch([small, large], 64), [small, large])
+    assert mask[:, :, 32, 32].tolist() == [[1.0], [1.0]]  # the centre is the subject
+    assert mask[:, :, 0, 0].tolist() == [[0.0], [0.0]]  # a corner is background
+    assert mask[1].sum() > 2 * mask[0].sum()
+
+
+def test_dihedral_augmentation_turns_images():
+    image = torch.arange(2 * 3 * 4 * 4, dtype=torch.float32).reshape(2, 3, 4, 4)
+    seen = {tuple(tm.augment_dihedral(image, random.Random(seed))[0].flatten().tolist())
+            for seed in range(40)}
+    assert len(seen) == 8  # the 4 turns x 2 mirrorings of a square
+    assert tuple(image[0].flatten().tolist()) in seen
+
+
 class _StubEvaluator:
     """Predicts a fixed answer: the prompt's own scene (``perfect``) or always a black square."""
 
@@ -169,13 +189,12 @@ def test_evaluate_scores_right_and_wrong_predictions():
     prompts = prompts_for_eval()
     retention = prompts[0]
     held = next(p for p in prompts if p.concept == "heart")
+    assert retention.spec["shape"] != "heart" and retention.spec["color"] != "black"
     images = torch.zeros(3, 3, 64, 64)
     right = tm.evaluate(_StubEvaluator(retention.spec), {retention: images})
     assert right["retention_prompt_fidelity"] == 1.0
     assert set(right["retention_attribute_accuracy"].values()) == {1.0}
-    wrong_answer = {**retention.spec, "shape": "heart" if retention.spec["shape"] != "heart"
-                    else "circle", "color": "black" if retention.spec["color"] != "black"
-                    else "red"}
+    wrong_answer = {**retention.spec, "shape": "heart", "color": "black"}
     wrong = tm.evaluate(_StubEvaluator(wrong_answer), {retention: images, held: images})
     assert wrong["retention_prompt_fidelity"] == 0.0
     assert wrong["retention_attribute_accuracy"]["shape"] == 0.0
