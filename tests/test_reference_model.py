@@ -17,9 +17,11 @@ from tsuika.reference.world import prompts_for_eval, sample_scene
 def write_micro_configs(folder):
     """The shipped configs with every width shrunk (same structure, same tokenizer)."""
     cfg = tm.load_configs()
-    cfg["unet"].update(block_out_channels=[16, 16, 32], attention_head_dim=2,
+    unet_levels = len(cfg["unet"]["block_out_channels"])
+    vae_levels = len(cfg["vae"]["block_out_channels"])
+    cfg["unet"].update(block_out_channels=[16] * (unet_levels - 1) + [32], attention_head_dim=2,
                        cross_attention_dim=16, norm_num_groups=8)
-    cfg["vae"].update(block_out_channels=[8, 8, 16], norm_num_groups=4)
+    cfg["vae"].update(block_out_channels=[8] * (vae_levels - 1) + [16], norm_num_groups=4)
     cfg["text_encoder"].update(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                num_attention_heads=2, projection_dim=16)
     folder.mkdir()
@@ -193,10 +195,16 @@ def test_evaluate_scores_right_and_wrong_predictions():
     images = torch.zeros(3, 3, 64, 64)
     right = tm.evaluate(_StubEvaluator(retention.spec), {retention: images})
     assert right["retention_prompt_fidelity"] == 1.0
+    assert right["retention_subject_fidelity"] == 1.0
     assert set(right["retention_attribute_accuracy"].values()) == {1.0}
     wrong_answer = {**retention.spec, "shape": "heart", "color": "black"}
     wrong = tm.evaluate(_StubEvaluator(wrong_answer), {retention: images, held: images})
     assert wrong["retention_prompt_fidelity"] == 0.0
+    assert wrong["retention_subject_fidelity"] == 0.0
+    background_wrong = {**retention.spec, "background": "none of them"}
+    partly = tm.evaluate(_StubEvaluator(background_wrong), {retention: images})
+    assert partly["retention_subject_fidelity"] == 1.0
+    assert partly["retention_prompt_fidelity"] == 0.0
     assert wrong["retention_attribute_accuracy"]["shape"] == 0.0
     assert wrong["retention_attribute_accuracy"]["background"] == 1.0
     assert wrong["held_out_baseline"][0]["concept_fidelity"] == 1.0  # it said "heart"
