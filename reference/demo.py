@@ -2,12 +2,13 @@
 
 Trains on the bundled sample data (``examples/sample_data/heart``: red hearts, a shape held
 out of the reference model's pretraining) and writes into ``OUT_DIR``: the LoRA, its loss log
-and plot, a before/after sample grid, and (when the shipped evaluator is present) the
-concept-fidelity and retention scores before and after.
+and plot, ``before_after.png`` (rows: the heart prompt, the heart in two new contexts, two
+prompts the model already knew; left half before training, right half after, same seeds) and
+``demo_summary.json`` with the evaluator's scores before and after (``reference.quality``).
 
-When the reference model has not been trained yet (``reference/model`` missing), the demo
-falls back to the random-weight ``sd15-tiny`` fixture and says so: the run then proves the
-pipeline, not learning.
+When the reference model is missing (``reference/model``), the demo falls back to the
+random-weight ``sd15-tiny`` fixture and says so: the run then proves the pipeline, not
+learning.
 """
 
 from __future__ import annotations
@@ -16,57 +17,61 @@ import json
 import logging
 from pathlib import Path
 
+import torch
+
 from ..trainers.config import build_config
+from .quality import EVALUATOR, REFERENCE_MODEL, Sampling, load_reference, score
 
 log = logging.getLogger(__name__)
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-MODEL_DIR = HERE / "model"
-EVALUATOR = HERE / "evaluator.safetensors"
+REPO = Path(__file__).resolve().parent.parent
 SAMPLE_DATA = REPO / "examples" / "sample_data" / "heart"
-TRIGGER = "heart"
+CONCEPT = "heart"
+GRID_SEEDS = 4
 
 
 def _model_path(out: Path) -> tuple[Path, bool]:
-    folder = MODEL_DIR / "diffusers"
-    if (folder / "unet" / "config.json").is_file():
-        return folder, True
+    if (REFERENCE_MODEL / "unet" / "config.json").is_file():
+        return REFERENCE_MODEL, True
     from ..trainers.fixtures import write_fixture
 
     fixture = out / "model"
     if not (fixture / "diffusers").is_dir():
         write_fixture("sd15-tiny", fixture, seed=0)
     log.warning("reference model not found at %s; using the random-weight sd15-tiny fixture "
-                "(the demo then shows the pipeline working, not learning)", folder)
+                "(the demo then shows the pipeline working, not learning)", REFERENCE_MODEL)
     return fixture / "diffusers", False
 
 
-def run_demo(out_dir: str | Path = "outputs/demo", steps: int | None = None) -> dict:
+def run_demo(out_dir: str | Path = "outputs/demo", steps: int | None = None,
+             images_per_prompt: int = 8) -> dict:
     """Train the demo LoRA and write its results; returns a summary dict (also saved as JSON).
 
     Args:
         out_dir: where results go; a previous demo's LoRA there is replaced.
         steps: optimizer steps (default: 300 on the reference model, 30 on the fixture).
+        images_per_prompt: samples per prompt behind each score.
     """
+    from ..trainers.cli import TerminalProgress
+    from ..trainers.loop import train
     from .captions import prompts_for_eval
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model, pretrained = _model_path(out)
-    prompts = [p for p in prompts_for_eval() if p.concept in (None, TRIGGER)]
-    shown = [p for p in prompts if p.concept == TRIGGER] + [p for p in prompts
-                                                            if p.kind == "retention"][:2]
+    prompts = [p for p in prompts_for_eval() if p.concept in (None, CONCEPT)]
+    shown = [p for p in prompts if p.concept == CONCEPT] + [
+        p for p in prompts if p.kind == "retention"][:2]
     config = build_config(overrides=[
         f"model.path={model}", f"data.dir={SAMPLE_DATA}", f"output.dir={out}",
         "output.name=demo_heart_lora", "output.overwrite=true", "data.resolution=64",
         "data.bucket_step=32", f"train.steps={steps or (300 if pretrained else 30)}",
         "train.learning_rate=1e-3", "network.rank=8", "network.alpha=8", "train.seed=0",
-        "sample.prompts=" + " | ".join(p.text for p in shown), "sample.steps=25",
-        "sample.guidance_scale=5", "train.batch_size=4"])
-    from ..trainers.cli import TerminalProgress
-    from ..trainers.loop import train
-
+        "sample.prompts=" + " | ".join(p.text for p in shown[:3]), "sample.steps=20",
+        "train.batch_size=4"])
+    sampling = Sampling(images=images_per_prompt)
+    scored = pretrained and EVALUATOR.is_file()
+    before = score(load_reference(model), CONCEPT, sampling) if scored else None
     progress = TerminalProgress()
     try:
         result = train(config, progress)
@@ -76,25 +81,54 @@ def run_demo(out_dir: str | Path = "outputs/demo", steps: int | None = None) -> 
                "steps": result.steps, "lora": str(result.lora_path),
                "first_loss": result.losses[0], "last_loss": result.losses[-1],
                "files": {k: str(v) for k, v in result.files.items()}}
-    if pretrained and EVALUATOR.is_file():
-        summary["scores"] = _scores(config, result, shown)
+    if pretrained:
+        grid = out / "before_after.png"
+        after = _before_after(model, result.lora_path, shown, grid,
+                              sampling if scored else None)
+        summary["files"]["before_after"] = str(grid)
+        if scored:
+            summary["scores"] = {"before": before, "after": after,
+                                 "images_per_prompt": images_per_prompt}
     (out / "demo_summary.json").write_text(json.dumps(summary, indent=2))
     for k, v in summary["files"].items():
         print(f"{k}: {v}")
     if "scores" in summary:
-        print("scores:", json.dumps(summary["scores"]))
+        _print_scores(summary["scores"])
     return summary
 
 
-def _scores(config, result, shown) -> dict:
-    """Evaluator scores of the before/after samples of the demo prompts."""
-    from .evaluator import Evaluator
+def _before_after(model: Path, lora_file: Path, shown, grid_path: Path,
+                  sampling: Sampling | None) -> dict | None:
+    """Write the before/after grid; return the scores after training (None: no evaluator)."""
+    from ..trainers.formats.lora_keys import ModuleIndex
+    from ..trainers.formats.lora_layouts import read_lora
+    from ..trainers.ops.merge import merge_lora
+    from .sampling import TokenCache, generate, sample_grid
 
-    ev = Evaluator.load(EVALUATOR)
-    out = {}
-    for when, images in (("before", result.samples_before), ("after", result.samples_after)):
-        concept = [im for im, p in zip(images, shown) if p.kind == "concept"]
-        keep = {p.scene: [im] for im, p in zip(images, shown) if p.kind == "retention"}
-        out[when] = {"concept_fidelity": ev.concept_fidelity(concept, TRIGGER),
-                     "retention": ev.retention(keep)}
-    return out
+    texts = [p.text for p in shown for _ in range(GRID_SEEDS)]
+    seeds = [j for _ in shown for j in range(GRID_SEEDS)]
+    halves = []
+    after = None
+    bundle = load_reference(model)
+    with torch.no_grad():
+        for merged in (False, True):
+            if merged:
+                lora = read_lora(lora_file, ModuleIndex.from_models(bundle.components))
+                merge_lora(bundle.components, lora)
+                if sampling is not None:
+                    after = score(bundle, CONCEPT, sampling)
+            halves.append(generate(bundle.unet, bundle.vae, bundle.text_encoders[0],
+                                   TokenCache(bundle.tokenizers[0]), bundle.scheduler_config,
+                                   texts, seeds, steps=20))
+    rows = [torch.cat([halves[0][i:i + GRID_SEEDS], halves[1][i:i + GRID_SEEDS]])
+            for i in range(0, len(texts), GRID_SEEDS)]
+    sample_grid(torch.cat(rows), 2 * GRID_SEEDS).save(grid_path)
+    return after
+
+
+def _print_scores(scores: dict) -> None:
+    names = ("concept_fidelity", "new_context_concept", "new_context_fidelity",
+             "retention_subject", "retention_prompt")
+    print(f"scores ({scores['images_per_prompt']} samples per prompt): before -> after")
+    for name in names:
+        print(f"  {name:22s} {scores['before'][name]:.3f} -> {scores['after'][name]:.3f}")

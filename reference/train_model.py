@@ -35,10 +35,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.nn import functional as F
 
 from .concepts import BACKGROUNDS, HELD_OUT
+from .sampling import MAX_TOKENS, TokenCache, autocast, generate, sample_grid, seconds_per_image
+from .scores import evaluate
 from .world import caption, prompts_for_eval, render, sample_finetune_scene, sample_scene
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,6 @@ log = logging.getLogger(__name__)
 MODEL_NAME = "tsuika_reference"
 CONFIG_DIR = Path(__file__).parent / "model_configs"
 DEFAULT_EVALUATOR = Path(__file__).parent / "evaluator.safetensors"
-MAX_TOKENS = 77  # CLIP's context; Tsuika's family loader pads every prompt to it
 VALIDATION_SEED_OFFSET = 1_000_003
 CONFIG_PARTS = ("unet", "vae", "text_encoder", "scheduler")
 
@@ -81,11 +81,6 @@ def build_models(configs: dict[str, dict], seed: int):
     unet = UNet2DConditionModel.from_config(configs["unet"])
     te = CLIPTextModel(CLIPTextConfig(**configs["text_encoder"]))
     return unet, vae, te
-
-
-def autocast(device: torch.device, dtype: torch.dtype):
-    """Mixed precision for forward passes; a no-op for fp32."""
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
 
 def render_batch(scenes, size: int) -> torch.Tensor:
@@ -299,26 +294,6 @@ def encode_pool(vae, scenes, *, device: torch.device, image_size: int = 64,
 
 
 # ------------------------------------------------------------------------------ stage 2
-class TokenCache:
-    """CLIP token ids of captions, padded to 77 like the family loader; memoised because the
-    world has few distinct captions and BPE in Python is slow.
-
-    Args:
-        tokenizer: a ``CLIPTokenizer`` (the shipped real vocabulary).
-    """
-
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-        self.cache: dict[str, list[int]] = {}
-
-    def __call__(self, texts: list[str], device: torch.device) -> torch.Tensor:
-        for t in texts:
-            if t not in self.cache:
-                self.cache[t] = self.tokenizer(t, padding="max_length", max_length=MAX_TOKENS,
-                                               truncation=True).input_ids
-        return torch.tensor([self.cache[t] for t in texts], device=device)
-
-
 def train_diffusion(unet, text_encoder, tokens: TokenCache, latents: tuple[torch.Tensor, ...],
                     scenes, scheduler_config: dict, *, steps: int,
                     batch_size: int, learning_rate: float = 5e-4, cfg_dropout: float = 0.1,
@@ -428,128 +403,6 @@ def train_diffusion(unet, text_encoder, tokens: TokenCache, latents: tuple[torch
     return {"steps": done, "seconds": round(seconds, 1),
             "images_per_second": round(done * batch_size / max(seconds, 1e-9), 1),
             "loss_curve": curve}
-
-
-# ------------------------------------------------------------------------------ sampling
-@torch.no_grad()
-def generate(unet, vae, text_encoder, tokens: TokenCache, scheduler_config: dict,
-             prompts: list[str], seeds: list[int], *, steps: int = 25, guidance: float = 7.0,
-             device: torch.device = torch.device("cpu"), dtype: torch.dtype = torch.float32,
-             batch_size: int = 32) -> torch.Tensor:
-    """Images for ``prompts`` (DDIM, classifier-free guidance against ""), in [0, 1].
-
-    Image ``i`` starts from ``torch.randn`` seeded with ``seeds[i]`` on the CPU, the same
-    noise ``trainers.sampling.sample_images`` draws for that seed.
-
-    Args:
-        unet, vae, text_encoder: the model.
-        tokens: caption -> token ids.
-        scheduler_config: the model's scheduler config.
-        prompts: one prompt per image.
-        seeds: one seed per image.
-        steps: DDIM steps.
-        guidance: classifier-free guidance scale.
-        device: where to run.
-        dtype: autocast dtype.
-        batch_size: images per pass.
-
-    Returns:
-        float (N, 3, H, W) on the CPU.
-    """
-    from diffusers import DDIMScheduler
-
-    if len(prompts) != len(seeds):
-        raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds; pass one seed each.")
-    sched = DDIMScheduler.from_config(scheduler_config)
-    sched.set_timesteps(steps, device=device)
-    side = unet.config.sample_size
-    out = []
-    for i in range(0, len(prompts), batch_size):
-        chunk = prompts[i:i + batch_size]
-        with autocast(device, dtype):
-            cond = text_encoder(tokens([""] * len(chunk) + chunk, device))[0]
-        x = torch.cat([torch.randn((1, unet.config.in_channels, side, side),
-                                   generator=torch.Generator().manual_seed(s))
-                       for s in seeds[i:i + batch_size]]).to(device) * sched.init_noise_sigma
-        for t in sched.timesteps:
-            inp = sched.scale_model_input(torch.cat([x, x]), t)
-            with autocast(device, dtype):
-                eps = unet(inp, t, encoder_hidden_states=cond).sample.float()
-            uncond, text = eps.chunk(2)
-            x = sched.step(uncond + guidance * (text - uncond), t, x).prev_sample
-        with autocast(device, dtype):
-            img = vae.decode(x / vae.config.scaling_factor).sample.float()
-        out.append(((img.clamp(-1, 1) + 1) / 2).cpu())
-    return torch.cat(out)
-
-
-def seconds_per_image(unet, vae, text_encoder, tokens, scheduler_config, *, steps: int,
-                      device: torch.device, dtype: torch.dtype, repeats: int = 3) -> float:
-    """Best-of-``repeats`` wall time of one 64x64 image (batch 1, CFG, ``steps`` DDIM steps)."""
-    prompt = prompts_for_eval()[0].text
-    generate(unet, vae, text_encoder, tokens, scheduler_config, [prompt], [0], steps=steps,
-             device=device, dtype=dtype)  # warm-up
-    best = float("inf")
-    for r in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        generate(unet, vae, text_encoder, tokens, scheduler_config, [prompt], [r], steps=steps,
-                 device=device, dtype=dtype)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
-def evaluate(evaluator, images_by_prompt: dict) -> dict:
-    """Scores of generated images: per-attribute accuracy and all-attribute prompt fidelity
-    over the retention prompts, and the (pre-fine-tuning) baseline of each held-out prompt.
-
-    Args:
-        evaluator: a ``reference.evaluator.Evaluator``.
-        images_by_prompt: ``{EvalPrompt: images}`` for ``prompts_for_eval()``.
-    """
-    right: dict[str, list[int]] = {}
-    per_prompt, held_out = [], []
-    for prompt, images in images_by_prompt.items():
-        preds = evaluator.predict(images)
-        fidelity = sum(all(p[a] == v for a, v in prompt.spec.items()) for p in preds) / len(preds)
-        # The subject alone: shape and, for simple shapes, colour (what a user checks first).
-        subject = {a: v for a, v in prompt.spec.items() if a in ("shape", "color")}
-        subject_right = sum(all(p[a] == v for a, v in subject.items()) for p in preds)
-        row = {"prompt": prompt.text, "kind": prompt.kind, "prompt_fidelity": round(fidelity, 4),
-               "subject_fidelity": round(subject_right / len(preds), 4)}
-        if prompt.kind == "retention":
-            for a, v in prompt.spec.items():
-                hits = right.setdefault(a, [0, 0])
-                hits[0] += sum(p[a] == v for p in preds)
-                hits[1] += len(preds)
-            per_prompt.append(row)
-        else:
-            attribute = HELD_OUT[prompt.concept].attribute
-            row["concept_fidelity"] = round(
-                sum(p[attribute] == prompt.concept for p in preds) / len(preds), 4)
-            held_out.append(row)
-    chance = {a: round(1 / len(v), 4) for a, v in evaluator.vocab.items()}
-    return {"retention_attribute_accuracy": {a: round(h / n, 4) for a, (h, n) in right.items()},
-            "chance_accuracy": chance,
-            "retention_prompt_fidelity": round(
-                sum(r["prompt_fidelity"] for r in per_prompt) / max(1, len(per_prompt)), 4),
-            "retention_subject_fidelity": round(
-                sum(r["subject_fidelity"] for r in per_prompt) / max(1, len(per_prompt)), 4),
-            "retention_prompts": per_prompt, "held_out_baseline": held_out}
-
-
-def sample_grid(images: torch.Tensor, columns: int) -> Image.Image:
-    """Images (N, 3, H, W) in [0, 1] tiled row by row."""
-    n, _, h, w = images.shape
-    rows = math.ceil(n / columns)
-    grid = torch.zeros(3, rows * h, columns * w)
-    for i in range(n):
-        r, c = divmod(i, columns)
-        grid[:, r * h:(r + 1) * h, c * w:(c + 1) * w] = images[i]
-    return Image.fromarray((grid.permute(1, 2, 0) * 255).round().byte().numpy())
 
 
 # ------------------------------------------------------------------------------ saving
