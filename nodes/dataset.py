@@ -15,6 +15,35 @@ from .types import Dataset
 PACK_ROOT = Path(__file__).resolve().parents[1]
 
 
+NO_SUBFOLDER = "(none: use the folder path)"
+
+
+def input_subfolders() -> list[str]:
+    """The choices of the dataset node's list: "none", then every folder inside ComfyUI's
+    input folder (two levels, so ``people/alice`` is listed too; hidden folders skipped).
+    Computed each time ComfyUI asks for the node's inputs, so new folders appear on refresh."""
+    import folder_paths
+
+    root = Path(folder_paths.get_input_directory())
+    found = []
+    if root.is_dir():
+        for first in sorted(root.iterdir()):
+            if first.is_dir() and not first.name.startswith("."):
+                found.append(first.name)
+                found += [f"{first.name}/{d.name}" for d in sorted(first.iterdir())
+                          if d.is_dir() and not d.name.startswith(".")]
+    return [NO_SUBFOLDER, *found]
+
+
+def chosen_folder(folder: str | None, input_folder: str | None) -> str:
+    """The folder text the node works on: the typed path wins; else the picked sub-folder."""
+    if folder and folder.strip():
+        return folder
+    if input_folder and input_folder != NO_SUBFOLDER:
+        return input_folder
+    return ""
+
+
 def resolve_folder(folder: str) -> Path:
     """An absolute path as given; else a sub-folder of ComfyUI's input directory; else a
     folder inside the pack (so the shipped ``examples/sample_data/heart`` works as is)."""
@@ -29,7 +58,8 @@ def resolve_folder(folder: str) -> Path:
 
 def folder_problem(folder: str) -> str | None:
     if not folder or not folder.strip():
-        return "folder is empty: give a path, or the name of a sub-folder of ComfyUI's input folder"
+        return ("no folder given: type a path in 'folder', or pick a sub-folder of ComfyUI's "
+                "input folder in 'input_folder'")
     p = resolve_folder(folder)
     if not p.is_dir():
         return (f"folder {folder!r} does not exist (looked at {p}); give an existing folder "
@@ -48,7 +78,12 @@ class TsuikaLoadDataset(io.ComfyNode):
                         "what was skipped and why.",
             inputs=[
                 io.String.Input("folder", default="", tooltip="Absolute path, or the name of "
-                                "a sub-folder of ComfyUI's input folder."),
+                                "a sub-folder of ComfyUI's input folder. When set, it is used "
+                                "instead of input_folder."),
+                io.Combo.Input("input_folder", options=input_subfolders(), default=NO_SUBFOLDER,
+                               optional=True, tooltip="A sub-folder of ComfyUI's input folder, "
+                               "used when 'folder' is empty (refresh the page to list new "
+                               "folders)."),
                 io.String.Input("caption_extension", default=".txt",
                                 tooltip="Extension of the caption files next to the images."),
             ],
@@ -57,10 +92,10 @@ class TsuikaLoadDataset(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, folder, caption_extension):
+    def validate_inputs(cls, folder, caption_extension, input_folder=None):
         if folder is None:  # linked from another node: checked when it runs
             return True
-        problem = folder_problem(folder)
+        problem = folder_problem(chosen_folder(folder, input_folder))
         if problem:
             return problem
         if caption_extension and not caption_extension.startswith("."):
@@ -68,13 +103,15 @@ class TsuikaLoadDataset(io.ComfyNode):
         return True
 
     @classmethod
-    def fingerprint_inputs(cls, folder, caption_extension):
-        if not folder or folder_problem(folder):
+    def fingerprint_inputs(cls, folder, caption_extension, input_folder=None):
+        folder = chosen_folder(folder, input_folder)
+        if folder_problem(folder):
             return float("nan")
         return quick_fingerprint(resolve_folder(folder)) + caption_extension
 
     @classmethod
-    def execute(cls, folder, caption_extension) -> io.NodeOutput:
+    def execute(cls, folder, caption_extension, input_folder=None) -> io.NodeOutput:
+        folder = chosen_folder(folder, input_folder)
         problem = folder_problem(folder)
         if problem:
             raise ValueError(problem)

@@ -37,3 +37,16 @@ def test_requirements_never_pin_torch():
     names = [line.split("=")[0].split(">")[0].split("<")[0].strip().lower() for line in req
              if line.strip() and not line.startswith("#")]
     assert names and not {"torch", "torchvision", "torchaudio"} & set(names)
+
+
+def test_registry_metadata_is_complete_and_the_icon_ships():
+    import tomllib
+
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    comfy, repo = meta["tool"]["comfy"], meta["project"]["urls"]["Repository"]
+    assert comfy["PublisherId"] and comfy["DisplayName"]
+    owner_repo = repo.removeprefix("https://github.com/")
+    prefix = f"https://raw.githubusercontent.com/{owner_repo}/main/"
+    assert comfy["Icon"].startswith(prefix), comfy["Icon"]
+    icon = ROOT / comfy["Icon"].removeprefix(prefix)
+    assert icon.is_file() and icon.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

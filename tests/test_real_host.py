@@ -81,3 +81,19 @@ def test_bad_inputs_are_refused_when_queued(host_models):
     assert r.returncode == 0, log[-6000:]
     assert "prompt_outputs_failed_validation" in log
     assert "no_such_folder_tsuika' does not exist" in log and "(rank)" in log
+
+
+def test_dataset_folder_picked_from_the_input_folder_list(host_models, tmp_path):
+    import shutil
+
+    inputs = tmp_path / "input"
+    shutil.copytree(ROOT / "examples/sample_data/heart", inputs / "heart_set")
+    wf, neg = ROOT / "tests/workflows", ROOT / "tests/workflows_negative"
+    r = _run(["--input-dir", str(inputs), str(wf / "dataset_from_input_subfolder.json"),
+              str(neg / "bad_input_subfolder.json"), str(neg / "bad_no_folder_given.json"),
+              "--expect-fail", "bad_input_subfolder.json", "bad_no_folder_given.json"])
+    log = r.stdout + r.stderr
+    assert r.returncode == 0, log[-6000:]
+    assert "12 images used" in log, log[-4000:]
+    assert "not_in_the_input_folder" in log  # ComfyUI: value not in list
+    assert "pick a sub-folder of ComfyUI's input folder" in log
