@@ -124,6 +124,19 @@ def run_training(node_id, model, clip, vae, dataset, options: dict, resume: bool
                          ui=ui.PreviewText(report))
 
 
+def preview_prompt(typed: str, trigger_word: str, dataset) -> str:
+    """The Simple node's preview prompt: as typed, else the dataset's first caption as
+    training sees it (trigger word first)."""
+    import random
+
+    from ..trainers.data.captions import CaptionAugment
+
+    if typed and typed.strip():
+        return typed.strip()
+    first = next((item.caption for item in dataset.items if item.caption), "")
+    return CaptionAugment(trigger_word=trigger_word).apply(first, random.Random(0))
+
+
 class TsuikaTrainLoRA(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -145,17 +158,28 @@ class TsuikaTrainLoRA(io.ComfyNode):
                              tooltip=option_help("train.seed")),
                 io.Int.Input("resolution", default=512, min=64, max=2048, step=64,
                              tooltip=option_help("data.resolution")),
+                io.String.Input("sample_prompt", default="", optional=True,
+                                tooltip="Prompt of the preview shown on this node while it "
+                                "trains (fixed seed). Empty: the trigger word and the "
+                                "dataset's first caption."),
+                io.Int.Input("sample_every", default=100, min=0, max=100000, optional=True,
+                             tooltip="Show a preview every N steps (and before and after "
+                             "training); 0 = no previews, which trains fastest."),
             ],
             outputs=COMMON_OUTPUTS, hidden=[io.Hidden.unique_id],
         )
 
     @classmethod
     def execute(cls, model, clip, vae, dataset, steps, learning_rate, rank, trigger_word,
-                seed, resolution) -> io.NodeOutput:
+                seed, resolution, sample_prompt="", sample_every=100) -> io.NodeOutput:
         options = {"train.steps": steps, "train.learning_rate": learning_rate,
                    "network.rank": rank, "network.alpha": max(1, rank // 2),
                    "data.trigger_word": trigger_word, "train.seed": seed,
                    "data.resolution": resolution}
+        prompt = preview_prompt(sample_prompt, trigger_word, dataset)
+        if sample_every > 0 and prompt:
+            options.update({"sample.prompts": [prompt], "sample.every": sample_every,
+                            "sample.seed": seed})
         return run_training(cls.hidden.unique_id, model, clip, vae, dataset, options)
 
 
