@@ -148,6 +148,10 @@ class ComfyProgress(Callbacks):
         self.bar = comfy.utils.ProgressBar(total, node_id=node_id)
         self.stop = False
         self.messages: list[str] = []
+        self.start_info: dict = {}
+
+    def on_start(self, info: dict) -> None:
+        self.start_info = info
 
     def _update(self, value: int, preview=None) -> None:
         import comfy.model_management as mm

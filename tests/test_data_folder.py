@@ -122,6 +122,8 @@ def test_summary_reports_counts_reasons_and_subsets(messy):
     assert "mychar: 2 images x 3 repeats" in text and "(root): 7 images" in text
     assert "captions: 5 present, 4 missing, 1 empty or unreadable" in text
     assert "5 skipped" in text and "cut.jpg: truncated or corrupt image data" in text
+    # Most common first; the EXIF-rotated 40x20 JPEG counts as it is seen, upright.
+    assert "image sizes: 24x16: 8, 16x32: 1, 20x40: 1" in text
 
 
 def test_scan_is_deterministic_and_independent_of_threads(messy):

@@ -141,6 +141,14 @@ class DatasetScan:
         empty = self.captions_missing - no_file
         lines.append(f"captions: {n - self.captions_missing} present, {no_file} missing"
                      + (f", {empty} empty or unreadable" if empty else ""))
+        sizes: dict[tuple[int, int], int] = {}
+        for item in self.items:
+            sizes[(item.width, item.height)] = sizes.get((item.width, item.height), 0) + 1
+        common = sorted(sizes.items(), key=lambda kv: (-kv[1], kv[0]))
+        if common:
+            shown = ", ".join(f"{w}x{h}: {c}" for (w, h), c in common[:4])
+            more = len(common) - 4
+            lines.append(f"image sizes: {shown}" + (f", {more} more" if more > 0 else ""))
         if self.skipped:
             lines.append(f"{len(self.skipped)} skipped:")
             lines += [f"  {self._relative(s.path)}: {s.reason}" for s in self.skipped]
