@@ -181,6 +181,29 @@ def test_rebuilt_models_give_the_same_outputs(variant):
                                    rtol=0, atol=0)
 
 
+def test_family_loader_takes_the_checkpoint_tensors_without_copying_them():
+    from tsuika.trainers.families.sd15 import Sd15Family
+
+    unet, vae, te = tiny_unet("two_levels"), tiny_vae(), tiny_clip()
+    sd, meta = to_single_file(unet, vae, te)
+    sd = {k: v.float().contiguous() for k, v in sd.items()}
+    bundle = Sd15Family().bundle_from_ldm(sd, meta)
+    pointers = {v.data_ptr() for v in sd.values()}
+    params = [p for m in (bundle.unet, bundle.vae, *bundle.text_encoders) for p in m.parameters()]
+    assert all(p.device.type == "cpu" and p.dtype == torch.float32 for p in params)
+    shared = sum(p.data_ptr() in pointers for p in params)
+    # Most weights are the file's own tensors; attention and VAE-mid reshapes are new ones.
+    assert shared >= 0.8 * len(params), (shared, len(params))
+    gen = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 1000, (1, 7), generator=gen)
+    with torch.no_grad():
+        torch.testing.assert_close(bundle.text_encoders[0](ids).last_hidden_state,
+                                   te(ids).last_hidden_state, rtol=0, atol=0)
+    fp16 = {k: v.half() for k, v in sd.items()}  # a half-precision file still loads as fp32
+    half_bundle = Sd15Family().bundle_from_ldm(fp16, meta)
+    assert {p.dtype for p in half_bundle.unet.parameters()} == {torch.float32}
+
+
 def test_ldm_names_are_the_ones_comfyui_reads():
     sd, _ = to_single_file(tiny_unet(), tiny_vae(), tiny_clip())
     for key in ("model.diffusion_model.input_blocks.0.0.weight",

@@ -117,18 +117,27 @@ class Sd15Family:
 
         from ..formats.ldm_checkpoint import ldm_to_diffusers
 
+        from accelerate import init_empty_weights
+
         conv = ldm_to_diffusers(checkpoint, metadata=metadata)
-        unet = UNet2DConditionModel.from_config(conv.unet_config)
-        vae = AutoencoderKL.from_config(conv.vae_config)
-        te = CLIPTextModel(CLIPTextConfig(**conv.text_encoder_config))
+        # Parameters start on the meta device and take the checkpoint's tensors themselves
+        # (assign=True): no random initialisation to throw away, and no second full copy of
+        # the weights in memory (an fp32 SD1.5 file peaked at twice its size before).
+        with init_empty_weights(include_buffers=False):
+            unet = UNet2DConditionModel.from_config(conv.unet_config)
+            vae = AutoencoderKL.from_config(conv.vae_config)
+            te = CLIPTextModel(CLIPTextConfig(**conv.text_encoder_config))
         for module, sd, what in ((unet, conv.unet, "UNet"), (vae, conv.vae, "VAE"),
                                  (te, conv.text_encoder, "text encoder")):
-            missing, unexpected = module.load_state_dict(sd, strict=False)
+            missing, unexpected = module.load_state_dict(sd, strict=False, assign=True)
             missing = [k for k in missing if not k.endswith("position_ids")]
             if missing or unexpected:
                 raise ModelLoadError(
                     f"model {source_name!r}: the {what} weights do not match the inferred "
                     f"architecture (missing {missing[:5]}, unexpected {unexpected[:5]}).")
+            # fp32 like a freshly built module (an fp32 file's tensors are kept, not copied);
+            # torch's own .to(): diffusers' override warns about fp32-kept modules.
+            torch.nn.Module.to(module, torch.float32)
         pred = prediction_type or conv.info.get("prediction_type", "epsilon")
         sched = read_config("sd15", "scheduler")
         for m in (unet, vae, te):
