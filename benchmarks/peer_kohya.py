@@ -180,13 +180,13 @@ def kohya_command(args, paths, out: Path, cache_latents: bool) -> list[str]:
             "--", *cmd]
 
 
-def tsuika_command(args, paths, out: Path) -> list[str]:
+def tsuika_command(args, paths, out: Path, extra: tuple[str, ...] = ()) -> list[str]:
     sets = [f"model.path={paths['model']}", f"data.dir={paths['data']}",
             f"data.resolution={args.resolution}", f"train.steps={args.steps + args.warmup}",
             "network.rank=16", "network.alpha=16", "network.target=transformer",
             "train.optimizer=adamw", "train.learning_rate=1e-4", "train.batch_size=1",
             "train.mixed_precision=no", "train.device=cpu", "train.seed=0",
-            f"output.dir={out}", "output.save_dtype=fp16", *args.tsuika_set]
+            f"output.dir={out}", "output.save_dtype=fp16", *args.tsuika_set, *extra]
     argv = ["train"] + [x for s in sets for x in ("--set", s)]
     return [args.tsuika_python, __file__, "--exec", "tsuika.trainers.cli:main", "--", *argv]
 
@@ -284,6 +284,10 @@ def report(runs: dict[str, list[dict]], args) -> None:
               f"{s['rss']:7.2f} GiB{s['tree']:6.2f} GiB{s['train']:6.2f} GiB{s['first']:11.1f} s")
     t = summary["tsuika"]
     for name in runs:
+        if name.startswith("tsuika") and name != "tsuika":
+            v = summary[name]
+            print(f"{name}/tsuika: s/step {v['median'] / t['median']:.2f}, "
+                  f"RSS in steps {v['train'] / t['train']:.2f}")
         if name.startswith("kohya"):
             k = summary[name]
             print(f"tsuika/{name}: s/step {t['median'] / k['median']:.2f}, "
@@ -319,14 +323,29 @@ def main() -> None:
                    help="extra train_network.py argument (repeatable)")
     p.add_argument("--tsuika-set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="extra Tsuika option (repeatable)")
+    p.add_argument("--tsuika-variant", action="append", default=[],
+                   metavar="NAME:SECTION.KEY=VALUE[,SECTION.KEY=VALUE]",
+                   help="one more Tsuika run with these options, e.g. a memory preset "
+                        "'tsuika_gc:train.gradient_checkpointing=true' (repeatable)")
+    p.add_argument("--no-kohya", action="store_true",
+                   help="run only the Tsuika variants (memory presets; no checkout needed)")
     p.add_argument("--keep", action="store_true", help="keep the temp folder (logs, files)")
     args = p.parse_args()
     if args.warmup < 1:
         p.error("--warmup must be at least 1: step 1 has no start timestamp")
-    if not (args.kohya / "train_network.py").is_file():
+    variants_extra = {}
+    for spec in args.tsuika_variant:
+        name, _, sets = spec.partition(":")
+        if not name.startswith("tsuika") or not sets:
+            p.error(f"--tsuika-variant {spec!r}: write NAME:SECTION.KEY=VALUE[,...] with a "
+                    "name starting 'tsuika', e.g. tsuika_gc:train.gradient_checkpointing=true")
+        variants_extra[name] = tuple(sets.split(","))
+    if args.no_kohya:
+        pass
+    elif not (args.kohya / "train_network.py").is_file():
         sys.exit(f"no kohya sd-scripts checkout at {args.kohya} (train_network.py missing); "
                  "clone https://github.com/kohya-ss/sd-scripts there or pass --kohya DIR.")
-    if not (Path(args.kohya_python).is_file() and os.access(args.kohya_python, os.X_OK)):
+    elif not (Path(args.kohya_python).is_file() and os.access(args.kohya_python, os.X_OK)):
         sys.exit(f"no kohya python at {args.kohya_python}; make a venv with kohya's "
                  "requirements (see this file's docstring) or pass --kohya-python PATH.")
     args.kohya = args.kohya.resolve()
@@ -338,8 +357,12 @@ def main() -> None:
         variants = {"tsuika": lambda out: tsuika_command(args, paths, out),
                     "kohya": lambda out: kohya_command(args, paths, out, False),
                     "kohya_cache": lambda out: kohya_command(args, paths, out, True)}
-        if args.no_kohya_uncached:
+        for name, extra in variants_extra.items():
+            variants[name] = lambda out, extra=extra: tsuika_command(args, paths, out, extra)
+        if args.no_kohya_uncached or args.no_kohya:
             del variants["kohya"]
+        if args.no_kohya:
+            del variants["kohya_cache"]
         runs: dict[str, list[dict]] = {k: [] for k in variants}
         for i in range(args.pairs):
             for name, make in variants.items():
