@@ -156,7 +156,9 @@ class TsuikaTrainLoRA(io.ComfyNode):
                              tooltip=option_help("network.rank")),
                 io.String.Input("trigger_word", default="",
                                 tooltip=option_help("data.trigger_word")),
-                io.Int.Input("seed", default=0, min=0, max=2**31 - 1,
+                # Not "seed": the frontend gives inputs of that name a "randomize after each
+                # queue" widget, and a training seed that changes retrains on every queue.
+                io.Int.Input("training_seed", default=0, min=0, max=2**31 - 1,
                              tooltip=option_help("train.seed")),
                 io.Int.Input("resolution", default=512, min=64, max=2048, step=64,
                              tooltip=option_help("data.resolution")),
@@ -173,7 +175,8 @@ class TsuikaTrainLoRA(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, vae, dataset, steps, learning_rate, rank, trigger_word,
-                seed, resolution, sample_prompt="", sample_every=100) -> io.NodeOutput:
+                training_seed, resolution, sample_prompt="", sample_every=100) -> io.NodeOutput:
+        seed = training_seed
         options = {"train.steps": steps, "train.learning_rate": learning_rate,
                    "network.rank": rank, "network.alpha": max(1, rank // 2),
                    "data.trigger_word": trigger_word, "train.seed": seed,

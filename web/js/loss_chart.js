@@ -17,7 +17,8 @@ function drawChart(ctx, node, width, y) {
     const span = hi - lo || 1;
     const total = node.tsuikaTotal || points[points.length - 1].step;
     const x = (s) => 12 + ((width - 24) * s) / total;
-    const yy = (v) => y + 6 + (HEIGHT - 20) * (1 - (v - lo) / span);
+    // plot above the "step N/M  loss" line drawn at the bottom of the box
+    const yy = (v) => y + 6 + (HEIGHT - 36) * (1 - (v - lo) / span);
     ctx.strokeStyle = "#6aa9ff";
     ctx.lineWidth = 1.5;
     ctx.beginPath();
