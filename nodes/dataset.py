@@ -8,7 +8,7 @@ from pathlib import Path
 
 from comfy_api.latest import io, ui
 
-from ..trainers.data.folder import DatasetError, quick_fingerprint, scan_folder
+from ..trainers.data.folder import DatasetError, quick_fingerprint, quick_problem, scan_folder
 from .types import Dataset
 
 
@@ -95,7 +95,8 @@ class TsuikaLoadDataset(io.ComfyNode):
     def validate_inputs(cls, folder, caption_extension, input_folder=None):
         if folder is None:  # linked from another node: checked when it runs
             return True
-        problem = folder_problem(chosen_folder(folder, input_folder))
+        folder = chosen_folder(folder, input_folder)
+        problem = folder_problem(folder) or quick_problem(resolve_folder(folder))
         if problem:
             return problem
         if caption_extension and not caption_extension.startswith("."):

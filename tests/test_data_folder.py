@@ -221,3 +221,20 @@ def test_quick_fingerprint_changes_with_a_caption_edit(tmp_path):
     st = os.stat(tmp_path / "a.txt")
     os.utime(tmp_path / "a.txt", ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
     assert quick_fingerprint(tmp_path) != before
+
+
+def test_quick_problem_finds_empty_datasets_without_decoding(messy, tmp_path):
+    from tsuika.trainers.data.folder import quick_problem
+
+    assert quick_problem(messy) is None
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert "no usable images in dataset folder" in quick_problem(empty)
+    (empty / "notes.txt").write_text("a caption without an image")
+    (empty / "0_off").mkdir()
+    (empty / "0_off" / "a.png").write_bytes(b"not even decoded")
+    assert "no usable images" in quick_problem(empty)  # 0 repeats count for nothing
+    (empty / "1_on").mkdir()
+    (empty / "1_on" / "b.PNG").write_bytes(b"names only: scan_folder checks the bytes")
+    assert quick_problem(empty) is None
+    assert "does not exist" in quick_problem(tmp_path / "missing")

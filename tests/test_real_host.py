@@ -88,12 +88,16 @@ def test_dataset_folder_picked_from_the_input_folder_list(host_models, tmp_path)
 
     inputs = tmp_path / "input"
     shutil.copytree(ROOT / "examples/sample_data/heart", inputs / "heart_set")
+    (inputs / "empty_set").mkdir()
+    (inputs / "empty_set" / "caption_only.txt").write_text("no image here")
     wf, neg = ROOT / "tests/workflows", ROOT / "tests/workflows_negative"
     r = _run(["--input-dir", str(inputs), str(wf / "dataset_from_input_subfolder.json"),
               str(neg / "bad_input_subfolder.json"), str(neg / "bad_no_folder_given.json"),
-              "--expect-fail", "bad_input_subfolder.json", "bad_no_folder_given.json"])
+              str(neg / "bad_empty_dataset.json"), "--expect-fail", "bad_input_subfolder.json",
+              "bad_no_folder_given.json", "bad_empty_dataset.json"])
     log = r.stdout + r.stderr
     assert r.returncode == 0, log[-6000:]
     assert "12 images used" in log, log[-4000:]
     assert "not_in_the_input_folder" in log  # ComfyUI: value not in list
     assert "pick a sub-folder of ComfyUI's input folder" in log
+    assert "no usable images in dataset folder" in log  # refused when queued, not when run

@@ -354,6 +354,26 @@ def _no_images_message(scan: DatasetScan) -> str:
     return message
 
 
+def quick_problem(root: str | Path) -> str | None:
+    """Why ``root`` cannot be a dataset, found from file names alone (no image is decoded):
+    a missing folder, or no image file where ``scan_folder`` looks. ``None`` means it may be
+    one (``scan_folder`` still checks every image). Hosts call it when a job is queued.
+
+    Args:
+        root: the dataset folder.
+    """
+    root = Path(root).expanduser()
+    try:
+        _check_root(root)
+    except DatasetError as e:
+        return str(e)
+    scan = DatasetScan(root=root)
+    for folder, repeats, _ in _folders(root, scan):
+        if repeats and any(p.suffix.lower() in IMAGE_EXTENSIONS for p in _visible_files(folder)):
+            return None
+    return _no_images_message(scan)
+
+
 def quick_fingerprint(root: str | Path) -> str:
     """A cheap fingerprint of a folder tree: it changes whenever a file is added, removed,
     renamed or rewritten (relative names, sizes and modification times), without reading
