@@ -187,13 +187,15 @@ def test_loss_chart_draws_live_in_the_browser(comfy_server, tmp_path):
     assert (Path(res["shots"]) / "chart_node.png").stat().st_size > 1000
 
 
-def test_the_example_workflow_loads_and_queues_in_the_real_frontend(comfy_server, tmp_path):
+@pytest.mark.parametrize("example", ["tsuika_train_lora_then_generate.json",
+                                     "tsuika_dataset_from_generated_images.json"])
+def test_the_example_workflows_load_and_queue_in_the_real_frontend(comfy_server, tmp_path,
+                                                                   example):
     """The UI-format example as shipped, loaded by the page itself (not converted by a
     harness): its widget values must line up with the widgets the frontend builds (a
     misaligned value is refused at /prompt), and it must start training."""
     url, server_log, lora_name = comfy_server
-    workflow = json.loads(
-        (ROOT / "example_workflows/tsuika_train_lora_then_generate.json").read_text())
+    workflow = json.loads((ROOT / "example_workflows" / example).read_text())
     train = next(str(n["id"]) for n in workflow["nodes"] if n["type"] == "TsuikaTrainLoRA")
     for node in workflow["nodes"]:
         if node["type"] == "TsuikaSaveLoRA":
