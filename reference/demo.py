@@ -18,6 +18,7 @@ import logging
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 from ..trainers.config import build_config
 from .quality import EVALUATOR, REFERENCE_MODEL, Sampling, load_reference, score
@@ -66,7 +67,7 @@ def run_demo(out_dir: str | Path = "outputs/demo", steps: int | None = None,
         f"model.path={model}", f"data.dir={SAMPLE_DATA}", f"output.dir={out}",
         "output.name=demo_heart_lora", "output.overwrite=true", "data.resolution=64",
         "data.bucket_step=32", f"train.steps={steps or (300 if pretrained else 30)}",
-        "train.learning_rate=1e-3", "network.rank=8", "network.alpha=8", "train.seed=0",
+        "train.learning_rate=5e-4", "network.rank=8", "network.alpha=8", "train.seed=0",
         "sample.prompts=" + " | ".join(p.text for p in shown[:3]), "sample.steps=20",
         "train.batch_size=4"])
     sampling = Sampling(images=images_per_prompt)
@@ -122,7 +123,9 @@ def _before_after(model: Path, lora_file: Path, shown, grid_path: Path,
                                    texts, seeds, steps=20))
     rows = [torch.cat([halves[0][i:i + GRID_SEEDS], halves[1][i:i + GRID_SEEDS]])
             for i in range(0, len(texts), GRID_SEEDS)]
-    sample_grid(torch.cat(rows), 2 * GRID_SEEDS).save(grid_path)
+    grid = sample_grid(torch.cat(rows), 2 * GRID_SEEDS)
+    # 64 px samples are tiny on a screen: show each pixel as 2x2, without smoothing.
+    grid.resize((grid.width * 2, grid.height * 2), Image.Resampling.NEAREST).save(grid_path)
     return after
 
 

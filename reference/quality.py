@@ -169,14 +169,16 @@ def score_lora(lora_file: str | Path, concept: str, sampling: Sampling = Samplin
 
 
 def gate(before: dict, after: dict, *, min_gain: float = 0.4,
-         max_retention_drop: float = 0.15) -> list[str]:
+         max_retention_drop: float = 0.2) -> list[str]:
     """What is wrong with a fine-tuning result, as sentences (empty: it taught and kept).
 
     Args:
         before: :func:`score` of the base model.
         after: the same scores with the fine-tuned weights.
         min_gain: the least rise of concept fidelity that counts as learning.
-        max_retention_drop: the most ``retention_subject`` may fall.
+        max_retention_drop: the most ``retention_subject`` may fall. A short LoRA on the
+            heart, without prior preservation, costs about 0.12 (other shapes start to come
+            out as hearts); 0.2 leaves room for sampling noise, not for a broken run.
     """
     problems = []
     gain = after["concept_fidelity"] - before["concept_fidelity"]

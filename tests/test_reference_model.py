@@ -208,3 +208,18 @@ def test_evaluate_scores_right_and_wrong_predictions():
     assert wrong["retention_attribute_accuracy"]["shape"] == 0.0
     assert wrong["retention_attribute_accuracy"]["background"] == 1.0
     assert wrong["held_out_baseline"][0]["concept_fidelity"] == 1.0  # it said "heart"
+
+
+def test_the_shipped_model_loads_as_folder_and_single_file_with_the_same_weights():
+    from tsuika.reference.quality import REFERENCE_MODEL
+    from tsuika.trainers.families import load_model
+
+    folder = load_model(REFERENCE_MODEL)
+    single = load_model(REFERENCE_MODEL.parent / f"{tm.MODEL_NAME}.safetensors")
+    for a, b in ((folder.unet, single.unet), (folder.vae, single.vae),
+                 (folder.text_encoders[0], single.text_encoders[0])):
+        sa, sb = a.state_dict(), b.state_dict()
+        assert sa.keys() == sb.keys()
+        for k in sa:
+            torch.testing.assert_close(sa[k].float(), sb[k].float(), rtol=0, atol=0, msg=k)
+    assert folder.scheduler_config["prediction_type"] == single.prediction_type == "epsilon"
