@@ -117,22 +117,10 @@ def exec_trainer(stamps: str, target: str, argv: list[str]) -> None:
 # ----------------------------------------------------------------------------- inputs
 def write_checkpoint(path: Path, dtype: str) -> None:
     """Random-weight SD1.5 in the original single-file layout, via Tsuika's own writer."""
-    from tsuika.trainers.fixtures import build_modules
-    from tsuika.trainers.formats.ldm_checkpoint import (
-        config_metadata_hints,
-        diffusers_to_ldm,
-    )
-    from tsuika.trainers.formats.safetensors_io import save_safetensors
+    from tsuika.trainers.fixtures import build_modules, write_single_file
 
     unet, vae, te, cfg = build_modules("sd15", seed=0)
-    ldm = diffusers_to_ldm(unet.state_dict(), vae.state_dict(), te.state_dict(),
-                           unet_config=dict(unet.config), vae_config=dict(vae.config))
-    if dtype == "fp16":
-        ldm = {k: v.half() if v.is_floating_point() else v for k, v in ldm.items()}
-    hints = config_metadata_hints(unet_config=cfg["unet"], vae_config=cfg["vae"],
-                                  text_encoder_config=cfg["text_encoder"])
-    hints["modelspec.architecture"] = "stable-diffusion-v1"
-    save_safetensors(path, {k: v.contiguous() for k, v in ldm.items()}, hints)
+    write_single_file(path, unet, vae, te, cfg, dtype=dtype)
 
 
 def write_inputs(work: Path, args) -> dict[str, Path]:

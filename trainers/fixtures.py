@@ -46,8 +46,6 @@ def write_fixture(name: str, out_dir: str | Path, seed: int = 0, dtype: str = "f
         dtype: ``fp32`` or ``fp16`` for the single-file checkpoint.
         overwrite: replace existing files of the same names.
     """
-    from .formats.ldm_checkpoint import config_metadata_hints, diffusers_to_ldm
-    from .formats.safetensors_io import save_safetensors
 
     if name not in FIXTURES:
         raise ValueError(f"fixture {name!r} is unknown; choose one of: {', '.join(FIXTURES)}.")
@@ -77,17 +75,30 @@ def write_fixture(name: str, out_dir: str | Path, seed: int = 0, dtype: str = "f
         "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", "DDPMScheduler"],
         "safety_checker": [None, None], "feature_extractor": [None, None],
         "requires_safety_checker": False}, indent=2))
+    write_single_file(single, unet, vae, te, cfg, dtype=dtype, overwrite=overwrite,
+                      metadata={"tsuika.fixture": name})
+    log.info("wrote fixture %s: %s and %s", name, folder, single)
+    return {"diffusers": folder, "single_file": single}
+
+
+def write_single_file(path, unet, vae, te, cfg: dict, *, dtype: str = "fp32",
+                      overwrite: bool = False, metadata: dict | None = None) -> None:
+    """Write diffusers modules as one original-layout (LDM) SD1.x file with the config hints
+    Tsuika's loader reads back; ``dtype`` "fp16" halves floating tensors."""
+    from .formats.ldm_checkpoint import config_metadata_hints, diffusers_to_ldm
+    from .formats.safetensors_io import save_safetensors
+
     ldm = diffusers_to_ldm(unet.state_dict(), vae.state_dict(), te.state_dict(),
                            unet_config=dict(unet.config), vae_config=dict(vae.config))
     if dtype == "fp16":
         ldm = {k: v.half() if v.is_floating_point() else v for k, v in ldm.items()}
     hints = config_metadata_hints(unet_config=cfg["unet"], vae_config=cfg["vae"],
                                   text_encoder_config=cfg["text_encoder"])
-    hints.update({"tsuika.fixture": name, "modelspec.architecture": "stable-diffusion-v1",
-                  "modelspec.prediction_type": cfg["scheduler"]["prediction_type"]})
-    save_safetensors(single, ldm, hints, overwrite=overwrite)
-    log.info("wrote fixture %s: %s and %s", name, folder, single)
-    return {"diffusers": folder, "single_file": single}
+    hints.update({"modelspec.architecture": "stable-diffusion-v1",
+                  "modelspec.prediction_type": cfg["scheduler"]["prediction_type"],
+                  **(metadata or {})})
+    save_safetensors(path, {k: v.contiguous() for k, v in ldm.items()}, hints,
+                     overwrite=overwrite)
 
 
-__all__ = ["FIXTURES", "CONFIG_DIR", "build_modules", "write_fixture"]
+__all__ = ["FIXTURES", "CONFIG_DIR", "build_modules", "write_fixture", "write_single_file"]
