@@ -41,7 +41,8 @@ NOT_YET = ("DreamBooth (with / without prior preservation)", "Textual Inversion"
 
 def run(args) -> dict:
     from tsuika.reference.concepts import HELD_OUT
-    from tsuika.reference.quality import Sampling, finetune, load_reference, score, score_lora
+    from tsuika.reference.quality import (Sampling, finetune, load_reference, score, score_lora,
+                                          vae_ceiling)
 
     sampling = Sampling(images=args.images_per_prompt, steps=args.sample_steps)
     concepts = args.concepts.split(",")
@@ -51,9 +52,11 @@ def run(args) -> dict:
                              f"{', '.join(HELD_OUT)}.")
     methods = {m: METHODS[m] for m in METHODS if not args.methods or m in args.methods}
     work = Path(args.work or tempfile.mkdtemp(prefix="tsuika-quality-"))
-    rows, base = [], {}
+    rows, base, ceiling = [], {}, {}
     for concept in concepts:
-        base[concept] = score(load_reference(args.model), concept, sampling)
+        bundle = load_reference(args.model)
+        base[concept] = score(bundle, concept, sampling)
+        ceiling[concept] = vae_ceiling(bundle, concept)
         logging.info("%s base: %s", concept, base[concept])
         for name, extra in methods.items():
             slug = "".join(ch if ch.isalnum() else "_" for ch in name.lower())
@@ -63,6 +66,7 @@ def run(args) -> dict:
             t0 = time.perf_counter()
             after = score_lora(run_["file"], concept, sampling, model=args.model)
             rows.append({"method": name, "concept": concept, "before": base[concept],
+                         "vae_ceiling": ceiling[concept],
                          "after": after, "train_seconds": run_["seconds"],
                          "score_seconds": round(time.perf_counter() - t0, 1),
                          "bytes": run_["bytes"], "steps": run_["steps"],
@@ -83,20 +87,24 @@ def table(result: dict, command: str) -> str:
         f"{s['seed']}; scores over {s['images_per_prompt']} samples per prompt "
         f"({s['sample_steps']} DDIM steps, CFG 7).",
         "",
-        "| concept | method | concept fidelity | new context: concept | new context: all "
-        "| retention (shape+colour) | file | train time |",
+        "| concept | method | concept fidelity (VAE ceiling) | new context: concept "
+        "| new context: all | retention (shape+colour) | file | train time |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         b, a = r["before"], r["after"]
         lines.append(
             f"| {r['concept']} | {r['method']} | {b['concept_fidelity']:.2f} → "
-            f"**{a['concept_fidelity']:.2f}** | {b['new_context_concept']:.2f} → "
+            f"**{a['concept_fidelity']:.2f}** ({r.get('vae_ceiling', float('nan')):.2f}) | "
+            f"{b['new_context_concept']:.2f} → "
             f"{a['new_context_concept']:.2f} | {b['new_context_fidelity']:.2f} → "
             f"{a['new_context_fidelity']:.2f} | {b['retention_subject']:.2f} → "
             f"{a['retention_subject']:.2f} | {r['bytes'] / 1e6:.2f} MB | "
             f"{r['train_seconds']:.0f} s |")
-    lines += ["", "Not implemented yet, so not in the table: " + "; ".join(NOT_YET) + "."]
+    lines += ["", "VAE ceiling: share of the concept's fine-tuning images still recognised after "
+              "a round trip through the model's VAE; no method that trains the UNet or the "
+              "text side can exceed it.",
+              "", "Not implemented yet, so not in the table: " + "; ".join(NOT_YET) + "."]
     return "\n".join(lines)
 
 

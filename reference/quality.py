@@ -107,6 +107,24 @@ def score(bundle, concept: str, sampling: Sampling = Sampling(), *,
             "images_per_prompt": k}
 
 
+@torch.no_grad()
+def vae_ceiling(bundle, concept: str, images: int = 32, seed: int = 0, evaluator=None) -> float:
+    """Share of fine-tuning images of ``concept`` still recognised as it after a round trip
+    through the model's VAE: no method that trains the UNet or the text side can do better,
+    because every sample it makes goes through that decoder."""
+    import random
+
+    from .evaluator import Evaluator
+    from .vae_stage import render_batch
+    from .world import sample_finetune_scene
+
+    evaluator = evaluator or Evaluator.load(EVALUATOR)
+    rng = random.Random(seed)
+    x = render_batch([sample_finetune_scene(rng, concept) for _ in range(images)], 64)
+    rec = bundle.vae.decode(bundle.vae.encode(x).latent_dist.mean).sample
+    return evaluator.concept_fidelity((rec.clamp(-1, 1) + 1) / 2, concept)
+
+
 def finetune(concept: str, work_dir: str | Path, *, method: str = "lora", steps: int = 200,
              learning_rate: float = 1e-3, rank: int = 8, images: int = 24, seed: int = 0,
              model: str | Path | None = None, extra: tuple[str, ...] = (),
