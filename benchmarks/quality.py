@@ -56,7 +56,7 @@ def run(args) -> dict:
     for concept in concepts:
         bundle = load_reference(args.model)
         base[concept] = score(bundle, concept, sampling)
-        ceiling[concept] = vae_ceiling(bundle, concept)
+        ceiling[concept] = vae_ceiling(bundle.vae, concept)
         logging.info("%s base: %s", concept, base[concept])
         for name, extra in methods.items():
             slug = "".join(ch if ch.isalnum() else "_" for ch in name.lower())

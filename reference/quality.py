@@ -108,10 +108,17 @@ def score(bundle, concept: str, sampling: Sampling = Sampling(), *,
 
 
 @torch.no_grad()
-def vae_ceiling(bundle, concept: str, images: int = 32, seed: int = 0, evaluator=None) -> float:
+def vae_ceiling(vae, concept: str, images: int = 32, seed: int = 0, evaluator=None) -> float:
     """Share of fine-tuning images of ``concept`` still recognised as it after a round trip
     through the model's VAE: no method that trains the UNet or the text side can do better,
-    because every sample it makes goes through that decoder."""
+    because every sample it makes goes through that decoder.
+
+    Args:
+        vae: the model's ``AutoencoderKL`` (``bundle.vae``).
+        concept: a key of ``HELD_OUT``.
+        images, seed: how many fine-tuning renders, drawn from ``random.Random(seed)``.
+        evaluator: a loaded ``Evaluator`` (default: the shipped one).
+    """
     import random
 
     from .evaluator import Evaluator
@@ -121,7 +128,8 @@ def vae_ceiling(bundle, concept: str, images: int = 32, seed: int = 0, evaluator
     evaluator = evaluator or Evaluator.load(EVALUATOR)
     rng = random.Random(seed)
     x = render_batch([sample_finetune_scene(rng, concept) for _ in range(images)], 64)
-    rec = bundle.vae.decode(bundle.vae.encode(x).latent_dist.mean).sample
+    x = x.to(next(vae.parameters()).device)
+    rec = vae.decode(vae.encode(x).latent_dist.mean).sample.float().cpu()
     return evaluator.concept_fidelity((rec.clamp(-1, 1) + 1) / 2, concept)
 
 

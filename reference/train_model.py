@@ -112,7 +112,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
     vae_stats = train_vae(vae, steps=args.vae_steps, batch_size=args.vae_batch,
                           learning_rate=args.vae_lr, seed=args.seed, image_size=image_size,
                           device=device, dtype=dtype, log_every=args.log_every,
-                          deadline=t_start + 0.2 * budget if budget else None)
+                          deadline=t_start + 0.2 * budget if budget else None,
+                          whole_world=args.vae_whole_world)
     val_rng = random.Random(args.seed + VALIDATION_SEED_OFFSET)
     val = [sample_scene(val_rng) for _ in range(args.val_images)]
     held = [sample_finetune_scene(val_rng, c) for c in HELD_OUT for _ in range(
@@ -124,6 +125,15 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
         reconstruction_psnr(vae, held, device=device, image_size=image_size), 2)
     log.info("VAE PSNR %.2f dB (pretraining scenes), %.2f dB (held-out concepts)",
              vae_stats["psnr_pretraining_scenes"], vae_stats["psnr_held_out_concepts"])
+    if Path(args.evaluator).is_file():
+        from .evaluator import Evaluator
+        from .quality import vae_ceiling
+
+        evaluator = Evaluator.load(args.evaluator)
+        vae_stats["ceiling"] = {c: round(vae_ceiling(vae, c, evaluator=evaluator), 4)
+                                for c in HELD_OUT}
+        log.info("VAE ceiling (held-out images recognised after a round trip): %s",
+                 vae_stats["ceiling"])
 
     t_pool = time.perf_counter()
     pool_rng = random.Random(args.seed + 1)
@@ -202,6 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--vae-steps", type=int, default=1500, help="VAE optimiser steps (default 1500)")
     a("--vae-batch", type=int, default=32, help="images per VAE step (default 32)")
     a("--vae-lr", type=float, default=1e-3, help="VAE peak learning rate (default 1e-3)")
+    a("--vae-whole-world", action="store_true",
+      help="train the VAE on held-out concepts too (a codec, not a concept learner: "
+           "otherwise it caps what fine-tuning can teach); the UNet never sees them")
     a("--unet-steps", type=int, default=5000, help="UNet + text encoder steps (default 5000)")
     a("--batch", type=int, default=64, help="latents per UNet step (default 64)")
     a("--unet-lr", type=float, default=5e-4, help="UNet peak learning rate (default 5e-4)")

@@ -52,7 +52,8 @@ def train_vae(vae, *, steps: int, batch_size: int, learning_rate: float = 1e-3,
               kl_weight: float = 1e-6, l1_weight: float = 1.0, subject_weight: float = 4.0,
               seed: int = 0, image_size: int = 64,
               device: torch.device = torch.device("cpu"), dtype: torch.dtype = torch.float32,
-              deadline: float | None = None, log_every: int = 50) -> dict:
+              deadline: float | None = None, log_every: int = 50,
+              whole_world: bool = False) -> dict:
     """Train ``vae`` in place on fresh renders of pretraining scenes.
 
     Args:
@@ -66,6 +67,10 @@ def train_vae(vae, *, steps: int, batch_size: int, learning_rate: float = 1e-3,
         subject_weight: extra weight of pixels that differ from the background. A small
             subject covers ~5 % of the image; unweighted, its colour barely moves the loss.
         seed: seeds scenes and posterior samples.
+        whole_world: also show it the held-out concepts. The VAE is a codec, not a concept
+            learner (SD's VAE has seen everything); trained on pretraining scenes only, it
+            cannot draw checkered fills or the zorbit's colours, which caps what any
+            fine-tuning can teach (``reference.quality.vae_ceiling``).
         image_size: render side.
         device: where to train.
         dtype: autocast dtype (``torch.float32`` for none).
@@ -85,7 +90,7 @@ def train_vae(vae, *, steps: int, batch_size: int, learning_rate: float = 1e-3,
         if out_of_time(deadline):
             log.warning("VAE: time budget reached after %d of %d steps", done, steps)
             break
-        scenes = [sample_scene(rng) for _ in range(batch_size)]
+        scenes = [sample_scene(rng, include_held_out=whole_world) for _ in range(batch_size)]
         x = augment_dihedral(render_batch(scenes, image_size), rng)
         weight = (1 + subject_weight * subject_mask(x, scenes)).to(device)
         x = x.to(device)

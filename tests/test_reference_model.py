@@ -101,6 +101,30 @@ def test_run_writes_report_and_both_formats(trained):
     assert (trained / "diffusers" / "model_index.json").is_file()
     assert (trained / f"{tm.MODEL_NAME}.safetensors").is_file()
     assert "evaluation" not in report  # --eval-images 0
+    ceiling = report["vae"]["ceiling"]  # measured right after the VAE stage
+    assert set(ceiling) == {"heart", "checkered", "zorbit"}
+    assert all(0.0 <= v <= 1.0 for v in ceiling.values())
+
+
+def test_whole_world_vae_sees_held_out_concepts_and_the_default_does_not(monkeypatch):
+    import tsuika.reference.vae_stage as vs
+
+    seen = []
+    real = vs.sample_scene
+
+    def spy(rng, include_held_out=False, **kw):
+        seen.append(include_held_out)
+        return real(rng, include_held_out=include_held_out, **kw)
+
+    monkeypatch.setattr(vs, "sample_scene", spy)
+    cfg = tm.load_configs()
+    cfg["vae"].update(block_out_channels=[8] * (len(cfg["vae"]["block_out_channels"]) - 1) + [16],
+                      norm_num_groups=4)
+    for whole_world in (False, True):
+        seen.clear()
+        _, vae, _ = tm.build_models(cfg, seed=0)
+        vs.train_vae(vae, steps=1, batch_size=2, whole_world=whole_world)
+        assert seen == [whole_world] * 2
 
 
 @pytest.mark.parametrize("form", ["diffusers", "single_file"])
