@@ -247,3 +247,26 @@ def test_the_shipped_model_loads_as_folder_and_single_file_with_the_same_weights
         for k in sa:
             torch.testing.assert_close(sa[k].float(), sb[k].float(), rtol=0, atol=0, msg=k)
     assert folder.scheduler_config["prediction_type"] == single.prediction_type == "epsilon"
+
+
+def test_decoder_finetune_changes_only_the_decoder(trained, tmp_path):
+    from tsuika.reference import finetune_decoder as fd
+    from tsuika.trainers.families import load_model
+
+    out = tmp_path / "decoded"
+    assert fd.main(["--model", str(trained), "--out", str(out), "--steps", "2",
+                    "--batch", "2"]) == 0
+    before, after = load_model(trained / "diffusers"), load_model(out / "diffusers")
+    report = json.loads((out / "decoder_report.json").read_text())
+    assert report["steps"] == 2 and set(report["ceiling"]) == {"heart", "checkered", "zorbit"}
+    vb, va = before.vae.state_dict(), after.vae.state_dict()
+    for k in vb:
+        same = torch.equal(vb[k], va[k])
+        if k.startswith(("encoder.", "quant_conv.")):
+            assert same, f"{k} changed: the UNet's latents would no longer match"
+    assert not all(torch.equal(vb[k], va[k]) for k in vb if k.startswith("decoder."))
+    for a, b in ((before.unet, after.unet), (before.text_encoders[0], after.text_encoders[0])):
+        assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(),
+                                                       b.state_dict().values()))
+    assert (out / f"{tm.MODEL_NAME}.safetensors").is_file()
+    assert fd.main(["--model", str(trained), "--out", str(out), "--steps", "1"]) == 2  # kept
