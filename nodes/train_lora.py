@@ -176,15 +176,14 @@ class TsuikaTrainLoRA(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, vae, dataset, steps, learning_rate, rank, trigger_word,
                 training_seed, resolution, sample_prompt="", sample_every=100) -> io.NodeOutput:
-        seed = training_seed
         options = {"train.steps": steps, "train.learning_rate": learning_rate,
                    "network.rank": rank, "network.alpha": max(1, rank // 2),
-                   "data.trigger_word": trigger_word, "train.seed": seed,
+                   "data.trigger_word": trigger_word, "train.seed": training_seed,
                    "data.resolution": resolution}
         prompt = preview_prompt(sample_prompt, trigger_word, dataset)
         if sample_every > 0 and prompt:
             options.update({"sample.prompts": [prompt], "sample.every": sample_every,
-                            "sample.seed": seed})
+                            "sample.seed": training_seed})
         return run_training(cls.hidden.unique_id, model, clip, vae, dataset, options)
 
 

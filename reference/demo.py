@@ -101,9 +101,7 @@ def run_demo(out_dir: str | Path = "outputs/demo", steps: int | None = None,
 def _before_after(model: Path, lora_file: Path, shown, grid_path: Path,
                   sampling: Sampling | None) -> dict | None:
     """Write the before/after grid; return the scores after training (None: no evaluator)."""
-    from ..trainers.formats.lora_keys import ModuleIndex
-    from ..trainers.formats.lora_layouts import read_lora
-    from ..trainers.ops.merge import merge_lora
+    from .quality import merge_lora_file
     from .sampling import TokenCache, generate, sample_grid
 
     texts = [p.text for p in shown for _ in range(GRID_SEEDS)]
@@ -114,8 +112,7 @@ def _before_after(model: Path, lora_file: Path, shown, grid_path: Path,
     with torch.no_grad():
         for merged in (False, True):
             if merged:
-                lora = read_lora(lora_file, ModuleIndex.from_models(bundle.components))
-                merge_lora(bundle.components, lora)
+                merge_lora_file(bundle, lora_file)
                 if sampling is not None:
                     after = score(bundle, CONCEPT, sampling)
             halves.append(generate(bundle.unet, bundle.vae, bundle.text_encoders[0],

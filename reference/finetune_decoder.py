@@ -25,7 +25,7 @@ import torch
 
 from .concepts import HELD_OUT
 from .export import check_outputs, round_to_fp16, save_model
-from .vae_stage import render_batch, subject_mask
+from .vae_stage import pixel_loss, render_batch
 from .world import sample_scene
 
 log = logging.getLogger(__name__)
@@ -62,9 +62,7 @@ def finetune_decoder(vae, *, steps: int, batch_size: int = 16, learning_rate: fl
         x = render_batch(scenes, vae.config.sample_size)
         with torch.no_grad():
             z = vae.encode(x).latent_dist.mean
-        err = vae.decode(z).sample - x
-        weight = 1 + subject_weight * subject_mask(x, scenes)
-        loss = ((err.pow(2) + err.abs()) * weight).sum() / (weight.sum() * 3)
+        loss = pixel_loss(vae.decode(z).sample, x, scenes, subject_weight=subject_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -182,16 +182,23 @@ def score_lora(lora_file: str | Path, concept: str, sampling: Sampling = Samplin
                model: str | Path | None = None, strength: float = 1.0,
                words: dict[str, str] | None = None, evaluator=None) -> dict:
     """Scores of the base model with ``lora_file`` merged in at ``strength``."""
+    bundle = load_reference(model)
+    merge_lora_file(bundle, lora_file, strength)
+    with torch.no_grad():
+        return score(bundle, concept, sampling, words=words, evaluator=evaluator)
+
+
+def merge_lora_file(bundle, lora_file: str | Path, strength: float = 1.0) -> int:
+    """Merge a saved LoRA into ``bundle``'s weights, read through the same format code as any
+    user's file; returns the modules changed."""
     from ..trainers.formats.lora_keys import ModuleIndex
     from ..trainers.formats.lora_layouts import read_lora
     from ..trainers.ops.merge import merge_lora
 
-    bundle = load_reference(model)
     lora = read_lora(lora_file, ModuleIndex.from_models(bundle.components))
     merged = merge_lora(bundle.components, lora, strength)
     log.info("merged %d LoRA modules from %s", merged, lora_file)
-    with torch.no_grad():
-        return score(bundle, concept, sampling, words=words, evaluator=evaluator)
+    return merged
 
 
 def gate(before: dict, after: dict, *, min_gain: float = 0.4,

@@ -48,6 +48,15 @@ def subject_mask(images: torch.Tensor, scenes) -> torch.Tensor:
     return ((images - bg).abs().amax(dim=1, keepdim=True) > 2 / 255).float()
 
 
+def pixel_loss(rec: torch.Tensor, x: torch.Tensor, scenes, *, subject_weight: float = 4.0,
+               l1_weight: float = 1.0) -> torch.Tensor:
+    """MSE + L1 between reconstructions and renders (both in [-1, 1]), subject pixels weighted
+    ``1 + subject_weight``: a small subject is ~5 % of the image and would barely count."""
+    weight = (1 + subject_weight * subject_mask(x.cpu(), scenes)).to(x.device)
+    err = rec.float() - x
+    return ((err.pow(2) + l1_weight * err.abs()) * weight).sum() / (weight.sum() * 3)
+
+
 def train_vae(vae, *, steps: int, batch_size: int, learning_rate: float = 1e-3,
               kl_weight: float = 1e-6, l1_weight: float = 1.0, subject_weight: float = 4.0,
               seed: int = 0, image_size: int = 64,
@@ -91,17 +100,14 @@ def train_vae(vae, *, steps: int, batch_size: int, learning_rate: float = 1e-3,
             log.warning("VAE: time budget reached after %d of %d steps", done, steps)
             break
         scenes = [sample_scene(rng, include_held_out=whole_world) for _ in range(batch_size)]
-        x = augment_dihedral(render_batch(scenes, image_size), rng)
-        weight = (1 + subject_weight * subject_mask(x, scenes)).to(device)
-        x = x.to(device)
+        x = augment_dihedral(render_batch(scenes, image_size), rng).to(device)
         with autocast(device, dtype):
             posterior = vae.encode(x).latent_dist
             rec = vae.decode(posterior.sample(generator=gen)).sample
-        err = rec.float() - x
-        mse = err.pow(2).mean()
+        mse = (rec.float() - x).pow(2).mean().detach()
         kl = posterior.kl().float().mean() / posterior.mean[0].numel()
-        pixel = ((err.pow(2) + l1_weight * err.abs()) * weight).sum() / (weight.sum() * 3)
-        loss = pixel + kl_weight * kl
+        loss = pixel_loss(rec, x, scenes, subject_weight=subject_weight,
+                          l1_weight=l1_weight) + kl_weight * kl
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)

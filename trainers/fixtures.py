@@ -46,7 +46,6 @@ def write_fixture(name: str, out_dir: str | Path, seed: int = 0, dtype: str = "f
         dtype: ``fp32`` or ``fp16`` for the single-file checkpoint.
         overwrite: replace existing files of the same names.
     """
-
     if name not in FIXTURES:
         raise ValueError(f"fixture {name!r} is unknown; choose one of: {', '.join(FIXTURES)}.")
     out = Path(out_dir)

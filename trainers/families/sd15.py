@@ -112,12 +112,11 @@ class Sd15Family:
             metadata: the file's safetensors metadata (architecture hints).
             prediction_type: known prediction type; None reads it from the checkpoint.
         """
+        from accelerate import init_empty_weights
         from diffusers import AutoencoderKL, UNet2DConditionModel
         from transformers import CLIPTextConfig, CLIPTextModel
 
         from ..formats.ldm_checkpoint import ldm_to_diffusers
-
-        from accelerate import init_empty_weights
 
         conv = ldm_to_diffusers(checkpoint, metadata=metadata)
         # Parameters start on the meta device and take the checkpoint's tensors themselves

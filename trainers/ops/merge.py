@@ -50,7 +50,7 @@ def merge_lora(models: Mapping[str, torch.nn.Module], lora: LoraStateDict,
         MergeError: a component or module the models lack, or a shape that does not fit.
             Nothing is changed when it is raised.
     """
-    planned = []
+    targets = []
     for (component, path), weights in lora.modules.items():
         if component not in models:
             raise MergeError(f"the LoRA changes {component} but only {', '.join(models)} "
@@ -63,8 +63,13 @@ def merge_lora(models: Mapping[str, torch.nn.Module], lora: LoraStateDict,
         weight = getattr(module, "weight", None)
         if not isinstance(weight, torch.Tensor):
             raise MergeError(f"{component}.{path} has no weight to merge into.")
-        planned.append((weight, lora_delta(weights, weight.shape), component))
-    for weight, delta, component in planned:
+        if weights.up.shape[0] * weights.down[0].numel() != weight.numel():
+            raise MergeError(f"LoRA {component}.{path} of {tuple(weights.up.shape)} @ "
+                             f"{tuple(weights.down.shape)} does not fit a weight of shape "
+                             f"{tuple(weight.shape)}.")
+        targets.append((weight, weights, component))
+    # Checked first, added one module at a time: only one fp32 delta is alive at once.
+    for weight, weights, component in targets:
         scale = strength if isinstance(strength, (int, float)) else strength.get(component, 1.0)
-        weight.add_((delta * scale).to(weight.dtype))
-    return len(planned)
+        weight.add_((lora_delta(weights, weight.shape) * scale).to(weight.dtype))
+    return len(targets)
