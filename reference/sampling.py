@@ -43,29 +43,15 @@ class TokenCache:
 
 
 @torch.no_grad()
-def generate(unet, vae, text_encoder, tokens: TokenCache, scheduler_config: dict,
-             prompts: list[str], seeds: list[int], *, steps: int = 25, guidance: float = 7.0,
-             device: torch.device = torch.device("cpu"), dtype: torch.dtype = torch.float32,
-             batch_size: int = 32) -> torch.Tensor:
-    """Images for ``prompts`` (DDIM, classifier-free guidance against ""), in [0, 1].
+def sample_latents(unet, text_encoder, tokens: TokenCache, scheduler_config: dict,
+                   prompts: list[str], seeds: list[int], *, steps: int = 25,
+                   guidance: float = 7.0, device: torch.device = torch.device("cpu"),
+                   dtype: torch.dtype = torch.float32, batch_size: int = 32) -> torch.Tensor:
+    """Denoised latents for ``prompts`` (DDIM, classifier-free guidance against ""), unscaled
+    (what ``vae.decode`` takes), float (N, C, h, w) on ``device``.
 
     Image ``i`` starts from ``torch.randn`` seeded with ``seeds[i]`` on the CPU, the same
-    noise ``trainers.sampling.sample_images`` draws for that seed.
-
-    Args:
-        unet, vae, text_encoder: the model.
-        tokens: caption -> token ids.
-        scheduler_config: the model's scheduler config.
-        prompts: one prompt per image.
-        seeds: one seed per image.
-        steps: DDIM steps.
-        guidance: classifier-free guidance scale.
-        device: where to run.
-        dtype: autocast dtype.
-        batch_size: images per pass.
-
-    Returns:
-        float (N, 3, H, W) on the CPU.
+    noise ``trainers.sampling.sample_images`` draws for that seed. Arguments as ``generate``.
     """
     from diffusers import DDIMScheduler
 
@@ -88,10 +74,47 @@ def generate(unet, vae, text_encoder, tokens: TokenCache, scheduler_config: dict
                 eps = unet(inp, t, encoder_hidden_states=cond).sample.float()
             uncond, text = eps.chunk(2)
             x = sched.step(uncond + guidance * (text - uncond), t, x).prev_sample
-        with autocast(device, dtype):
-            img = vae.decode(x / vae.config.scaling_factor).sample.float()
-        out.append(((img.clamp(-1, 1) + 1) / 2).cpu())
+        out.append(x)
     return torch.cat(out)
+
+
+@torch.no_grad()
+def decode_latents(vae, latents: torch.Tensor, *, device: torch.device = torch.device("cpu"),
+                   dtype: torch.dtype = torch.float32, batch_size: int = 32) -> torch.Tensor:
+    """Images in [0, 1] (float, CPU) of denoised latents from ``sample_latents``."""
+    out = []
+    for i in range(0, len(latents), batch_size):
+        with autocast(device, dtype):
+            img = vae.decode(latents[i:i + batch_size] / vae.config.scaling_factor).sample
+        out.append(((img.float().clamp(-1, 1) + 1) / 2).cpu())
+    return torch.cat(out)
+
+
+def generate(unet, vae, text_encoder, tokens: TokenCache, scheduler_config: dict,
+             prompts: list[str], seeds: list[int], *, steps: int = 25, guidance: float = 7.0,
+             device: torch.device = torch.device("cpu"), dtype: torch.dtype = torch.float32,
+             batch_size: int = 32) -> torch.Tensor:
+    """Images for ``prompts`` (DDIM, classifier-free guidance against ""), in [0, 1].
+
+    Args:
+        unet, vae, text_encoder: the model.
+        tokens: caption -> token ids.
+        scheduler_config: the model's scheduler config.
+        prompts: one prompt per image.
+        seeds: one seed per image (the same seed gives the same starting noise everywhere).
+        steps: DDIM steps.
+        guidance: classifier-free guidance scale.
+        device: where to run.
+        dtype: autocast dtype.
+        batch_size: images per pass.
+
+    Returns:
+        float (N, 3, H, W) on the CPU.
+    """
+    latents = sample_latents(unet, text_encoder, tokens, scheduler_config, prompts, seeds,
+                             steps=steps, guidance=guidance, device=device, dtype=dtype,
+                             batch_size=batch_size)
+    return decode_latents(vae, latents, device=device, dtype=dtype, batch_size=batch_size)
 
 
 def seconds_per_image(unet, vae, text_encoder, tokens, scheduler_config, *, steps: int,

@@ -42,3 +42,31 @@ def evaluate(evaluator, images_by_prompt: dict) -> dict:
             "retention_subject_fidelity": round(
                 sum(r["subject_fidelity"] for r in per_prompt) / max(1, len(per_prompt)), 4),
             "retention_prompts": per_prompt, "held_out_baseline": held_out}
+
+
+def evaluate_model(unet, vae, text_encoder, tokens, scheduler_config: dict, evaluator, *,
+                   images: int, seed: int, steps: int, guidance: float,
+                   device=None, dtype=None) -> dict:
+    """``evaluate`` on ``images`` fresh samples of every evaluation prompt (seeds ``seed,
+    seed+1, ...`` for each prompt): the scores a model's training report and README quote.
+
+    Args:
+        unet, vae, text_encoder, tokens, scheduler_config: the model, as ``sampling.generate``.
+        evaluator: a loaded ``reference.evaluator.Evaluator``.
+        images, seed, steps, guidance: samples per prompt, first seed, DDIM steps, CFG scale.
+        device, dtype: where and in which autocast dtype to sample (default CPU, fp32).
+    """
+    import torch
+
+    from .sampling import generate
+    from .world import prompts_for_eval
+
+    prompts = prompts_for_eval()
+    texts = [p.text for p in prompts for _ in range(images)]
+    seeds = [seed + j for _ in prompts for j in range(images)]
+    pixels = generate(unet, vae, text_encoder, tokens, scheduler_config, texts, seeds,
+                      steps=steps, guidance=guidance, device=device or torch.device("cpu"),
+                      dtype=dtype or torch.float32)
+    by_prompt = {p: pixels[i * images:(i + 1) * images] for i, p in enumerate(prompts)}
+    return {"images_per_prompt": images, "sample_steps": steps, "guidance": guidance,
+            **evaluate(evaluator, by_prompt)}

@@ -37,7 +37,7 @@ from .diffusion_stage import train_diffusion
 from .export import (MODEL_NAME, _write_json, check_outputs, round_to_fp16,  # noqa: F401
                      save_model)
 from .sampling import TokenCache, generate, sample_grid, seconds_per_image
-from .scores import evaluate
+from .scores import evaluate_model
 from .vae_stage import (augment_dihedral, encode_pool, normalize_latents,  # noqa: F401
                         reconstruction_psnr, render_batch, subject_mask, train_vae)
 from .world import prompts_for_eval, sample_finetune_scene, sample_scene
@@ -165,15 +165,12 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
     if args.eval_images > 0 and evaluator_path.is_file():
         from .evaluator import Evaluator
 
-        k = args.eval_images
-        texts = [p.text for p in prompts for _ in range(k)]
-        seeds = [args.seed + j for _ in prompts for j in range(k)]
-        images = generate(unet, vae, te, tokens, configs["scheduler"], texts, seeds,
-                          guidance=args.guidance, **sample_kw)
-        by_prompt = {p: images[i * k:(i + 1) * k] for i, p in enumerate(prompts)}
-        report["evaluation"] = {"images_per_prompt": k, "sample_steps": args.sample_steps,
-                                "guidance": args.guidance, "evaluator": str(evaluator_path),
-                                **evaluate(Evaluator.load(evaluator_path), by_prompt)}
+        report["evaluation"] = {
+            **evaluate_model(unet, vae, te, tokens, configs["scheduler"],
+                             Evaluator.load(evaluator_path), images=args.eval_images,
+                             seed=args.seed, steps=args.sample_steps, guidance=args.guidance,
+                             device=device, dtype=dtype),
+            "evaluator": str(evaluator_path)}
         log.info("retention: attribute accuracy %s, shape+colour %.3f, all attributes %.3f",
                  report["evaluation"]["retention_attribute_accuracy"],
                  report["evaluation"]["retention_subject_fidelity"],

@@ -12,6 +12,7 @@ import torch
 
 from tsuika.reference import train_model as tm
 from tsuika.reference.world import prompts_for_eval, sample_scene
+from tsuika.reference.scores import evaluate
 
 
 def write_micro_configs(folder):
@@ -217,16 +218,16 @@ def test_evaluate_scores_right_and_wrong_predictions():
     held = next(p for p in prompts if p.concept == "heart")
     assert retention.spec["shape"] != "heart" and retention.spec["color"] != "black"
     images = torch.zeros(3, 3, 64, 64)
-    right = tm.evaluate(_StubEvaluator(retention.spec), {retention: images})
+    right = evaluate(_StubEvaluator(retention.spec), {retention: images})
     assert right["retention_prompt_fidelity"] == 1.0
     assert right["retention_subject_fidelity"] == 1.0
     assert set(right["retention_attribute_accuracy"].values()) == {1.0}
     wrong_answer = {**retention.spec, "shape": "heart", "color": "black"}
-    wrong = tm.evaluate(_StubEvaluator(wrong_answer), {retention: images, held: images})
+    wrong = evaluate(_StubEvaluator(wrong_answer), {retention: images, held: images})
     assert wrong["retention_prompt_fidelity"] == 0.0
     assert wrong["retention_subject_fidelity"] == 0.0
     background_wrong = {**retention.spec, "background": "none of them"}
-    partly = tm.evaluate(_StubEvaluator(background_wrong), {retention: images})
+    partly = evaluate(_StubEvaluator(background_wrong), {retention: images})
     assert partly["retention_subject_fidelity"] == 1.0
     assert partly["retention_prompt_fidelity"] == 0.0
     assert wrong["retention_attribute_accuracy"]["shape"] == 0.0
@@ -255,10 +256,15 @@ def test_decoder_finetune_changes_only_the_decoder(trained, tmp_path):
 
     out = tmp_path / "decoded"
     assert fd.main(["--model", str(trained), "--out", str(out), "--steps", "2",
-                    "--batch", "2"]) == 0
+                    "--batch", "2", "--anchor-images", "3", "--eval-images", "1"]) == 0
     before, after = load_model(trained / "diffusers"), load_model(out / "diffusers")
     report = json.loads((out / "decoder_report.json").read_text())
     assert report["steps"] == 2 and set(report["ceiling"]) == {"heart", "checkered", "zorbit"}
+    assert report["loss_curve"][-1][2] > 0  # the anchor term ran (the decoder moved)
+    redone = json.loads((out / "training_report.json").read_text())
+    assert redone["vae"]["ceiling"] == report["ceiling"]
+    assert redone["before_decoder_finetune"]["vae_ceiling"] is not None
+    assert redone["evaluation"]["images_per_prompt"] == 1 and (out / "samples.png").is_file()
     vb, va = before.vae.state_dict(), after.vae.state_dict()
     for k in vb:
         same = torch.equal(vb[k], va[k])
