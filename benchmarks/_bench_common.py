@@ -22,6 +22,30 @@ def build_bundle(config_name: str):
                        prediction_type="epsilon", source_name=f"random-{config_name}")
 
 
+def model_folder(config_name: str, cache_dir: str | Path | None = None) -> Path:
+    """A diffusers folder (fp32, like the canonical SD1.5 repository) of a shipped
+    architecture with seeded random weights, written once under ``cache_dir`` (default
+    ``~/.cache/tsuika-bench``) and reused: benchmarks load the model from disk the way a
+    training run does, so the load's memory counts."""
+    import os
+    import shutil
+
+    from tsuika.trainers.fixtures import build_modules, write_diffusers_folder
+
+    root = Path(cache_dir or os.environ.get("TSUIKA_BENCH_CACHE",
+                                            Path.home() / ".cache" / "tsuika-bench"))
+    folder = root / f"{config_name}-seed0"
+    if (folder / "model_index.json").is_file():
+        return folder
+    partial = root / f"{config_name}-seed0.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    unet, vae, te, cfg = build_modules(config_name, seed=0)
+    write_diffusers_folder(partial, unet, vae, te, cfg)
+    shutil.rmtree(folder, ignore_errors=True)
+    partial.rename(folder)  # complete or absent: a killed write is redone next time
+    return folder
+
+
 def make_images(resolution: int, n: int, device, folder: Path | None = None):
     """``n`` random images: tensors in [-1, 1] on ``device``, or PNG+caption files in ``folder``."""
     import numpy as np

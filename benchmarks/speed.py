@@ -27,7 +27,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from _bench_common import (build_bundle, make_images, matmul_rate, peak_rss_gib,  # noqa: E402
+from _bench_common import (make_images, matmul_rate, model_folder, peak_rss_gib,  # noqa: E402
                            unet_step_flops)
 
 
@@ -38,16 +38,22 @@ def run_reference(args) -> dict:
     from diffusers import DDPMScheduler
     from peft import LoraConfig
 
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
     device = torch.device(args.device)
-    bundle = build_bundle(args.model)
-    unet, vae, te, tok = bundle.unet, bundle.vae, bundle.text_encoders[0], bundle.tokenizers[0]
+    folder = model_folder(args.model)  # loaded as diffusers' script loads it
+    tok = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
+    te = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder")
+    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae")
+    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet")
     for m in (unet, vae, te):
         m.requires_grad_(False).to(device)
     unet.add_adapter(LoraConfig(r=16, lora_alpha=16, init_lora_weights="gaussian",
                                 target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
     params = [p for p in unet.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
-    sched = DDPMScheduler.from_config(bundle.scheduler_config)
+    sched = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
     images = make_images(args.resolution, 4, device)
     ids = tok(["a photo of a sks dog"], padding="max_length", max_length=77,
               truncation=True, return_tensors="pt").input_ids.to(device)
@@ -84,10 +90,14 @@ def run_tsuika(args) -> dict:
     from tsuika.trainers.config import build_config
     from tsuika.trainers.loop import train
 
-    bundle = build_bundle(args.model)
     times: list[float] = []
 
+    started: dict = {}
+
     class Timer(Callbacks):
+        def on_start(self, info):
+            started.update(info)
+
         def on_step(self, info):
             times.append(info.seconds_per_step)
 
@@ -95,17 +105,18 @@ def run_tsuika(args) -> dict:
         data = Path(tmp) / "data"
         make_images(args.resolution, 16, None, folder=data)
         config = build_config(overrides=[
-            f"data.dir={data}", f"output.dir={tmp}/out", f"data.resolution={args.resolution}",
+            f"model.path={model_folder(args.model)}", f"data.dir={data}",
+            f"output.dir={tmp}/out", f"data.resolution={args.resolution}",
             f"train.steps={args.steps + args.warmup}", "network.rank=16", "network.alpha=16",
             "network.target=attention", f"train.device={args.device}",
             f"train.mixed_precision={args.precision}", "output.save_dtype=fp16",
             *args.tsuika_set])
         t0 = time.perf_counter()
-        train(config, Timer(), bundle=bundle)
+        train(config, Timer())
         total = time.perf_counter() - t0
     return {"s_per_step": statistics.median(times[args.warmup:]),
             "images_per_s": config.train.batch_size / statistics.median(times[args.warmup:]),
-            "dtype": str(bundle.unet.dtype).replace("torch.", ""), "run_s": total,
+            "dtype": started["dtype"].replace("torch.", ""), "run_s": total,
             "cuda": torch.cuda.is_available()}
 
 
@@ -136,6 +147,7 @@ def main() -> None:
     if args.impl:
         worker(args)
         return
+    print("model on disk:", model_folder(args.model), flush=True)  # written once, reused
     runs: dict[str, list[dict]] = {"tsuika": [], "reference": []}
     for _ in range(args.pairs):
         for impl in ("tsuika", "reference"):

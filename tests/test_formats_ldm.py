@@ -469,3 +469,31 @@ def test_full_size_shapes_infer_the_shipped_configs(family):
     with torch.device("meta"):
         te_diffusers = CLIPTextModel(CLIPTextConfig(**conv.text_encoder_config))
     assert set(conv.text_encoder) == set(te_diffusers.state_dict())
+
+
+def test_family_loader_loads_frozen_parts_straight_into_the_compute_dtype(tmp_path):
+    from tsuika.trainers.families import load_model
+    from tsuika.trainers.families.sd15 import Sd15Family
+    from tsuika.trainers.fixtures import write_fixture
+
+    unet, vae, te = tiny_unet("two_levels"), tiny_vae(), tiny_clip()
+    sd, meta = to_single_file(unet, vae, te)
+    fp16 = {k: v.half() for k, v in sd.items()}
+    kept = dict(fp16)
+    bundle = Sd15Family().bundle_from_ldm(fp16, meta, dtype=torch.bfloat16)
+    assert fp16.keys() == kept.keys()  # the caller's dict is left alone unless consumed
+    assert {p.dtype for p in bundle.unet.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in bundle.text_encoders[0].parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in bundle.vae.parameters()} == {torch.float32}  # VAE: fp32 always
+    for name, w in unet.state_dict().items():  # same values, rounded once (fp16 -> bf16)
+        torch.testing.assert_close(bundle.unet.state_dict()[name],
+                                   w.half().to(torch.bfloat16), rtol=0, atol=0, msg=name)
+    Sd15Family().bundle_from_ldm(fp16, meta, dtype=torch.bfloat16, consume=True)
+    assert fp16 == {}  # consumed: the originals can be freed module by module
+
+    paths = write_fixture("sd15-tiny", tmp_path, dtype="fp16")
+    for path in paths.values():
+        loaded = load_model(path, dtype=torch.bfloat16)
+        assert {p.dtype for p in loaded.unet.parameters()} == {torch.bfloat16}, path
+        assert {p.dtype for p in loaded.text_encoders[0].parameters()} == {torch.bfloat16}
+        assert {p.dtype for p in loaded.vae.parameters()} == {torch.float32}, path

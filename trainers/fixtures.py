@@ -57,6 +57,17 @@ def write_fixture(name: str, out_dir: str | Path, seed: int = 0, dtype: str = "f
     unet, vae, te, cfg = build_modules(FIXTURES[name], seed)
     if folder.exists():
         shutil.rmtree(folder)
+    write_diffusers_folder(folder, unet, vae, te, cfg)
+    write_single_file(single, unet, vae, te, cfg, dtype=dtype, overwrite=overwrite,
+                      metadata={"tsuika.fixture": name})
+    log.info("wrote fixture %s: %s and %s", name, folder, single)
+    return {"diffusers": folder, "single_file": single}
+
+
+def write_diffusers_folder(folder: str | Path, unet, vae, te, cfg: dict) -> Path:
+    """Write modules as a diffusers SD1.x folder (what ``from_pretrained`` and Tsuika's
+    loader read), with the shipped CLIP tokenizer; ``folder`` must not exist yet."""
+    folder = Path(folder)
     unet.save_pretrained(folder / "unet")
     vae.save_pretrained(folder / "vae")
     te.save_pretrained(folder / "text_encoder")
@@ -74,10 +85,7 @@ def write_fixture(name: str, out_dir: str | Path, seed: int = 0, dtype: str = "f
         "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", "DDPMScheduler"],
         "safety_checker": [None, None], "feature_extractor": [None, None],
         "requires_safety_checker": False}, indent=2))
-    write_single_file(single, unet, vae, te, cfg, dtype=dtype, overwrite=overwrite,
-                      metadata={"tsuika.fixture": name})
-    log.info("wrote fixture %s: %s and %s", name, folder, single)
-    return {"diffusers": folder, "single_file": single}
+    return folder
 
 
 def write_single_file(path, unet, vae, te, cfg: dict, *, dtype: str = "fp32",

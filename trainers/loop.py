@@ -80,7 +80,10 @@ def _train(config, callbacks, bundle, scan) -> TrainResult:
     precision = resolve_precision(device, config.train.mixed_precision)
     if bundle is None:
         config.require_inputs()
-        bundle = load_model(config.model.path, config.model.family, config.model.prediction_type)
+        # Straight into the compute dtype the frozen weights are kept in below (a method
+        # that trains base weights, like full fine-tuning, will want them fp32 here).
+        bundle = load_model(config.model.path, config.model.family, config.model.prediction_type,
+                            dtype=precision.compute_dtype)
     family = get_family(bundle.family)
     method = get_method(config.network.method)
     method.validate(config, bundle)

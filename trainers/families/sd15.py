@@ -61,11 +61,12 @@ class Sd15Family:
         return any(k.startswith("model.diffusion_model.") for k in keys) and not any(
             k.startswith("conditioner.") for k in keys)
 
-    def load(self, path: Path, prediction_type: str = "auto") -> ModelBundle:
+    def load(self, path: Path, prediction_type: str = "auto",
+             dtype: torch.dtype = torch.float32) -> ModelBundle:
         if path.is_dir():
-            bundle = self._load_folder(path)
+            bundle = self._load_folder(path, dtype)
         else:
-            bundle = self._load_single_file(path)
+            bundle = self._load_single_file(path, dtype)
         if prediction_type != "auto":
             bundle.prediction_type = prediction_type
         bundle.scheduler_config["prediction_type"] = bundle.prediction_type
@@ -74,15 +75,17 @@ class Sd15Family:
         log.info("loaded %s (%s, %s)", path.name, self.name, bundle.prediction_type)
         return bundle
 
-    def _load_folder(self, path: Path) -> ModelBundle:
+    def _load_folder(self, path: Path, dtype: torch.dtype = torch.float32) -> ModelBundle:
         from diffusers import AutoencoderKL, UNet2DConditionModel
         from transformers import CLIPTextModel
 
         kw = {"local_files_only": True}
         try:
-            unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kw)
-            vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **kw)
-            te = CLIPTextModel.from_pretrained(path / "text_encoder", **kw)
+            unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet",
+                                                        torch_dtype=dtype, **kw)
+            vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=torch.float32,
+                                                **kw)
+            te = CLIPTextModel.from_pretrained(path / "text_encoder", torch_dtype=dtype, **kw)
         except (OSError, ValueError) as e:
             raise ModelLoadError(f"model.path = {str(path)!r}: the diffusers folder is "
                                  f"incomplete or unreadable ({e}).") from e
@@ -94,15 +97,17 @@ class Sd15Family:
             tokenizers=[load_tokenizer(path / "tokenizer")], scheduler_config=sched,
             prediction_type=sched.get("prediction_type", "epsilon"), source_name=path.name)
 
-    def _load_single_file(self, path: Path) -> ModelBundle:
+    def _load_single_file(self, path: Path, dtype: torch.dtype = torch.float32) -> ModelBundle:
         from ..formats.safetensors_io import load_safetensors
 
         checkpoint, metadata = load_safetensors(path)
-        return self.bundle_from_ldm(checkpoint, metadata, source_name=path.name)
+        return self.bundle_from_ldm(checkpoint, metadata, source_name=path.name, dtype=dtype,
+                                    consume=True)
 
     def bundle_from_ldm(self, checkpoint: dict, metadata: dict | None = None,
                         source_name: str = "checkpoint",
-                        prediction_type: str | None = None) -> ModelBundle:
+                        prediction_type: str | None = None, dtype: torch.dtype = torch.float32,
+                        consume: bool = False) -> ModelBundle:
         """Build the modules from an original-layout state dict (a single file's contents,
         or what a host like ComfyUI holds in memory).
 
@@ -111,6 +116,10 @@ class Sd15Family:
                 ``cond_stage_model.*`` tensors.
             metadata: the file's safetensors metadata (architecture hints).
             prediction_type: known prediction type; None reads it from the checkpoint.
+            dtype: the UNet's and text encoder's dtype (the VAE is always fp32).
+            consume: empty ``checkpoint`` as its tensors are converted, so that each
+                module's original tensors are freed once it holds its own (a load then
+                peaks near the file's size plus one module, not twice the model).
         """
         from accelerate import init_empty_weights
         from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -119,6 +128,8 @@ class Sd15Family:
         from ..formats.ldm_checkpoint import ldm_to_diffusers
 
         conv = ldm_to_diffusers(checkpoint, metadata=metadata)
+        if consume:
+            checkpoint.clear()
         # Parameters start on the meta device and take the checkpoint's tensors themselves
         # (assign=True): no random initialisation to throw away, and no second full copy of
         # the weights in memory (an fp32 SD1.5 file peaked at twice its size before).
@@ -134,9 +145,10 @@ class Sd15Family:
                 raise ModelLoadError(
                     f"model {source_name!r}: the {what} weights do not match the inferred "
                     f"architecture (missing {missing[:5]}, unexpected {unexpected[:5]}).")
-            # fp32 like a freshly built module (an fp32 file's tensors are kept, not copied);
-            # torch's own .to(): diffusers' override warns about fp32-kept modules.
-            torch.nn.Module.to(module, torch.float32)
+            # A file's tensors already in the target dtype are kept, not copied; torch's own
+            # .to(): diffusers' override warns about fp32-kept modules.
+            torch.nn.Module.to(module, torch.float32 if module is vae else dtype)
+            sd.clear()  # the module holds what it needs; drop the originals now
         pred = prediction_type or conv.info.get("prediction_type", "epsilon")
         sched = read_config("sd15", "scheduler")
         for m in (unet, vae, te):
