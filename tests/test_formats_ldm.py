@@ -497,3 +497,31 @@ def test_family_loader_loads_frozen_parts_straight_into_the_compute_dtype(tmp_pa
         assert {p.dtype for p in loaded.unet.parameters()} == {torch.bfloat16}, path
         assert {p.dtype for p in loaded.text_encoders[0].parameters()} == {torch.bfloat16}
         assert {p.dtype for p in loaded.vae.parameters()} == {torch.float32}, path
+
+
+def test_folder_read_into_a_dtype_matches_from_pretrained(tmp_path):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    from tsuika.trainers.families import load_model
+    from tsuika.trainers.fixtures import write_fixture
+
+    folder = write_fixture("sd15-tiny", tmp_path)["diffusers"]
+    bundle = load_model(folder, dtype=torch.bfloat16)
+    expected = {"unet": UNet2DConditionModel.from_pretrained(folder, subfolder="unet"),
+                "vae": AutoencoderKL.from_pretrained(folder, subfolder="vae"),
+                "text_encoder": CLIPTextModel.from_pretrained(folder / "text_encoder")}
+    got = {"unet": bundle.unet, "vae": bundle.vae, "text_encoder": bundle.text_encoders[0]}
+    for part, module in expected.items():
+        want = module.state_dict()
+        have = got[part].state_dict()
+        assert want.keys() == have.keys(), part
+        dtype = torch.float32 if part == "vae" else torch.bfloat16
+        for k, v in want.items():
+            target = v.to(dtype) if v.is_floating_point() else v
+            torch.testing.assert_close(have[k], target, rtol=0, atol=0, msg=f"{part}.{k}")
+    # a damaged file is refused with its name, in the converting reader too
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(Exception, match="diffusion_pytorch_model.safetensors"):
+        load_model(folder, dtype=torch.bfloat16)

@@ -28,6 +28,36 @@ def read_config(name: str, part: str) -> dict:
     return json.loads((CONFIG_DIR / name / f"{part}.json").read_text())
 
 
+def _streamed(folder: Path, weights_name: str, dtype: torch.dtype):
+    """A diffusers/transformers component folder loaded by reading its one safetensors file
+    straight into ``dtype`` (see ``load_safetensors``), or None when the folder is laid out
+    otherwise (sharded, .bin, renamed keys): then ``from_pretrained`` loads it."""
+    from accelerate import init_empty_weights
+
+    from ..formats.safetensors_io import load_safetensors
+
+    weights, config_file = folder / f"{weights_name}.safetensors", folder / "config.json"
+    if not (weights.is_file() and config_file.is_file()):
+        return None
+    config = json.loads(config_file.read_text())
+    with init_empty_weights(include_buffers=False):
+        if folder.name == "text_encoder":
+            from transformers import CLIPTextConfig, CLIPTextModel
+
+            module = CLIPTextModel(CLIPTextConfig.from_dict(config))
+        else:
+            from diffusers import AutoencoderKL, UNet2DConditionModel
+
+            cls = UNet2DConditionModel if folder.name == "unet" else AutoencoderKL
+            module = cls.from_config(config)
+    state, _ = load_safetensors(weights, dtype=dtype)
+    missing, unexpected = module.load_state_dict(state, strict=False, assign=True)
+    if [k for k in missing if not k.endswith("position_ids")] or unexpected:
+        return None  # an older layout: from_pretrained knows how to rename it
+    torch.nn.Module.to(module, dtype)  # anything not in the file (buffers) follows
+    return module.requires_grad_(False).eval()
+
+
 def _single_file_keys(path: Path) -> list[str]:
     from safetensors import safe_open
 
@@ -81,11 +111,14 @@ class Sd15Family:
 
         kw = {"local_files_only": True}
         try:
-            unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet",
-                                                        torch_dtype=dtype, **kw)
-            vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=torch.float32,
-                                                **kw)
-            te = CLIPTextModel.from_pretrained(path / "text_encoder", torch_dtype=dtype, **kw)
+            unet = _streamed(path / "unet", "diffusion_pytorch_model", dtype) or \
+                UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype,
+                                                     **kw)
+            vae = _streamed(path / "vae", "diffusion_pytorch_model", torch.float32) or \
+                AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=torch.float32,
+                                              **kw)
+            te = _streamed(path / "text_encoder", "model", dtype) or \
+                CLIPTextModel.from_pretrained(path / "text_encoder", torch_dtype=dtype, **kw)
         except (OSError, ValueError) as e:
             raise ModelLoadError(f"model.path = {str(path)!r}: the diffusers folder is "
                                  f"incomplete or unreadable ({e}).") from e
@@ -100,7 +133,10 @@ class Sd15Family:
     def _load_single_file(self, path: Path, dtype: torch.dtype = torch.float32) -> ModelBundle:
         from ..formats.safetensors_io import load_safetensors
 
-        checkpoint, metadata = load_safetensors(path)
+        def stored_as(key: str) -> torch.dtype:  # the VAE stays fp32, as everywhere
+            return torch.float32 if key.startswith("first_stage_model.") else dtype
+
+        checkpoint, metadata = load_safetensors(path, dtype=stored_as)
         return self.bundle_from_ldm(checkpoint, metadata, source_name=path.name, dtype=dtype,
                                     consume=True)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -124,12 +124,26 @@ def _check_is_safetensors(path: Path) -> None:
                          ".safetensors file.")
 
 
-def load_safetensors(path, device: str = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+DtypeChoice = torch.dtype | Callable[[str], torch.dtype] | None
+
+# safetensors' dtype names (little-endian data)
+_STORED = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+           "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
+           "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def load_safetensors(path, device: str = "cpu", dtype: DtypeChoice = None,
+                     ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Read a safetensors file: ``(tensors, metadata)``.
 
     Args:
         path: a ``.safetensors`` file.
         device: where the tensors are loaded.
+        dtype: when given (a dtype, or a function of the tensor name giving one), floating
+            tensors are converted to it one at a time as they are read, with plain reads
+            instead of a memory map: peak memory is the converted tensors plus the largest
+            one as stored, not the whole file as well (a memory-mapped fp32 SD1.5 file loaded
+            into bf16 counted 3.4 GB of mapped pages on top of the 1.7 GB result).
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
@@ -143,6 +157,8 @@ def load_safetensors(path, device: str = "cpu") -> tuple[dict[str, torch.Tensor]
     if not path.is_file():
         raise IsADirectoryError(f"{path} is a folder; give a .safetensors file.")
     _check_is_safetensors(path)
+    if dtype is not None:
+        return _read_converting(path, dtype, device)
     try:
         with safe_open(str(path), framework="pt", device=device) as f:
             metadata = dict(f.metadata() or {})
@@ -151,3 +167,43 @@ def load_safetensors(path, device: str = "cpu") -> tuple[dict[str, torch.Tensor]
         raise ValueError(f"{path} is a damaged or incomplete safetensors file ({e}); write it "
                          "again or download it again.") from e
     return tensors, metadata
+
+
+def _read_converting(path: Path, dtype: DtypeChoice, device: str,
+                     ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    def damaged(why: str) -> ValueError:
+        return ValueError(f"{path} is a damaged or incomplete safetensors file ({why}); write "
+                          "it again or download it again.")
+
+    tensors: dict[str, torch.Tensor] = {}
+    with open(path, "rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        header_len = int.from_bytes(fh.read(_HEADER_LEN_BYTES), "little")
+        try:
+            header = json.loads(fh.read(header_len))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise damaged(f"unreadable header: {e}") from e
+        metadata = header.pop("__metadata__", None) or {}
+        base = _HEADER_LEN_BYTES + header_len
+        for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+            stored = _STORED.get(info.get("dtype"))
+            if stored is None:
+                raise damaged(f"tensor {name!r} has dtype {info.get('dtype')!r}, which Tsuika "
+                              f"does not read; supported: {', '.join(_STORED)}")
+            start, end = info["data_offsets"]
+            shape = [int(d) for d in info["shape"]]
+            numel = 1
+            for d in shape:
+                numel *= d
+            if not 0 <= start <= end or base + end > size or \
+                    end - start != numel * stored.itemsize:
+                raise damaged(f"tensor {name!r} lies outside the file or has the wrong size")
+            raw = torch.empty(end - start, dtype=torch.uint8)
+            fh.seek(base + start)
+            if fh.readinto(raw.numpy()) != end - start:
+                raise damaged(f"tensor {name!r} is cut short")
+            t = raw.view(stored).reshape(shape)
+            if t.is_floating_point():
+                t = t.to(dtype(name) if callable(dtype) else dtype)
+            tensors[name] = t.to(device) if device != "cpu" else t
+    return tensors, {str(k): str(v) for k, v in metadata.items()}
