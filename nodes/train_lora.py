@@ -23,13 +23,16 @@ log = logging.getLogger(__name__)
 # Options a node does not expose: the host decides them (paths, device) or Simple hides them.
 HOST_OWNED = {"model.path", "model.family", "data.dir", "data.cache_dir", "output.dir",
               "train.device", "train.resume", "output.overwrite", "output.keep_last"}
+# Machine tuning, not a training choice: the nodes keep the default (and saved workflows keep
+# their widget order when such an option is added).
+ENGINE_ONLY = {"train.cpu_prepack_pixels"}
 NODE_DEFAULTS = {"train.steps": 500, "output.save_every": 0}
 
 
 def _advanced_fields():
     """(input id, 'section.key', dataclass field) for every option Advanced exposes."""
     fields = [(s, f) for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)
-              if f"{s}.{f.name}" not in HOST_OWNED]
+              if f"{s}.{f.name}" not in HOST_OWNED | ENGINE_ONLY]
     counts: dict[str, int] = {}
     for _, f in fields:
         counts[f.name] = counts.get(f.name, 0) + 1

@@ -138,3 +138,27 @@ def test_latent_cache_is_reused_and_keyed_by_content(tiny_model, image_folder, t
     assert "0 reused, 4 encoded" in cache_lines[0]
     assert "4 reused, 0 encoded" in cache_lines[1]
     assert "3 reused, 1 encoded" in cache_lines[2]
+
+
+def test_packed_cpu_convs_train_like_plain_ones_and_leave_the_model_as_it_was(
+        tiny_model, image_folder, tmp_path):
+    from tsuika.trainers.families import load_model
+    from tsuika.trainers.ops.cpu_conv import available
+
+    if not available():
+        pytest.skip("torch without oneDNN ops: the packed path is off")
+    runs = {}
+    for px in (0, 4096):  # off; every conv of the 64 px tiny model packed
+        bundle = load_model(tiny_model["diffusers"])
+        convs = {k: v.clone() for k, v in bundle.unet.state_dict().items() if v.dim() == 4}
+        cfg = build_config(overrides=tiny_overrides(
+            tiny_model["diffusers"], image_folder, tmp_path / f"px{px}", 3,
+            **{"train.cpu_prepack_pixels": px}))
+        runs[px] = load_safetensors(train(cfg, bundle=bundle).lora_path)[0]
+        # the adapters stay injected: compare each base weight under its wrapped name
+        after = {k.replace(".base_layer", ""): v for k, v in bundle.unet.state_dict().items()}
+        for k, v in convs.items():
+            assert torch.equal(after[k], v), f"{k} changed by a run with pixels={px}"
+    for k, v in runs[0].items():
+        torch.testing.assert_close(runs[4096][k].float(), v.float(), rtol=1e-3, atol=1e-5,
+                                   msg=k)

@@ -152,6 +152,11 @@ class TrainConfig(_Section):
     gradient_checkpointing: bool = opt(False, "Recompute activations to save memory.")
     compile: bool = opt(False, "torch.compile the UNet (slow first steps, faster after; "
                                "pays off on GPUs for runs of hundreds of steps).")
+    cpu_prepack_pixels: int = opt(64, "CPU only: frozen UNet convs on feature maps of at most "
+                                      "this many pixels run from weights reordered once for "
+                                      "oneDNN instead of every call (faster at small batches; "
+                                      "costs one extra copy of those weights); 0 = off.",
+                                  min=0, max=1 << 20)
     noise_offset: float = opt(0.0, "Noise offset (helps very dark/bright images); 0.05 typical.",
                               min=0.0, max=1.0)
     min_snr_gamma: float = opt(0.0, "Min-SNR loss weighting gamma (5 is common); 0 = off.",

@@ -8,6 +8,7 @@ micro-batch and DDP averages the gradients.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -23,6 +24,7 @@ from .config import TsuikaConfig
 from .device import resolve_device, resolve_precision
 from .families import ModelBundle, get_family, load_model
 from .methods import get_method
+from .ops.cpu_conv import packed_frozen_convs
 from .prepare import TrainingData
 from .run_io import RunWriter
 from .state import TrainingState, load_state, resolve_resume
@@ -69,11 +71,11 @@ def train(config: TsuikaConfig, callbacks: Callbacks | None = None,
     # The loop seeds torch's global RNG per step (adapter dropout); the host's RNG state is
     # restored afterwards, so a long-lived host (ComfyUI) sees no side effect.
     cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
-    with torch.random.fork_rng(devices=cuda):
-        return _train(config, callbacks, bundle, scan)
+    with torch.random.fork_rng(devices=cuda), contextlib.ExitStack() as run_scope:
+        return _train(config, callbacks, bundle, scan, run_scope)
 
 
-def _train(config, callbacks, bundle, scan) -> TrainResult:
+def _train(config, callbacks, bundle, scan, run_scope: contextlib.ExitStack) -> TrainResult:
     cb = callbacks or Callbacks()
     acc = _distributed()
     device = acc.device if acc is not None else resolve_device(config.train.device)
@@ -118,6 +120,10 @@ def _train(config, callbacks, bundle, scan) -> TrainResult:
     bundle.unet.train()
     if config.train.compile:
         bundle.unet.compile()  # in place: state_dict keys and the adapters stay as they are
+    elif device.type == "cpu" and config.train.cpu_prepack_pixels:
+        # Until the run ends (or fails): the plain weights come back when the scope closes.
+        run_scope.enter_context(packed_frozen_convs(bundle.unet,
+                                                    config.train.cpu_prepack_pixels))
 
     optimizer = _make_optimizer(config, groups, device)
     from diffusers.optimization import get_scheduler

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from ..ops.host_memory import give_back_freed_memory
 from .base import Family, ModelBundle, ModelLoadError
 from .sd15 import Sd15Family
 
@@ -55,7 +56,9 @@ def load_model(path: str | Path, family: str = "auto", prediction_type: str = "a
         raise ModelLoadError(f"model.path = {str(path)!r} does not exist; give a diffusers "
                              "folder or a .safetensors checkpoint.")
     fam = detect_family(p) if family == "auto" else get_family(family)
-    return fam.load(p, prediction_type=prediction_type, dtype=dtype)
+    bundle = fam.load(p, prediction_type=prediction_type, dtype=dtype)
+    give_back_freed_memory()  # the file's tensors as stored, freed once converted
+    return bundle
 
 
 __all__ = ["FAMILIES", "Family", "ModelBundle", "ModelLoadError", "detect_family",

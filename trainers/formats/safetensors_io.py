@@ -175,7 +175,10 @@ def _read_converting(path: Path, dtype: DtypeChoice, device: str,
         return ValueError(f"{path} is a damaged or incomplete safetensors file ({why}); write "
                           "it again or download it again.")
 
+    from ..ops.host_memory import give_back_freed_memory
+
     tensors: dict[str, torch.Tensor] = {}
+    since_trim = 0
     with open(path, "rb") as fh:
         size = os.fstat(fh.fileno()).st_size
         header_len = int.from_bytes(fh.read(_HEADER_LEN_BYTES), "little")
@@ -206,4 +209,9 @@ def _read_converting(path: Path, dtype: DtypeChoice, device: str,
             if t.is_floating_point():
                 t = t.to(dtype(name) if callable(dtype) else dtype)
             tensors[name] = t.to(device) if device != "cpu" else t
+            since_trim += end - start
+            if since_trim > 256 << 20:  # the stored-dtype buffers freed so far, back to the OS
+                del raw
+                give_back_freed_memory()
+                since_trim = 0
     return tensors, {str(k): str(v) for k, v in metadata.items()}

@@ -1,0 +1,90 @@
+"""Packed frozen convs (trainers.ops.cpu_conv): same results and gradients as plain convs,
+and every plain weight comes back bit-identical."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tsuika.trainers.ops import cpu_conv
+
+pytestmark = pytest.mark.skipif(not cpu_conv.available(), reason="torch without oneDNN ops")
+
+
+class Net(torch.nn.Module):
+    """Convs of the kinds a UNet has: 3x3, strided 3x3 (downsample), 1x1 (shortcut), plus
+    one trainable conv that must be left alone."""
+
+    def __init__(self, dtype):
+        super().__init__()
+        self.a = torch.nn.Conv2d(8, 16, 3, padding=1)
+        self.down = torch.nn.Conv2d(16, 16, 3, stride=2, padding=1)
+        self.short = torch.nn.Conv2d(16, 24, 1)
+        self.big = torch.nn.Conv2d(24, 8, 3, padding=1, bias=False)
+        self.trained = torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.to(dtype).requires_grad_(False)
+        self.trained.requires_grad_(True)
+
+    def forward(self, x):
+        return self.trained(self.big(self.short(self.down(self.a(x)))))
+
+
+@pytest.mark.parametrize("dtype,autocast", [(torch.float32, False), (torch.bfloat16, False),
+                                            (torch.bfloat16, True)])
+def test_packed_convs_match_plain_ones_and_restore_the_weights(dtype, autocast):
+    torch.manual_seed(0)
+    net = Net(dtype)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    x = torch.randn(2, 8, 8, 8, dtype=dtype)
+    tol = {"rtol": 0, "atol": 1e-4} if dtype == torch.float32 and not autocast else \
+        {"rtol": 2e-2, "atol": 5e-2}
+
+    def run():
+        xi = x.clone().requires_grad_(True)
+        net.trained.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = net(xi)
+        y.float().square().mean().backward()
+        return y.detach().float(), xi.grad.float(), net.trained.weight.grad.float()
+
+    plain = run()
+    with cpu_conv.packed_frozen_convs(net, max_pixels=64) as packed:
+        fast = run()
+        # the 8x8 and 4x4 frozen convs are packed; the trainable one never is
+        assert set(packed) == {"a", "down", "short", "big"}, packed
+        assert net.a.weight.numel() == 0  # set aside while packed
+        fast_again = run()
+    for p, f in zip(plain, fast):
+        torch.testing.assert_close(f, p, **tol)
+    for f, g in zip(fast, fast_again):
+        torch.testing.assert_close(g, f, rtol=0, atol=0)  # deterministic once packed
+    after = net.state_dict()
+    for k, v in before.items():
+        assert after[k].dtype == v.dtype and torch.equal(after[k], v), k
+
+
+def test_only_small_maps_are_packed_and_an_error_still_restores():
+    net = Net(torch.bfloat16)
+    weight = net.a.weight.clone()
+    with pytest.raises(RuntimeError, match="boom"):
+        with cpu_conv.packed_frozen_convs(net, max_pixels=16) as packed:
+            net(torch.randn(1, 8, 8, 8, dtype=torch.bfloat16))
+            assert set(packed) == {"short", "big"}  # 4x4 maps; "a" and "down" see 8x8
+            raise RuntimeError("boom")
+    assert torch.equal(net.a.weight, weight) and net.short.weight.numel() == 24 * 16
+    assert "forward" not in vars(net.a)  # the class's forward again
+
+
+def test_a_call_in_another_dtype_falls_back_to_a_plain_conv():
+    torch.manual_seed(1)
+    net = Net(torch.float32)  # fp32 weights, packed in bf16 under autocast: plain ones kept
+    x = torch.randn(1, 8, 8, 8)
+    with torch.no_grad():
+        expected = net(x)
+        with cpu_conv.packed_frozen_convs(net) as packed:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                net(x)
+            assert "a" in packed
+            got = net(x)  # fp32, no autocast: the exact plain conv
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert net.a.weight.dtype == torch.float32 and net.a.weight.shape == (16, 8, 3, 3)
