@@ -152,7 +152,7 @@ class TrainConfig(_Section):
     gradient_checkpointing: bool = opt(False, "Recompute activations to save memory.")
     compile: bool = opt(False, "torch.compile the UNet (slow first steps, faster after; "
                                "pays off on GPUs for runs of hundreds of steps).")
-    cpu_prepack_pixels: int = opt(64, "CPU only: frozen UNet convs on feature maps of at most "
+    cpu_prepack_pixels: int = opt(16, "CPU only: frozen UNet convs on feature maps of at most "
                                       "this many pixels run from weights reordered once for "
                                       "oneDNN instead of every call (faster at small batches; "
                                       "costs one extra copy of those weights); 0 = off.",
