@@ -137,7 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     result = run(args)
-    text = table(result, "python benchmarks/quality.py " + " ".join(argv))
+    shown = [a for i, a in enumerate(argv) if a != "--write-docs" and a != "--json"
+             and not a.startswith("--json=") and (i == 0 or argv[i - 1] != "--json")]
+    text = table(result, "python benchmarks/quality.py " + " ".join(shown))  # the work only
     print(text)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2, default=str))
