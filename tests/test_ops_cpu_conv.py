@@ -81,7 +81,7 @@ def test_a_call_in_another_dtype_falls_back_to_a_plain_conv():
     x = torch.randn(1, 8, 8, 8)
     with torch.no_grad():
         expected = net(x)
-        with cpu_conv.packed_frozen_convs(net) as packed:
+        with cpu_conv.packed_frozen_convs(net, max_pixels=64) as packed:
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 net(x)
             assert "a" in packed
