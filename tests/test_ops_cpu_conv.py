@@ -88,3 +88,24 @@ def test_a_call_in_another_dtype_falls_back_to_a_plain_conv():
             got = net(x)  # fp32, no autocast: the exact plain conv
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
     assert net.a.weight.dtype == torch.float32 and net.a.weight.shape == (16, 8, 3, 3)
+
+
+@pytest.mark.parametrize("sizes", [(8, 7), (7, 8), (8, 6)])
+def test_maps_of_another_size_after_packing_still_get_exact_gradients(sizes):
+    # Buckets change a conv's map size between steps; the strided conv's input gradient must
+    # come back at each call's own input size.
+    torch.manual_seed(2)
+    net = Net(torch.float32)
+    results = []
+    for packed in (False, True):
+        grads = []
+        with cpu_conv.packed_frozen_convs(net, max_pixels=64 if packed else 0):
+            for side in sizes:
+                x = torch.randn(1, 8, side, side + 1, generator=torch.Generator().manual_seed(side),
+                                requires_grad=True)
+                net(x).square().mean().backward()
+                grads.append(x.grad)
+        results.append(grads)
+    for plain, fast in zip(*results):
+        assert plain.shape == fast.shape
+        torch.testing.assert_close(fast, plain, rtol=0, atol=1e-4)

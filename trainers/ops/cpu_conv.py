@@ -47,7 +47,7 @@ class _Packed:
     plain: torch.Tensor | None  # the plain weight, kept only when packing changed its dtype
     padding: list[int]
     stride: list[int]
-    output_padding: list[int]  # makes the transposed conv give back the input's size
+    kernel: list[int]
 
 
 class _PackedConv(torch.autograd.Function):
@@ -57,6 +57,9 @@ class _PackedConv(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, packed: _Packed) -> torch.Tensor:
         ctx.packed = packed
+        # From this call's size, not the packing call's: buckets change map sizes, and a
+        # strided conv's gradient needs the input's exact size back.
+        ctx.output_padding = _output_padding(x.shape[2:], packed)
         return torch.ops.mkldnn._convolution_pointwise(
             x.contiguous(), packed.forward_weight, packed.bias, packed.padding, packed.stride,
             [1, 1], 1, "none", [], "")
@@ -68,8 +71,16 @@ class _PackedConv(torch.autograd.Function):
         p = ctx.packed
         grad_in = torch.ops.mkldnn._convolution_transpose_pointwise(
             grad.to(p.dtype).contiguous(), p.input_grad_weight, None, p.padding,
-            p.output_padding, p.stride, [1, 1], 1, "none", [], "")
+            ctx.output_padding, p.stride, [1, 1], 1, "none", [], "")
         return grad_in, None
+
+
+def _output_padding(in_hw, packed: _Packed | None, pad=None, stride=None, kernel=None):
+    """What makes the transposed conv of the gradient give back exactly ``in_hw``."""
+    if packed is not None:
+        pad, stride, kernel = packed.padding, packed.stride, packed.kernel
+    out = [(in_hw[i] + 2 * pad[i] - kernel[i]) // stride[i] + 1 for i in range(2)]
+    return [in_hw[i] - ((out[i] - 1) * stride[i] - 2 * pad[i] + kernel[i]) for i in range(2)]
 
 
 def _eligible(conv: torch.nn.Module) -> bool:
@@ -91,8 +102,7 @@ def _pack(conv: torch.nn.Conv2d, x: torch.Tensor, dtype: torch.dtype) -> _Packed
     w = conv.weight.detach().to(dtype)
     pad, stride, kernel = list(conv.padding), list(conv.stride), list(conv.kernel_size)
     out_hw = [(x.shape[2 + i] + 2 * pad[i] - kernel[i]) // stride[i] + 1 for i in range(2)]
-    out_pad = [x.shape[2 + i] - ((out_hw[i] - 1) * stride[i] - 2 * pad[i] + kernel[i])
-               for i in range(2)]
+    out_pad = _output_padding(x.shape[2:], None, pad, stride, kernel)
     return _Packed(
         forward_weight=ops._reorder_convolution_weight(w, pad, stride, [1, 1], 1,
                                                        list(x.shape)),
@@ -100,7 +110,7 @@ def _pack(conv: torch.nn.Conv2d, x: torch.Tensor, dtype: torch.dtype) -> _Packed
             w, pad, out_pad, stride, [1, 1], 1, [x.shape[0], w.shape[0], *out_hw]),
         bias=None if conv.bias is None else conv.bias.detach().to(dtype),
         dtype=dtype, plain=None if w.dtype == conv.weight.dtype else conv.weight.data,
-        padding=pad, stride=stride, output_padding=out_pad)
+        padding=pad, stride=stride, kernel=kernel)
 
 
 class _Packer:
@@ -120,7 +130,8 @@ class _Packer:
                     return plain_forward(x)
                 packed = self.packed[conv] = _pack(conv, x, dtype)
                 self.pixels[name] = x.shape[-2] * x.shape[-1]
-                # Set aside only what the packed copy can give back exactly.
+                # The packed copy gives the weight back exactly (``plain`` keeps it where the
+                # packed dtype differs), so the plain tensor can go until the run ends.
                 conv.weight.data = torch.empty(0, dtype=conv.weight.dtype)
                 give_back_freed_memory()  # or the freed plain weight stays resident
             if dtype != packed.dtype or x.dim() != 4:  # e.g. an fp32 call after bf16 ones
