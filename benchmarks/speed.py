@@ -35,10 +35,8 @@ def run_reference(args) -> dict:
     """The reference training step: encode image and caption each step, fp32, AdamW."""
     import torch
     import torch.nn.functional as F
-    from diffusers import DDPMScheduler
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from peft import LoraConfig
-
-    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
     device = torch.device(args.device)

@@ -76,6 +76,16 @@ def test_missing_pickle_and_junk_files_get_clear_errors(tmp_path):
     truncated.write_bytes(good.read_bytes()[:-16])
     with pytest.raises(ValueError, match="damaged"):
         load_safetensors(truncated)
+    # the converting reader (dtype=...) refuses the same files, and a malformed header entry
+    with pytest.raises(ValueError, match="damaged"):
+        load_safetensors(truncated, dtype=torch.bfloat16)
+    header = b'{"x": {"dtype": "F32", "shape": [4]}}'  # no data_offsets
+    odd = tmp_path / "odd.safetensors"
+    odd.write_bytes(len(header).to_bytes(8, "little") + header + bytes(16))
+    with pytest.raises(ValueError, match="damaged.*malformed"):
+        load_safetensors(odd, dtype=torch.bfloat16)
+    values, _ = load_safetensors(good, dtype=torch.bfloat16)
+    assert values["x"].dtype == torch.bfloat16 and values["x"].shape == (64,)
 
 
 # -- metadata --------------------------------------------------------------------------------

@@ -188,13 +188,20 @@ def _read_converting(path: Path, dtype: DtypeChoice, device: str,
             raise damaged(f"unreadable header: {e}") from e
         metadata = header.pop("__metadata__", None) or {}
         base = _HEADER_LEN_BYTES + header_len
-        for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
-            stored = _STORED.get(info.get("dtype"))
+        try:
+            entries = []
+            for name, info in header.items():
+                start, end = (int(o) for o in info["data_offsets"])
+                entries.append((name, info["dtype"], [int(d) for d in info["shape"]],
+                                (start, end)))
+            entries.sort(key=lambda e: e[3][0])
+        except (AttributeError, KeyError, TypeError, ValueError) as e:
+            raise damaged(f"malformed tensor entry in the header: {e!r}") from e
+        for name, stored_name, shape, (start, end) in entries:
+            stored = _STORED.get(stored_name)
             if stored is None:
-                raise damaged(f"tensor {name!r} has dtype {info.get('dtype')!r}, which Tsuika "
+                raise damaged(f"tensor {name!r} has dtype {stored_name!r}, which Tsuika "
                               f"does not read; supported: {', '.join(_STORED)}")
-            start, end = info["data_offsets"]
-            shape = [int(d) for d in info["shape"]]
             numel = 1
             for d in shape:
                 numel *= d

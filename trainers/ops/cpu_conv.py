@@ -59,7 +59,8 @@ class _PackedConv(torch.autograd.Function):
         ctx.packed = packed
         # From this call's size, not the packing call's: buckets change map sizes, and a
         # strided conv's gradient needs the input's exact size back.
-        ctx.output_padding = _output_padding(x.shape[2:], packed)
+        ctx.output_padding = _transposed_geometry(x.shape[2:], packed.padding, packed.stride,
+                                                  packed.kernel)[1]
         return torch.ops.mkldnn._convolution_pointwise(
             x.contiguous(), packed.forward_weight, packed.bias, packed.padding, packed.stride,
             [1, 1], 1, "none", [], "")
@@ -75,12 +76,12 @@ class _PackedConv(torch.autograd.Function):
         return grad_in, None
 
 
-def _output_padding(in_hw, packed: _Packed | None, pad=None, stride=None, kernel=None):
-    """What makes the transposed conv of the gradient give back exactly ``in_hw``."""
-    if packed is not None:
-        pad, stride, kernel = packed.padding, packed.stride, packed.kernel
+def _transposed_geometry(in_hw, pad, stride, kernel) -> tuple[list[int], list[int]]:
+    """The conv's output size for ``in_hw``, and the output padding that makes the transposed
+    conv of the gradient give back exactly ``in_hw``."""
     out = [(in_hw[i] + 2 * pad[i] - kernel[i]) // stride[i] + 1 for i in range(2)]
-    return [in_hw[i] - ((out[i] - 1) * stride[i] - 2 * pad[i] + kernel[i]) for i in range(2)]
+    return out, [in_hw[i] - ((out[i] - 1) * stride[i] - 2 * pad[i] + kernel[i])
+                 for i in range(2)]
 
 
 def _eligible(conv: torch.nn.Module) -> bool:
@@ -101,8 +102,7 @@ def _pack(conv: torch.nn.Conv2d, x: torch.Tensor, dtype: torch.dtype) -> _Packed
     ops = torch.ops.mkldnn
     w = conv.weight.detach().to(dtype)
     pad, stride, kernel = list(conv.padding), list(conv.stride), list(conv.kernel_size)
-    out_hw = [(x.shape[2 + i] + 2 * pad[i] - kernel[i]) // stride[i] + 1 for i in range(2)]
-    out_pad = _output_padding(x.shape[2:], None, pad, stride, kernel)
+    out_hw, out_pad = _transposed_geometry(x.shape[2:], pad, stride, kernel)
     return _Packed(
         forward_weight=ops._reorder_convolution_weight(w, pad, stride, [1, 1], 1,
                                                        list(x.shape)),
