@@ -32,15 +32,22 @@ PATTERN_PERIOD = 1 / 8
 MAX_OFFSET = 0.04
 
 
-def render(scene: Scene, size: int = 64) -> Image.Image:
+def render(scene: Scene, size: int = 64, pattern_phase: tuple[float, float] = (0.0, 0.0)
+           ) -> Image.Image:
     """Draw ``scene`` as a ``size`` x ``size`` RGB image (deterministic).
 
     Args:
         scene: what to draw.
         size: image side in pixels (64 for the reference model; 32 is handy in tests).
+        pattern_phase: where the stripe/checker grid starts, as fractions ``(x, y)`` of its
+            period in [0, 1). The model's data always uses (0, 0), a grid fixed to the
+            canvas; the evaluator trains on random phases, because a generated pattern
+            may sit anywhere, and a classifier that saw one phase only reads that phase.
     """
     if not isinstance(size, int) or size < 16:
         raise ValueError(f"render size = {size!r}; use an integer of at least 16, e.g. 64.")
+    if not all(0.0 <= p < 1.0 for p in pattern_phase):
+        raise ValueError(f"pattern_phase = {pattern_phase!r}; use two fractions in [0, 1).")
     side = size * SUPERSAMPLE
     canvas = Image.new("RGB", (side, side), BACKGROUNDS[scene.background])
     cx = (POSITIONS[scene.position][0] + scene.offset[0]) * side
@@ -53,7 +60,8 @@ def render(scene: Scene, size: int = 64) -> Image.Image:
             canvas.paste(COLORS[part.color], mask=mask)
     else:
         mask = _shape_mask(scene.shape, cx, cy, diameter / 2, side)
-        canvas.paste(_texture_fill(scene.texture, scene.color, side), mask=mask)
+        canvas.paste(_shifted(_texture_fill(scene.texture, scene.color, side), pattern_phase),
+                     mask=mask)
     return canvas.resize((size, size), Image.Resampling.BOX)
 
 
@@ -123,7 +131,7 @@ def _texture_fill(texture: str, color: str, side: int) -> Image.Image:
     other = _contrast_tone(base)
     if texture == "solid":
         return Image.new("RGB", (side, side), COLORS[color])
-    band = max(1, round(side * PATTERN_PERIOD / 2))
+    band = _band(side)
     idx = np.arange(side) // band
     if texture == "striped":
         alt = np.broadcast_to((idx % 2)[:, None], (side, side))  # horizontal stripes
@@ -133,6 +141,21 @@ def _texture_fill(texture: str, color: str, side: int) -> Image.Image:
         raise ValueError(f"texture {texture!r} has no pattern; this is a bug in the table.")
     pixels = np.where(alt[..., None] == 1, other, base)
     return Image.fromarray(pixels.round().astype(np.uint8), "RGB")
+
+
+def _shifted(fill: Image.Image, phase: tuple[float, float]) -> Image.Image:
+    """``fill`` moved by ``phase`` periods (np.roll wraps: exact for the side sizes that hold
+    whole periods, a seam at the edge otherwise, where the shape mask rarely reaches)."""
+    period = 2 * _band(fill.width)
+    dx, dy = (round(p * period) for p in phase)
+    if dx == 0 and dy == 0:
+        return fill
+    return Image.fromarray(np.roll(np.asarray(fill), (dy, dx), axis=(0, 1)))
+
+
+def _band(side: int) -> int:
+    """Width of one stripe / checker cell, in pixels of a ``side``-wide canvas."""
+    return max(1, round(side * PATTERN_PERIOD / 2))
 
 
 def _contrast_tone(rgb: np.ndarray) -> np.ndarray:

@@ -161,3 +161,19 @@ def test_shipped_evaluator_reads_fresh_clean_renders():
     for p in prompts:
         if p.concept:
             assert evaluator.concept_fidelity(images[p], p.concept) == 1, p.text
+
+
+@pytest.mark.skipif(not SHIPPED.is_file(), reason="reference/evaluator.safetensors not built")
+def test_shipped_evaluator_reads_patterns_off_the_canvas_grid():
+    """Generated stripes and checks do not keep the renderer's grid phase; an evaluator
+    trained on that phase only called a checkered LoRA's samples "solid"."""
+    evaluator = Evaluator.load(SHIPPED)
+    rng = random.Random(11)
+    for texture in ("striped", "checkered"):
+        scenes = [world.sample_scene(rng) for _ in range(40)]
+        scenes = [Scene.from_spec({**s.spec(), "texture": texture}) for s in scenes
+                  if s.texture is not None]
+        for phase in ((0.25, 0.25), (0.5, 0.5), (0.75, 0.0)):
+            images = [world.render(s, evaluator.image_size, phase) for s in scenes]
+            read = [q["texture"] for q in evaluator.predict(images)]
+            assert read.count(texture) >= 0.9 * len(read), (texture, phase, read)

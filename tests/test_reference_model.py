@@ -276,3 +276,30 @@ def test_decoder_finetune_changes_only_the_decoder(trained, tmp_path):
                                                        b.state_dict().values()))
     assert (out / f"{tm.MODEL_NAME}.safetensors").is_file()
     assert fd.main(["--model", str(trained), "--out", str(out), "--steps", "1"]) == 2  # kept
+
+
+def test_reevaluation_redoes_scores_and_writes_only_when_asked(trained, tmp_path, capsys):
+    import hashlib
+    import shutil
+
+    from tsuika.reference import scores
+    from tsuika.reference.quality import EVALUATOR
+
+    if not EVALUATOR.is_file():
+        pytest.skip("reference/evaluator.safetensors not built")
+    model = tmp_path / "model"
+    shutil.copytree(trained, model)
+    report = model / "training_report.json"
+    before = report.read_bytes()
+    assert scores.main(["--model", str(model), "--images", "1"]) == 0
+    assert report.read_bytes() == before  # printed only
+    assert "retention_subject_fidelity" in capsys.readouterr().out
+    assert scores.main(["--model", str(model), "--images", "1", "--write"]) == 0
+    redone = json.loads(report.read_text())
+    assert redone["evaluation"]["images_per_prompt"] == 1
+    assert redone["evaluation"]["evaluator_sha256"] == hashlib.sha256(
+        EVALUATOR.read_bytes()).hexdigest()
+    assert set(redone["vae"]["ceiling"]) == {"heart", "checkered", "zorbit"}
+    assert redone["seed"] == json.loads(before)["seed"]  # the rest of the report is kept
+    assert scores.main(["--model", str(tmp_path / "missing")]) == 2
+    assert "training_report.json" in capsys.readouterr().err

@@ -102,6 +102,22 @@ def test_textures_have_their_own_pattern():
     assert spread(checkered, 0) > 20 and spread(checkered, 1) > 20
 
 
+def test_pattern_phase_moves_the_grid_not_the_shape():
+    s = scene(shape="square", texture="checkered", color="blue")
+    fixed = np.asarray(world.render(s, 64)).astype(int)
+    assert np.array_equal(np.asarray(world.render(s, 64, (0.0, 0.0))), fixed)
+    half = np.asarray(world.render(s, 64, (0.5, 0.0))).astype(int)  # 4 px: cells swap
+    inside = (slice(24, 40), slice(24, 40))
+    assert np.abs(half[inside] - fixed[inside]).max() > 40
+    assert np.array_equal(half[inside], fixed[24:40, 20:36])  # same grid, moved 4 px
+    assert np.array_equal(subject_mask(s, 64), np.abs(
+        half - np.array(BACKGROUNDS[s.background])).sum(-1) > 30)  # the outline stays put
+    solid = scene(texture="solid")
+    assert world.render(solid, 32, (0.3, 0.7)).tobytes() == world.render(solid, 32).tobytes()
+    with pytest.raises(ValueError, match="pattern_phase"):
+        world.render(s, 64, (1.0, 0.0))
+
+
 def test_scene_validation_names_the_field_and_the_choices():
     with pytest.raises(ValueError, match="Scene.color = 'mauve'.*red"):
         scene(color="mauve")
