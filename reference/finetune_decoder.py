@@ -14,6 +14,13 @@ sees a fixed set of latents the model itself samples for pretraining captions, a
 to what the original decoder made of them (``anchor_weight``). Without that anchor, an
 800-step run moved retention (texture 0.92 -> 0.84: stripes decoded as checks).
 
+Measured limit (why the shipped model no longer uses it): the frozen encoder has no code of
+its own for a pattern it never saw, so the new decoder also draws that pattern from latents
+the UNet makes for textures it is unsure of; after this run the untrained model "drew" the
+checkered prompts 0.13-0.69 of the time. ``train_model --vae-whole-world`` trains the whole
+VAE on the whole world from the start and does not leak; use this only where retraining the
+UNet is not an option, and check the held-out baselines after it.
+
 Writes the same two formats as ``train_model``, ``decoder_report.json``, and when the source
 folder has one, its ``training_report.json`` with the evaluation and VAE ceiling redone on
 the new decoder (the old ones kept under ``before_decoder_finetune``) and a new
