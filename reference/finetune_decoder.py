@@ -39,7 +39,6 @@ from pathlib import Path
 
 import torch
 
-from .concepts import HELD_OUT
 from .export import _write_json, check_outputs, round_to_fp16, save_model
 from .sampling import TokenCache, generate, sample_grid, sample_latents
 from .vae_stage import pixel_loss, render_batch
@@ -87,7 +86,7 @@ def finetune_decoder(vae, *, steps: int, batch_size: int = 16, learning_rate: fl
         ``{"steps", "seconds", "loss_curve", "ceiling"}`` (curve rows: step, render loss,
         anchor loss).
     """
-    from .quality import vae_ceiling
+    from .quality import vae_ceilings
 
     vae.requires_grad_(False).train()
     params = [*vae.decoder.parameters(), *vae.post_quant_conv.parameters()]
@@ -115,7 +114,7 @@ def finetune_decoder(vae, *, steps: int, batch_size: int = 16, learning_rate: fl
             curve.append([step, round(loss.item(), 6), round(keep.item(), 6)])
             if evaluator is not None:
                 vae.eval()
-                ceiling = {c: vae_ceiling(vae, c, evaluator=evaluator) for c in HELD_OUT}
+                ceiling = vae_ceilings(vae, evaluator)
                 vae.train()
             log.info("decoder step %d/%d  loss %.5f  anchor %.5f  ceiling %s", step, steps,
                      loss.item(), keep.item(), ceiling)
@@ -128,7 +127,7 @@ def _redo_report(source: Path, out: Path, bundle, evaluator, decoder: dict,
                  eval_images: int) -> None:
     """The source model's training report with its VAE ceiling and evaluation redone on the
     new decoder (same prompts, seeds and sampler settings), and a new samples grid."""
-    from .scores import evaluate_model
+    from .scores import evaluate_as_reported
 
     old_path = source / "training_report.json"
     report = json.loads(old_path.read_text()) if old_path.is_file() else {}
@@ -144,9 +143,8 @@ def _redo_report(source: Path, out: Path, bundle, evaluator, decoder: dict,
     report["decoder_finetune"] = decoder
     te, tokens = bundle.text_encoders[0], TokenCache(bundle.tokenizers[0])
     if evaluator is not None and eval_images > 0:
-        report["evaluation"] = {**evaluate_model(
-            bundle.unet, bundle.vae, te, tokens, bundle.scheduler_config, evaluator,
-            images=eval_images, seed=seed, steps=steps, guidance=guidance),
+        report["evaluation"] = {
+            **evaluate_as_reported(report, bundle, evaluator, eval_images),
             "evaluator": old_eval.get("evaluator", "reference/evaluator.safetensors")}
         log.info("retention after: attribute accuracy %s, shape+colour %.3f",
                  report["evaluation"]["retention_attribute_accuracy"],

@@ -133,6 +133,11 @@ def vae_ceiling(vae, concept: str, images: int = 32, seed: int = 0, evaluator=No
     return evaluator.concept_fidelity((rec.clamp(-1, 1) + 1) / 2, concept)
 
 
+def vae_ceilings(vae, evaluator=None) -> dict[str, float]:
+    """``vae_ceiling`` of every held-out concept (default 32 images each), rounded for reports."""
+    return {c: round(vae_ceiling(vae, c, evaluator=evaluator), 4) for c in HELD_OUT}
+
+
 def finetune(concept: str, work_dir: str | Path, *, method: str = "lora", steps: int = 200,
              learning_rate: float = 1e-3, rank: int = 8, images: int = 24, seed: int = 0,
              model: str | Path | None = None, extra: tuple[str, ...] = (),

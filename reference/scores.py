@@ -78,14 +78,28 @@ def evaluate_model(unet, vae, text_encoder, tokens, scheduler_config: dict, eval
             **evaluate(evaluator, by_prompt)}
 
 
+def evaluate_as_reported(report: dict, bundle, evaluator, images: int | None = None) -> dict:
+    """``evaluate_model`` on ``bundle`` with the seed, sampler steps and guidance (and, unless
+    ``images`` is given, the samples per prompt) of ``report``'s earlier evaluation, so that
+    old and new scores differ only in what changed."""
+    from .sampling import TokenCache
+
+    old = report.get("evaluation", {})
+    return evaluate_model(
+        bundle.unet, bundle.vae, bundle.text_encoders[0], TokenCache(bundle.tokenizers[0]),
+        bundle.scheduler_config, evaluator, images=images or old.get("images_per_prompt", 16),
+        seed=report.get("seed", 0), steps=old.get("sample_steps", 25),
+        guidance=old.get("guidance", 7.0))
+
+
 def reevaluate(model_dir: str | Path, evaluator_path: str | Path | None = None, *,
                images: int | None = None) -> dict:
     """The model's training report with its evaluation and VAE ceilings redone by the given
     (default: the shipped) evaluator, with the same prompts, seeds and sampler settings.
 
-    Scores are a function of the model *and* the evaluator; when the evaluator is retrained
-    (it was, once it turned out to read only one phase of a pattern) the shipped figures are
-    redone with this instead of retraining the model. The report records which evaluator
+    Scores are a function of the model *and* the evaluator; when only the evaluator is
+    retrained (it was, once it turned out to read only one phase of a pattern) the shipped
+    figures are redone with this, and the model stays as it is. The report records which evaluator
     (its file's SHA-256) made them.
 
     Args:
@@ -94,8 +108,7 @@ def reevaluate(model_dir: str | Path, evaluator_path: str | Path | None = None, 
         images: samples per prompt (default: as many as the report's evaluation used).
     """
     from .evaluator import Evaluator
-    from .quality import EVALUATOR, load_reference, vae_ceiling
-    from .sampling import TokenCache
+    from .quality import EVALUATOR, load_reference, vae_ceilings
 
     model_dir = Path(model_dir)
     report_path = model_dir / "training_report.json"
@@ -103,17 +116,12 @@ def reevaluate(model_dir: str | Path, evaluator_path: str | Path | None = None, 
         raise FileNotFoundError(f"{report_path} not found; --model must be a reference model "
                                 "folder (e.g. reference/model).")
     report = json.loads(report_path.read_text(encoding="utf-8"))
-    old = report.get("evaluation", {})
     evaluator_path = Path(evaluator_path or EVALUATOR)
     evaluator = Evaluator.load(evaluator_path)
     bundle = load_reference(model_dir / "diffusers")
     with torch.no_grad():
-        evaluation = evaluate_model(
-            bundle.unet, bundle.vae, bundle.text_encoders[0], TokenCache(bundle.tokenizers[0]),
-            bundle.scheduler_config, evaluator, images=images or old.get("images_per_prompt", 16),
-            seed=report.get("seed", 0), steps=old.get("sample_steps", 25),
-            guidance=old.get("guidance", 7.0))
-        ceiling = {c: vae_ceiling(bundle.vae, c, evaluator=evaluator) for c in HELD_OUT}
+        evaluation = evaluate_as_reported(report, bundle, evaluator, images)
+        ceiling = vae_ceilings(bundle.vae, evaluator)
     digest = hashlib.sha256(evaluator_path.read_bytes()).hexdigest()
     report["evaluation"] = {**evaluation, "evaluator": evaluator_path.name,
                             "evaluator_sha256": digest}

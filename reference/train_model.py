@@ -127,11 +127,10 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
              vae_stats["psnr_pretraining_scenes"], vae_stats["psnr_held_out_concepts"])
     if Path(args.evaluator).is_file():
         from .evaluator import Evaluator
-        from .quality import vae_ceiling
+        from .quality import vae_ceilings
 
         evaluator = Evaluator.load(args.evaluator)
-        vae_stats["ceiling"] = {c: round(vae_ceiling(vae, c, evaluator=evaluator), 4)
-                                for c in HELD_OUT}
+        vae_stats["ceiling"] = vae_ceilings(vae, evaluator)
         log.info("VAE ceiling (held-out images recognised after a round trip): %s",
                  vae_stats["ceiling"])
 
