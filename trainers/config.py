@@ -96,8 +96,20 @@ class DataConfig(_Section):
     flip: bool = opt(False, "Random horizontal flip (both variants are cached).")
     cache_latents: bool = opt(True, "Encode each image with the VAE once, keyed by content.")
     cache_dir: str = opt("", "Where caches live; empty means <output.dir>/.cache.")
+    class_dir: str = opt("", "Prior preservation: folder of class images (e.g. other dogs) "
+                         "trained beside the dataset so the class is not forgotten; empty = "
+                         "off.")
+    class_prompt: str = opt("", "Caption of every class image, e.g. 'a photo of a dog'; empty = "
+                            "each class image's own caption file.")
+    class_images: int = opt(0, "Have at least this many class images: the base model draws "
+                            "the missing ones into class_dir before training (needs "
+                            "class_prompt); 0 = use the folder as it is.", min=0, max=100_000)
 
     def validate(self) -> None:
+        if self.class_images and not (self.class_dir and self.class_prompt):
+            raise ConfigError(f"data.class_images = {self.class_images} needs data.class_dir "
+                              "(where to write them) and data.class_prompt (what to draw), "
+                              "e.g. 'a photo of a dog'.")
         if self.crop == "random" and self.cache_latents:
             raise ConfigError("data.crop = 'random' cannot be combined with data.cache_latents "
                               "= true (a cached latent has one fixed crop); set data.crop = "
@@ -113,7 +125,9 @@ class DataConfig(_Section):
 @dataclass
 class NetworkConfig(_Section):
     SECTION = "network"
-    method: str = opt("lora", "Training method.", choices=("lora",))
+    method: str = opt("lora", "Training method: 'lora' trains small adapters (a LoRA file); "
+                      "'dreambooth' fine-tunes the UNet's own weights (a whole checkpoint).",
+                      choices=("lora", "dreambooth"))
     rank: int = opt(16, "LoRA rank (dim) of attention/linear layers.", min=1, max=1024)
     alpha: float = opt(8.0, "LoRA alpha; the update is scaled by alpha / rank.",
                        min=0.0001, max=4096)
@@ -159,6 +173,8 @@ class TrainConfig(_Section):
                                   min=0, max=1 << 20)
     noise_offset: float = opt(0.0, "Noise offset (helps very dark/bright images); 0.05 typical.",
                               min=0.0, max=1.0)
+    prior_loss_weight: float = opt(1.0, "Weight of the class images' loss when data.class_dir "
+                                   "is set (prior preservation).", min=0.0, max=100.0)
     min_snr_gamma: float = opt(0.0, "Min-SNR loss weighting gamma (5 is common); 0 = off.",
                                min=0.0, max=100.0)
     device: str = opt("auto", "Device: 'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:1' ...")

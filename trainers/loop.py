@@ -25,6 +25,7 @@ from .device import resolve_device, resolve_precision
 from .families import ModelBundle, get_family, load_model
 from .methods import get_method
 from .ops.cpu_conv import packed_frozen_convs
+from . import prior
 from .prepare import TrainingData
 from .run_io import RunWriter
 from .state import TrainingState, load_state, resolve_resume
@@ -80,33 +81,42 @@ def _train(config, callbacks, bundle, scan, run_scope: contextlib.ExitStack) -> 
     acc = _distributed()
     device = acc.device if acc is not None else resolve_device(config.train.device)
     precision = resolve_precision(device, config.train.mixed_precision)
+    method = get_method(config.network.method)
+    # Frozen weights live in the compute dtype; weights a method trains are fp32 masters
+    # (autocast computes in the compute dtype). Loaded straight into that dtype.
+    weights_dtype = torch.float32 if method.trains_base_weights else precision.compute_dtype
     if bundle is None:
         config.require_inputs()
-        # Straight into the compute dtype the frozen weights are kept in below (a method
-        # that trains base weights, like full fine-tuning, will want them fp32 here).
         bundle = load_model(config.model.path, config.model.family, config.model.prediction_type,
-                            dtype=precision.compute_dtype)
+                            dtype=weights_dtype)
     family = get_family(bundle.family)
-    method = get_method(config.network.method)
     method.validate(config, bundle)
     out = RunWriter(config, bundle, is_main=acc is None or acc.is_main_process)
 
-    # Frozen weights live in the compute dtype; the VAE stays fp32 (it is used only to fill
-    # the cache, and half-precision SD VAEs are known to overflow).
+    # The VAE stays fp32 (it is used only to fill the cache, and half-precision SD VAEs are
+    # known to overflow).
     _move(bundle.vae, device, torch.float32)
+    prior.check_class_dir(config)
     data = TrainingData(config, bundle, precision, out.cache_dir, scan=scan)
     for skipped in data.scan.skipped:
         cb.on_message(f"skipped {skipped.path}: {skipped.reason}")
+    _move(bundle.unet, device, weights_dtype)
+    for te in bundle.text_encoders:
+        te.to(device, weights_dtype)
+    if acc is None or acc.is_main_process:
+        prior.generate_missing(config, family, bundle, precision, cb)  # with the base model
     if acc is not None and not acc.is_main_process:
-        acc.wait_for_everyone()  # rank 0 fills the shared latent cache first
+        acc.wait_for_everyone()  # rank 0 draws class images and fills the shared cache first
+    class_data = prior.class_data(config, bundle, precision, out.cache_dir)
     hits, encoded = data.fill_latent_cache()
+    if class_data is not None:
+        class_hits, class_encoded = class_data.fill_latent_cache()
+        cb.on_message(f"prior preservation: {len(class_data.examples)} class images; latent "
+                      f"cache: {class_hits} reused, {class_encoded} encoded")
     if acc is not None and acc.is_main_process:
         acc.wait_for_everyone()
     cb.on_message(f"{len(data.examples)} images used, {len(data.scan.skipped)} skipped; "
                   f"latent cache: {hits} reused, {encoded} encoded")
-    _move(bundle.unet, device, precision.compute_dtype)
-    for te in bundle.text_encoders:
-        te.to(device, precision.compute_dtype)
     if data.cache is not None:
         bundle.vae.to("cpu")  # everything it had to encode is cached
 
@@ -166,6 +176,37 @@ def _train(config, callbacks, bundle, scan, run_scope: contextlib.ExitStack) -> 
         cb.on_save(info)
         return info
 
+    def forward_backward(batch, seed: int, weight: float) -> torch.Tensor:
+        """One micro-batch's weighted loss, backpropagated; returns it detached."""
+        latents = batch.latents.to(device)
+        g = torch.Generator("cpu").manual_seed(seed)
+        noise = torch.randn(latents.shape, generator=g)
+        if config.train.noise_offset:
+            noise += config.train.noise_offset * torch.randn(
+                (latents.shape[0], latents.shape[1], 1, 1), generator=g)
+        t = torch.randint(0, noise_sched.config.num_train_timesteps, (latents.shape[0],),
+                          generator=g)
+        noise, t = noise.to(device), t.to(device)
+        noisy = noise_sched.add_noise(latents, noise, t)
+        target = noise if bundle.prediction_type == "epsilon" else \
+            noise_sched.get_velocity(latents, noise, t)
+        with torch.set_grad_enabled(train_te), precision.context():
+            cond = _encode(family, bundle, batch.captions, device, text_cache,
+                           cache_ok=data.captions_static and not train_te)
+        # Dropout inside the adapters uses the global RNG: seed it per micro-batch.
+        torch.manual_seed(seed)
+        with precision.context():
+            pred = family.predict(bundle, noisy, t, cond) if acc is None else unet(
+                noisy, t, encoder_hidden_states=cond["encoder_hidden_states"],
+                return_dict=False)[0]
+        loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean((1, 2, 3))
+        if config.train.min_snr_gamma:
+            loss = loss * _min_snr_weight(alphas, t, config.train.min_snr_gamma,
+                                          bundle.prediction_type)
+        loss = loss.mean() * weight
+        scaler.scale(loss).backward()
+        return loss.detach()
+
     cb.on_start({"images": len(data.examples), "steps": total, "start_step": start,
                  "buckets": {f"{w}x{h}": n for (w, h), n in data.bucket_counts.items()},
                  "trainable_parameters": sum(p.numel() for p in params),
@@ -177,41 +218,18 @@ def _train(config, callbacks, bundle, scan, run_scope: contextlib.ExitStack) -> 
         if cb.should_stop():
             info = save(step, final=False)
             raise TrainingStopped(
-                f"training stopped at step {step}/{total}; the LoRA so far is {info.lora_path} "
+                f"training stopped at step {step}/{total}; the file so far is {info.lora_path} "
                 f"and a resumable state is {info.state_dir} (resume with train.resume = "
                 f"'{info.state_dir}' or 'latest').", info)
         loss_sum = torch.zeros((), device=device)
         for j in range(accum):
             m = (step * accum + j) * world + rank
             batch, epoch = data.micro_batch(m)
-            latents = batch.latents.to(device)
-            g = torch.Generator("cpu").manual_seed(config.train.seed * 1_000_003 + m)
-            noise = torch.randn(latents.shape, generator=g)
-            if config.train.noise_offset:
-                noise += config.train.noise_offset * torch.randn(
-                    (latents.shape[0], latents.shape[1], 1, 1), generator=g)
-            t = torch.randint(0, noise_sched.config.num_train_timesteps, (latents.shape[0],),
-                              generator=g)
-            noise, t = noise.to(device), t.to(device)
-            noisy = noise_sched.add_noise(latents, noise, t)
-            target = noise if bundle.prediction_type == "epsilon" else \
-                noise_sched.get_velocity(latents, noise, t)
-            with torch.set_grad_enabled(train_te), precision.context():
-                cond = _encode(family, bundle, batch.captions, device, text_cache,
-                               cache_ok=data.captions_static and not train_te)
-            # Dropout inside the adapters uses the global RNG: seed it per micro-batch.
-            torch.manual_seed(config.train.seed * 1_000_003 + m)
-            with precision.context():
-                pred = family.predict(bundle, noisy, t, cond) if acc is None else unet(
-                    noisy, t, encoder_hidden_states=cond["encoder_hidden_states"],
-                    return_dict=False)[0]
-            loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean((1, 2, 3))
-            if config.train.min_snr_gamma:
-                loss = loss * _min_snr_weight(alphas, t, config.train.min_snr_gamma,
-                                              bundle.prediction_type)
-            loss = loss.mean() / accum
-            scaler.scale(loss).backward()
-            loss_sum += loss.detach()
+            loss_sum += forward_backward(batch, config.train.seed * 1_000_003 + m, 1 / accum)
+            if class_data is not None:  # prior preservation: its own stream of draws
+                loss_sum += forward_backward(class_data.micro_batch(m)[0],
+                                             config.train.seed * 1_000_003 + m + (1 << 40),
+                                             config.train.prior_loss_weight / accum)
         scaler.unscale_(optimizer)
         if config.train.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(params, config.train.max_grad_norm)

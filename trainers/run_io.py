@@ -57,7 +57,7 @@ class RunWriter:
             path = self.final_path
         else:
             path = self.dir / f"{self.config.output.name}-step{step:08d}.safetensors"
-        save_safetensors(path, tensors, self.metadata(step),
+        save_safetensors(path, tensors, method.file_metadata(self.bundle, self.metadata(step)),
                          overwrite=final and self.config.output.overwrite or not final)
         sdir = save_state(state_dir_for(self.dir, step), state)
         if not final:

@@ -7,9 +7,10 @@ DreamBooth, Hypernetwork, a LoRA variant) is one module plus one line here.
 from __future__ import annotations
 
 from .base import Method, MethodError
+from .dreambooth import DreamBoothMethod
 from .lora import LoraMethod
 
-METHODS: dict[str, Method] = {m.name: m for m in (LoraMethod(),)}
+METHODS: dict[str, Method] = {m.name: m for m in (LoraMethod(), DreamBoothMethod())}
 
 
 def get_method(name: str) -> Method:

@@ -20,10 +20,15 @@ class Method(Protocol):
     ``prepare`` changes the bundle's modules in place (adds adapters, unfreezes weights) and
     returns the optimizer's parameter groups. ``export`` returns the tensors and metadata of
     the file users load elsewhere; ``trainable_state`` / ``load_trainable_state`` are the
-    exact (lossless, fp32) weights a resumable state keeps.
+    exact (lossless, fp32) weights a resumable state keeps; ``file_metadata`` turns the
+    run's training metadata into what the exported file carries.
+
+    ``trains_base_weights``: the method trains the model's own weights (full fine-tuning),
+    so the loop loads them in fp32 (master weights) instead of the compute dtype.
     """
 
     name: str
+    trains_base_weights: bool
 
     def validate(self, config: TsuikaConfig, bundle: ModelBundle) -> None: ...
 
@@ -38,3 +43,6 @@ class Method(Protocol):
 
     def export(self, config: TsuikaConfig, bundle: ModelBundle,
                dtype: torch.dtype) -> dict[str, torch.Tensor]: ...
+
+    def file_metadata(self, bundle: ModelBundle,
+                      metadata: dict[str, str]) -> dict[str, str]: ...

@@ -44,6 +44,7 @@ class LoraMethod:
     """Low-rank adapters on the UNet (and optionally the text encoder)."""
 
     name = "lora"
+    trains_base_weights = False
 
     def trains_text_encoder(self, config: TsuikaConfig) -> bool:
         return config.network.train_text_encoder
@@ -135,3 +136,6 @@ class LoraMethod:
                 out[f"{name}.lora_up.weight"] = up.to("cpu", dtype).contiguous()
                 out[f"{name}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
         return out
+
+    def file_metadata(self, bundle: ModelBundle, metadata: dict[str, str]) -> dict[str, str]:
+        return metadata

@@ -1,0 +1,107 @@
+"""DreamBooth (full fine-tuning) on the tiny model: trains the UNet itself, writes a checkpoint
+our loader (and CheckpointLoaderSimple's layout) reads, keeps what it did not train, resumes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_overrides
+
+from tsuika.trainers.config import build_config
+from tsuika.trainers.families import load_model
+from tsuika.trainers.formats.ldm_unet_keys import META_TE_HEADS, META_UNET_HEADS
+from tsuika.trainers.formats.safetensors_io import load_safetensors
+from tsuika.trainers.loop import train
+from tsuika.trainers.methods import MethodError
+
+
+def _train(tiny_model, data, out, steps=3, which="single_file", **extra):
+    extra = {"network.method": "dreambooth", "output.save_dtype": "fp32", **extra}
+    cfg = build_config(overrides=tiny_overrides(tiny_model[which], data, out, steps, **extra))
+    return train(cfg)
+
+
+@pytest.mark.parametrize("which", ["single_file", "diffusers"])
+def test_dreambooth_writes_a_checkpoint_with_the_unet_trained_and_the_rest_kept(
+        tiny_model, image_folder, tmp_path, which):
+    res = _train(tiny_model, image_folder, tmp_path / "out", which=which)
+    assert res.steps == 3 and all(v == v for v in res.losses)
+    saved, meta = load_safetensors(res.lora_path)
+    original, _ = load_safetensors(tiny_model["single_file"])
+    # The original single-file layout, key for key (what CheckpointLoaderSimple reads).
+    assert set(saved) == set(original) - {k for k in original if k.endswith("position_ids")}
+    unet = [k for k in saved if k.startswith("model.diffusion_model.")]
+    changed = [k for k in unet if not torch.equal(saved[k], original[k].float())]
+    assert len(changed) > len(unet) // 2, "most UNet tensors should have trained"
+    for k in saved:
+        if not k.startswith("model.diffusion_model."):
+            assert torch.equal(saved[k], original[k].float()), f"{k} changed but was frozen"
+    assert not any(k.startswith("ss_network_") for k in meta)
+    assert meta["modelspec.architecture"] == "stable-diffusion-v1"
+    assert {META_UNET_HEADS, META_TE_HEADS} <= set(meta)
+    # Loads back as a model, and the trained weights are in it.
+    bundle = load_model(res.lora_path)
+    key = changed[0]
+    assert bundle.family == "sd15"
+    got = {k: v for k, v in bundle.unet.state_dict().items()}
+    assert any(torch.equal(v.float(), saved[key].float()) for v in got.values()
+               if v.shape == saved[key].shape)
+
+
+def test_dreambooth_can_train_the_text_encoder_too(tiny_model, image_folder, tmp_path):
+    res = _train(tiny_model, image_folder, tmp_path / "out",
+                 **{"network.train_text_encoder": "true", "train.text_encoder_lr": 1e-3})
+    saved, _ = load_safetensors(res.lora_path)
+    original, _ = load_safetensors(tiny_model["single_file"])
+    te = [k for k in saved if k.startswith("cond_stage_model.") and "layers" in k]
+    assert any(not torch.equal(saved[k], original[k].float()) for k in te)
+
+
+def test_dreambooth_lowers_the_loss_on_one_image(tiny_model, tmp_path):
+    from conftest import make_images
+
+    data = tmp_path / "one"
+    make_images(data, n=1)
+    res = _train(tiny_model, data, tmp_path / "out", steps=30,
+                 **{"train.learning_rate": 3e-4})
+    first, last = sum(res.losses[:6]) / 6, sum(res.losses[-6:]) / 6
+    assert last < first * 0.9, (first, last)
+
+
+def test_dreambooth_resume_gives_the_same_weights_as_one_run(tiny_model, image_folder,
+                                                             tmp_path):
+    from tsuika.trainers.callbacks import Callbacks, TrainingStopped
+
+    class StopAt2(Callbacks):
+        step = 0
+
+        def on_step(self, info):
+            self.step = info.step
+
+        def should_stop(self):
+            return self.step >= 2
+
+    full = _train(tiny_model, image_folder, tmp_path / "full", steps=4)
+    extra = {"network.method": "dreambooth", "output.save_dtype": "fp32"}
+    cfg = build_config(overrides=tiny_overrides(tiny_model["single_file"], image_folder,
+                                                tmp_path / "cut", 4, **extra))
+    with pytest.raises(TrainingStopped):
+        train(cfg, StopAt2())
+    resumed = _train(tiny_model, image_folder, tmp_path / "cut", steps=4,
+                     **{"train.resume": "latest"})
+    a, _ = load_safetensors(full.lora_path)
+    b, _ = load_safetensors(resumed.lora_path)
+    assert resumed.steps == 4 and resumed.losses[:2] == full.losses[:2]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_dreambooth_refuses_a_model_it_cannot_write(tiny_model, image_folder, tmp_path,
+                                                    monkeypatch):
+    from tsuika.trainers.methods.dreambooth import DreamBoothMethod
+
+    bundle = load_model(tiny_model["single_file"])
+    bundle.family = "sdxl"
+    cfg = build_config(overrides=tiny_overrides(tiny_model["single_file"], image_folder,
+                                                 tmp_path, 1, **{"network.method": "dreambooth"}))
+    with pytest.raises(MethodError, match="network.method = 'dreambooth'.*'lora'"):
+        DreamBoothMethod().validate(cfg, bundle)

@@ -1,0 +1,112 @@
+"""DreamBooth: train the UNet's own weights (and optionally the text encoder's), save a checkpoint.
+
+The result is a single-file checkpoint in the original SD layout (``model.diffusion_model.*``,
+``first_stage_model.*``, ``cond_stage_model.*``): what ComfyUI's CheckpointLoaderSimple,
+A1111/Forge and our own loader read. Prior preservation (class images trained beside the
+instance images) is the loop's and the data's business, not the method's: it works the same
+for every method.
+
+Trained weights are fp32 master copies (the forward pass still runs in the compute dtype
+under autocast), so the model this method loads keeps its frozen parts in fp32 too: the
+checkpoint writes the text encoder and VAE back at the file's own precision, not rounded
+through bf16.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ..config import TsuikaConfig
+from ..families.base import ModelBundle
+from .base import MethodError
+
+log = logging.getLogger(__name__)
+
+
+class DreamBoothMethod:
+    """Full fine-tuning of the UNet (and the text encoder with network.train_text_encoder)."""
+
+    name = "dreambooth"
+    trains_base_weights = True
+
+    def trains_text_encoder(self, config: TsuikaConfig) -> bool:
+        return config.network.train_text_encoder
+
+    def validate(self, config: TsuikaConfig, bundle: ModelBundle) -> None:
+        if bundle.family != "sd15":
+            raise MethodError(f"network.method = 'dreambooth' writes SD1.x checkpoints; the "
+                              f"model is {bundle.family!r}. Use network.method = 'lora'.")
+        if bundle.unet.config.get("cross_attention_dim") == 1024:
+            raise MethodError("network.method = 'dreambooth' cannot write SD2 checkpoints yet "
+                              "(their text encoder layout); use network.method = 'lora'.")
+
+    def _trained(self, config: TsuikaConfig, bundle: ModelBundle) -> dict[str, torch.nn.Module]:
+        comps = {"unet": bundle.unet}
+        if self.trains_text_encoder(config):
+            comps.update({k: v for k, v in bundle.components.items() if k != "unet"})
+        return comps
+
+    def prepare(self, config: TsuikaConfig, bundle: ModelBundle) -> list[dict]:
+        tr = config.train
+        groups = []
+        for comp, module in self._trained(config, bundle).items():
+            params = []
+            for p in module.parameters():
+                p.data = p.data.float()  # master weights stay fp32; autocast computes in bf16
+                p.requires_grad_(True)
+                params.append(p)
+            groups.append({"params": params, "name": comp,
+                           "lr": tr.learning_rate if comp == "unet" else tr.text_encoder_lr})
+        log.info("DreamBooth: %d trainable parameters in %d groups",
+                 sum(p.numel() for g in groups for p in g["params"]), len(groups))
+        return groups
+
+    def trainable_state(self, bundle: ModelBundle) -> dict[str, torch.Tensor]:
+        return {f"{comp}::{name}": p.detach().to("cpu").clone()
+                for comp, module in bundle.components.items()
+                for name, p in module.named_parameters() if p.requires_grad}
+
+    def load_trainable_state(self, bundle: ModelBundle,
+                             state: dict[str, torch.Tensor]) -> None:
+        wanted = dict(state)
+        for comp, module in bundle.components.items():
+            for name, p in module.named_parameters():
+                key = f"{comp}::{name}"
+                if not p.requires_grad:
+                    continue
+                if key not in wanted:
+                    raise MethodError(f"the saved state has no tensor for {key}; it was made "
+                                      "with different options (network.train_text_encoder?).")
+                p.data.copy_(wanted.pop(key).to(p.device, p.dtype))
+        if wanted:
+            raise MethodError(f"the saved state has {len(wanted)} tensors this run does not "
+                              f"train (e.g. {next(iter(wanted))}); it was made with different "
+                              "options (network.train_text_encoder?).")
+
+    def export(self, config: TsuikaConfig, bundle: ModelBundle,
+               dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """The whole model in the original single-file layout, floating tensors in ``dtype``."""
+        from ..formats.ldm_checkpoint import diffusers_to_ldm
+
+        te = bundle.text_encoders[0]
+        ldm = diffusers_to_ldm(bundle.unet.state_dict(), bundle.vae.state_dict(),
+                               te.state_dict(), unet_config=dict(bundle.unet.config),
+                               vae_config=dict(bundle.vae.config),
+                               prediction_type=bundle.prediction_type)
+        # One tensor at a time, so the file's copy never doubles the model in memory.
+        return {k: v.detach().to("cpu", dtype).contiguous() if v.is_floating_point()
+                else v.detach().to("cpu") for k, v in ldm.items()}
+
+    def file_metadata(self, bundle: ModelBundle, metadata: dict[str, str]) -> dict[str, str]:
+        """A checkpoint's metadata: the training record without the LoRA-only keys, plus the
+        architecture hints our loader reads where shapes cannot tell (heads, norm groups)."""
+        from ..formats.ldm_checkpoint import config_metadata_hints
+
+        meta = {k: v for k, v in metadata.items() if not k.startswith("ss_network_")}
+        arch = meta.get("modelspec.architecture", "stable-diffusion-v1")
+        meta["modelspec.architecture"] = arch.removesuffix("/lora")
+        meta.update(config_metadata_hints(dict(bundle.unet.config), dict(bundle.vae.config),
+                                          bundle.text_encoders[0].config))
+        return meta
