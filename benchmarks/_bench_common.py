@@ -69,16 +69,21 @@ def peak_rss_gib() -> float:
     return kb / (2**20 if sys.platform != "darwin" else 2**30)
 
 
-def unet_step_flops(config_name: str, resolution: int, device: str) -> float:
-    """FLOPs of one LoRA training step of the UNet (forward, backward to the adapters only:
-    frozen weights need no weight gradients), batch 1, counted by torch's FlopCounterMode."""
+def unet_step_flops(config_name: str, resolution: int, device: str,
+                    method: str = "lora") -> float:
+    """FLOPs of one training step of the UNet, batch 1, counted by torch's FlopCounterMode:
+    LoRA (forward, backward to the adapters only: frozen weights need no weight gradients)
+    or DreamBooth (forward, backward with every weight's gradient)."""
     import torch
     from peft import LoraConfig
     from torch.utils.flop_counter import FlopCounterMode
 
     unet = build_bundle(config_name).unet.to(device)
-    unet.add_adapter(LoraConfig(r=16, lora_alpha=16,
-                                target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    if method == "dreambooth":
+        unet.requires_grad_(True)
+    else:
+        unet.add_adapter(LoraConfig(r=16, lora_alpha=16,
+                                    target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
     lat = resolution // 8
     x = torch.randn(1, 4, lat, lat, device=device)
     ctx = torch.randn(1, 77, unet.config.cross_attention_dim, device=device)

@@ -1,4 +1,4 @@
-"""Speed and memory of one LoRA training step: Tsuika against the reference approach.
+"""Speed and memory of one training step (LoRA or DreamBooth): Tsuika against the reference.
 
 Same work on both sides: an SD1.5-architecture model with random weights (speed does not
 depend on weight values), LoRA rank 16 on to_q/to_k/to_v/to_out.0, AdamW, batch 1, one
@@ -12,6 +12,10 @@ and the fraction of the device's measured matmul rate.
 
     python benchmarks/speed.py --resolution 256 --steps 8 --pairs 2
     python benchmarks/speed.py --device cuda --resolution 512 --steps 30 --pairs 2
+    python benchmarks/speed.py --method dreambooth --resolution 256 --steps 4 --pairs 2
+
+With ``--method dreambooth`` both sides train every UNet weight (AdamW, lr 5e-6); the
+reference is the step of diffusers' ``train_dreambooth.py`` (no class images on either side).
 """
 
 from __future__ import annotations
@@ -47,10 +51,15 @@ def run_reference(args) -> dict:
     unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet")
     for m in (unet, vae, te):
         m.requires_grad_(False).to(device)
-    unet.add_adapter(LoraConfig(r=16, lora_alpha=16, init_lora_weights="gaussian",
-                                target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    if args.method == "dreambooth":  # train_dreambooth.py: the whole UNet, AdamW
+        unet.requires_grad_(True)
+        unet.train()
+    else:
+        unet.add_adapter(LoraConfig(r=16, lora_alpha=16, init_lora_weights="gaussian",
+                                    target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
     params = [p for p in unet.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4)
+    opt = torch.optim.AdamW(params, lr=5e-6 if args.method == "dreambooth" else 1e-4,
+                            weight_decay=1e-2)
     sched = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
     images = make_images(args.resolution, 4, device)
     ids = tok(["a photo of a sks dog"], padding="max_length", max_length=77,
@@ -108,6 +117,8 @@ def run_tsuika(args) -> dict:
             f"train.steps={args.steps + args.warmup}", "network.rank=16", "network.alpha=16",
             "network.target=attention", f"train.device={args.device}",
             f"train.mixed_precision={args.precision}", "output.save_dtype=fp16",
+            f"network.method={args.method}",
+            f"train.learning_rate={5e-6 if args.method == 'dreambooth' else 1e-4}",
             *args.tsuika_set])
         t0 = time.perf_counter()
         train(config, Timer())
@@ -132,6 +143,9 @@ def worker(args) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--model", default="sd15", help="shipped config name (sd15, sd15_tiny)")
+    p.add_argument("--method", choices=("lora", "dreambooth"), default="lora",
+                   help="lora: the LoRA step; dreambooth: full fine-tuning of the UNet "
+                        "(reference: diffusers' train_dreambooth.py step, no class images)")
     p.add_argument("--resolution", type=int, default=256)
     p.add_argument("--steps", type=int, default=8, help="measured steps per run")
     p.add_argument("--warmup", type=int, default=2)
@@ -161,7 +175,7 @@ def main() -> None:
             print(impl, runs[impl][-1], flush=True)
     med = {k: {m: statistics.median(r[m] for r in v) for m in v[0] if isinstance(v[0][m], float)}
            for k, v in runs.items()}
-    flops = unet_step_flops(args.model, args.resolution, args.device)
+    flops = unet_step_flops(args.model, args.resolution, args.device, args.method)
     rate32, rate16 = matmul_rate(args.device)
     t, r = med["tsuika"], med["reference"]
     print(f"\nmodel {args.model}, {args.resolution}x{args.resolution}, batch 1, device {args.device}")
@@ -171,7 +185,7 @@ def main() -> None:
           f"ratio {t['s_per_step'] / r['s_per_step']:.2f}")
     mem = "peak_vram_gib" if "peak_vram_gib" in t else "peak_rss_gib"
     print(f"{mem:12s}tsuika {t[mem]:.2f}  reference {r[mem]:.2f}  ratio {t[mem] / r[mem]:.2f}")
-    print(f"UNet LoRA-step FLOPs {flops / 1e9:.1f} G; matmul rate fp32 {rate32 / 1e9:.0f} "
+    print(f"UNet {args.method}-step FLOPs {flops / 1e9:.1f} G; matmul rate fp32 {rate32 / 1e9:.0f} "
           f"GFLOP/s, bf16 {rate16 / 1e9:.0f} GFLOP/s")
     tflops = flops * t["images_per_s"]
     print(f"bf16 floor {flops / rate16:.3f} s/image; tsuika at {tflops / rate16:.0%}"

@@ -105,3 +105,36 @@ def test_dreambooth_refuses_a_model_it_cannot_write(tiny_model, image_folder, tm
                                                  tmp_path, 1, **{"network.method": "dreambooth"}))
     with pytest.raises(MethodError, match="network.method = 'dreambooth'.*'lora'"):
         DreamBoothMethod().validate(cfg, bundle)
+
+
+def test_stepping_inside_the_backward_pass_trains_exactly_like_a_normal_step(
+        tiny_model, image_folder, tmp_path):
+    from tsuika.trainers.callbacks import Callbacks
+
+    class Messages(Callbacks):
+        lines: list[str] = []
+
+        def on_message(self, text):
+            self.lines.append(text)
+
+    same = {"train.max_grad_norm": 0}  # a global norm and per-tensor norms differ by design
+    cb = Messages()
+    cfg = build_config(overrides=tiny_overrides(
+        tiny_model["single_file"], image_folder, tmp_path / "in", 3,
+        **{"network.method": "dreambooth", "output.save_dtype": "fp32", **same}))
+    inside = train(cfg, cb)
+    assert any("inside the backward pass" in m for m in cb.lines), cb.lines
+    outside = _train(tiny_model, image_folder, tmp_path / "out", steps=3,
+                     **{"train.optimizer_in_backward": "off", **same})
+    a, _ = load_safetensors(inside.lora_path)
+    b, _ = load_safetensors(outside.lora_path)
+    assert inside.losses == outside.losses
+    assert all(torch.allclose(a[k], b[k], rtol=0, atol=1e-7) for k in a)
+
+
+def test_step_in_backward_on_says_what_stands_in_its_way(tiny_model, image_folder, tmp_path):
+    from tsuika.trainers.config import ConfigError
+
+    with pytest.raises(ConfigError, match="optimizer_in_backward = 'on'.*gradient_accumulation"):
+        _train(tiny_model, image_folder, tmp_path / "o", steps=1,
+               **{"train.optimizer_in_backward": "on", "train.gradient_accumulation": 2})

@@ -173,6 +173,11 @@ class TrainConfig(_Section):
                                   min=0, max=1 << 20)
     noise_offset: float = opt(0.0, "Noise offset (helps very dark/bright images); 0.05 typical.",
                               min=0.0, max=1.0)
+    optimizer_in_backward: str = opt(
+        "auto", "Step each weight as soon as its gradient is ready and free the gradient: "
+        "saves memory the size of the trained weights; clips gradients per tensor; not with "
+        "gradient accumulation or several processes. 'auto' = on for full fine-tuning.",
+        choices=("auto", "on", "off"))
     prior_loss_weight: float = opt(1.0, "Weight of the class images' loss when data.class_dir "
                                    "is set (prior preservation).", min=0.0, max=100.0)
     min_snr_gamma: float = opt(0.0, "Min-SNR loss weighting gamma (5 is common); 0 = off.",

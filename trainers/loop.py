@@ -24,6 +24,7 @@ from .config import TsuikaConfig
 from .device import resolve_device, resolve_precision
 from .families import ModelBundle, get_family, load_model
 from .methods import get_method
+from .optimizers import StepInBackward, make_optimizer, wants_step_in_backward
 from .ops.cpu_conv import packed_frozen_convs
 from . import prior
 from .prepare import TrainingData
@@ -135,7 +136,9 @@ def _train(config, callbacks, bundle, scan, run_scope: contextlib.ExitStack) -> 
         run_scope.enter_context(packed_frozen_convs(bundle.unet,
                                                     config.train.cpu_prepack_pixels))
 
-    optimizer = _make_optimizer(config, groups, device)
+    optimizer = make_optimizer(config, groups, device)
+    in_backward = wants_step_in_backward(config, method.trains_base_weights, acc is not None,
+                                         precision.compute_dtype == torch.float16)
     from diffusers.optimization import get_scheduler
 
     total = config.train.steps
@@ -176,8 +179,8 @@ def _train(config, callbacks, bundle, scan, run_scope: contextlib.ExitStack) -> 
         cb.on_save(info)
         return info
 
-    def forward_backward(batch, seed: int, weight: float) -> torch.Tensor:
-        """One micro-batch's weighted loss, backpropagated; returns it detached."""
+    def forward_loss(batch, seed: int) -> torch.Tensor:
+        """One micro-batch's loss (still attached to the graph)."""
         latents = batch.latents.to(device)
         g = torch.Generator("cpu").manual_seed(seed)
         noise = torch.randn(latents.shape, generator=g)
@@ -203,14 +206,16 @@ def _train(config, callbacks, bundle, scan, run_scope: contextlib.ExitStack) -> 
         if config.train.min_snr_gamma:
             loss = loss * _min_snr_weight(alphas, t, config.train.min_snr_gamma,
                                           bundle.prediction_type)
-        loss = loss.mean() * weight
-        scaler.scale(loss).backward()
-        return loss.detach()
+        return loss.mean()
 
     cb.on_start({"images": len(data.examples), "steps": total, "start_step": start,
                  "buckets": {f"{w}x{h}": n for (w, h), n in data.bucket_counts.items()},
                  "trainable_parameters": sum(p.numel() for p in params),
                  "device": str(device), "dtype": str(precision.compute_dtype)})
+    if in_backward:  # until the run ends: the hooks go when the scope closes
+        run_scope.enter_context(StepInBackward(optimizer, config.train.max_grad_norm))
+        cb.on_message("optimizer steps inside the backward pass (gradients freed as they "
+                      "are used; gradient clipping per tensor)")
     last_save: SaveInfo | None = None
     step = start
     t_last = time.perf_counter()
@@ -225,13 +230,15 @@ def _train(config, callbacks, bundle, scan, run_scope: contextlib.ExitStack) -> 
         for j in range(accum):
             m = (step * accum + j) * world + rank
             batch, epoch = data.micro_batch(m)
-            loss_sum += forward_backward(batch, config.train.seed * 1_000_003 + m, 1 / accum)
+            loss = forward_loss(batch, config.train.seed * 1_000_003 + m)
             if class_data is not None:  # prior preservation: its own stream of draws
-                loss_sum += forward_backward(class_data.micro_batch(m)[0],
-                                             config.train.seed * 1_000_003 + m + (1 << 40),
-                                             config.train.prior_loss_weight / accum)
+                loss = loss + config.train.prior_loss_weight * forward_loss(
+                    class_data.micro_batch(m)[0], config.train.seed * 1_000_003 + m + (1 << 40))
+            # One backward per micro-batch: with the step inside it, one backward is one step.
+            scaler.scale(loss / accum).backward()
+            loss_sum += loss.detach() / accum
         scaler.unscale_(optimizer)
-        if config.train.max_grad_norm:
+        if config.train.max_grad_norm and not in_backward:
             torch.nn.utils.clip_grad_norm_(params, config.train.max_grad_norm)
         loss_value = float(loss_sum)  # one host sync per step: the progress bar shows it
         if not math.isfinite(loss_value):
@@ -291,22 +298,6 @@ def _min_snr_weight(alphas_cumprod, t, gamma, prediction_type):
     snr = a / (1 - a)
     clipped = torch.clamp(snr, max=gamma)
     return clipped / (snr + 1) if prediction_type == "v_prediction" else clipped / snr
-
-
-def _make_optimizer(config: TsuikaConfig, groups: list[dict], device: torch.device):
-    tr = config.train
-    clean = [{"params": g["params"], "lr": g["lr"]} for g in groups if g["params"]]
-    if tr.optimizer == "adamw8bit":
-        if device.type != "cuda":
-            raise ValueError("train.optimizer = 'adamw8bit' needs a CUDA device; use 'adamw'.")
-        try:
-            import bitsandbytes as bnb
-        except ImportError as e:
-            raise ValueError("train.optimizer = 'adamw8bit' needs the bitsandbytes package "
-                             "(pip install bitsandbytes); or use 'adamw'.") from e
-        return bnb.optim.AdamW8bit(clean, weight_decay=tr.weight_decay)
-    return torch.optim.AdamW(clean, weight_decay=tr.weight_decay,
-                             fused=device.type in ("cuda", "cpu"))
 
 
 def _check_ranks_in_sync(acc, params):
