@@ -193,6 +193,23 @@ def score_lora(lora_file: str | Path, concept: str, sampling: Sampling = Samplin
         return score(bundle, concept, sampling, words=words, evaluator=evaluator)
 
 
+def score_trained_file(path: str | Path, concept: str, sampling: Sampling = Sampling(), *,
+                       model: str | Path | None = None, words: dict[str, str] | None = None,
+                       evaluator=None) -> dict:
+    """Scores of what a run wrote: a LoRA merged into the base model, or a whole checkpoint
+    (a full fine-tune such as DreamBooth) scored in the base model's place."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        checkpoint = any(k.startswith("model.diffusion_model.") for k in f.keys())
+    if not checkpoint:
+        return score_lora(path, concept, sampling, model=model, words=words,
+                          evaluator=evaluator)
+    bundle = load_reference(path)
+    with torch.no_grad():
+        return score(bundle, concept, sampling, words=words, evaluator=evaluator)
+
+
 def merge_lora_file(bundle, lora_file: str | Path, strength: float = 1.0) -> int:
     """Merge a saved LoRA into ``bundle``'s weights, read through the same format code as any
     user's file; returns the modules changed."""

@@ -38,14 +38,15 @@ def test_existing_file_is_never_overwritten_unless_asked(tmp_path):
 
 
 def test_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path, monkeypatch):
-    import safetensors.torch
+    from tsuika.trainers.formats import safetensors_io
 
     path = save_safetensors(tmp_path / "a.safetensors", {"x": torch.zeros(2)})
 
-    def broken(*args, **kwargs):
+    def broken(fh, *args, **kwargs):
+        fh.write(b"half a header")
         raise OSError("disk full")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", broken)
+    monkeypatch.setattr(safetensors_io, "_write_tensors", broken)
     with pytest.raises(OSError, match="disk full"):
         save_safetensors(path, {"x": torch.ones(2)}, overwrite=True)
     monkeypatch.undo()
@@ -157,3 +158,27 @@ def test_read_metadata_keeps_bad_json_as_text(caplog):
     parsed = md.read_metadata({"ss_tag_frequency": "{not json", "ss_seed": "3"})
     assert parsed == {"ss_tag_frequency": "{not json", "ss_seed": "3"}
     assert "not valid JSON" in caplog.text
+
+
+def test_files_written_converting_as_they_go_read_back_everywhere(tmp_path):
+    """Our writer against the safetensors library's reader: every dtype, empty and 0-d
+    tensors, shared memory, conversion on the way out, metadata."""
+    import safetensors.torch
+
+    base = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+    tensors = {"w": base, "view": base[1], "half": torch.randn(5).half(),
+               "bf": torch.randn(3).bfloat16(), "step": torch.tensor(7),
+               "flags": torch.tensor([True, False, True]), "empty": torch.zeros(0, 4),
+               "scalar": torch.tensor(2.5), "bytes": torch.arange(5, dtype=torch.uint8)}
+    path = save_safetensors(tmp_path / "a.safetensors", tensors, {"k": "v"})
+    back = safetensors.torch.load_file(path)
+    assert set(back) == set(tensors)
+    assert all(torch.equal(back[k], tensors[k]) and back[k].dtype == tensors[k].dtype
+               for k in tensors)
+    with open(path, "rb") as fh:
+        n = int.from_bytes(fh.read(8), "little")
+        assert n % 8 == 0 and json.loads(fh.read(n))["__metadata__"] == {"k": "v"}
+    fp16 = save_safetensors(tmp_path / "b.safetensors", tensors, dtype=torch.float16)
+    back = safetensors.torch.load_file(fp16)
+    assert back["w"].dtype == torch.float16 and torch.equal(back["w"], base.half())
+    assert back["bf"].dtype == torch.float16 and back["step"].dtype == torch.int64

@@ -138,3 +138,63 @@ def test_step_in_backward_on_says_what_stands_in_its_way(tiny_model, image_folde
     with pytest.raises(ConfigError, match="optimizer_in_backward = 'on'.*gradient_accumulation"):
         _train(tiny_model, image_folder, tmp_path / "o", steps=1,
                **{"train.optimizer_in_backward": "on", "train.gradient_accumulation": 2})
+
+
+def test_stochastic_rounding_keeps_updates_a_bf16_weight_cannot_hold():
+    from tsuika.trainers.optimizers import AdamWBf16, stochastic_round_bf16
+
+    x = torch.full((100_000,), 1.0 + 2 ** -10)  # a quarter of a bf16 step above 1.0
+    rounded = stochastic_round_bf16(x.clone(), salt=123)
+    assert rounded.dtype == torch.bfloat16 and set(rounded.float().unique().tolist()) == {
+        1.0, 1.0 + 2 ** -7}
+    assert abs(float(rounded.float().mean()) - (1.0 + 2 ** -10)) < 2e-4  # unbiased
+    exact = torch.tensor([0.5, -3.0, 1.0 + 2 ** -7])
+    assert torch.equal(stochastic_round_bf16(exact.clone(), 7).float(), exact)
+
+    # 100 AdamW steps of ~1e-4 each: far below half a bf16 step at 1.0 (2e-3).
+    w = torch.nn.Parameter(torch.ones(50_000, dtype=torch.bfloat16))
+    opt = AdamWBf16([w], lr=1e-4, weight_decay=0.0)
+    for _ in range(100):
+        w.grad = torch.ones_like(w)
+        opt.step()
+    assert abs(float(w.detach().float().mean()) - (1.0 - 100 * 1e-4)) < 1e-3
+    plain = torch.nn.Parameter(torch.ones(10, dtype=torch.bfloat16))
+    ref = torch.optim.AdamW([plain], lr=1e-4, weight_decay=0.0)
+    for _ in range(100):
+        plain.grad = torch.ones_like(plain)
+        ref.step()
+    assert torch.equal(plain.detach().float(), torch.ones(10)), "round-to-nearest stalls"
+
+
+def test_bf16_dreambooth_trains_resumes_exactly_and_keeps_the_text_encoder_exact(
+        tiny_model, image_folder, tmp_path):
+    from tsuika.trainers.callbacks import Callbacks, TrainingStopped
+
+    class StopAt2(Callbacks):
+        step = 0
+
+        def on_step(self, info):
+            self.step = info.step
+
+        def should_stop(self):
+            return self.step >= 2
+
+    bf16 = {"train.mixed_precision": "bf16", "train.trained_weights": "bf16",
+            "train.learning_rate": 1e-3}
+    full = _train(tiny_model, image_folder, tmp_path / "full", steps=4, **bf16)
+    cfg = build_config(overrides=tiny_overrides(
+        tiny_model["single_file"], image_folder, tmp_path / "cut", 4,
+        **{"network.method": "dreambooth", "output.save_dtype": "fp32", **bf16}))
+    with pytest.raises(TrainingStopped):
+        train(cfg, StopAt2())
+    resumed = _train(tiny_model, image_folder, tmp_path / "cut", steps=4,
+                     **{"train.resume": "latest", **bf16})
+    a, _ = load_safetensors(full.lora_path)
+    b, _ = load_safetensors(resumed.lora_path)
+    original, _ = load_safetensors(tiny_model["single_file"])
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    unet = [k for k in a if k.startswith("model.diffusion_model.")]
+    assert sum(not torch.equal(a[k], original[k].bfloat16().float()) for k in unet) > len(unet) // 2
+    for k in a:
+        if k.startswith("cond_stage_model."):
+            assert torch.equal(a[k], original[k].float()), f"{k} lost precision"

@@ -178,6 +178,11 @@ class TrainConfig(_Section):
         "saves memory the size of the trained weights; clips gradients per tensor; not with "
         "gradient accumulation or several processes. 'auto' = on for full fine-tuning.",
         choices=("auto", "on", "off"))
+    trained_weights: str = opt(
+        "auto", "Precision of the weights a full fine-tune (dreambooth) trains: 'bf16' halves "
+        "their memory and skips the per-step cast (updates use stochastic rounding, fp32 "
+        "optimizer moments); 'fp32' keeps fp32 master weights. 'auto' = bf16 when computing "
+        "in bf16.", choices=("auto", "bf16", "fp32"))
     prior_loss_weight: float = opt(1.0, "Weight of the class images' loss when data.class_dir "
                                    "is set (prior preservation).", min=0.0, max=100.0)
     min_snr_gamma: float = opt(0.0, "Min-SNR loss weighting gamma (5 is common); 0 = off.",

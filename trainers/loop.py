@@ -24,7 +24,8 @@ from .config import TsuikaConfig
 from .device import resolve_device, resolve_precision
 from .families import ModelBundle, get_family, load_model
 from .methods import get_method
-from .optimizers import StepInBackward, make_optimizer, wants_step_in_backward
+from .optimizers import (StepInBackward, make_optimizer, trained_weights_dtype,
+                         wants_step_in_backward)
 from .ops.cpu_conv import packed_frozen_convs
 from . import prior
 from .prepare import TrainingData
@@ -85,11 +86,15 @@ def _train(config, callbacks, bundle, scan, run_scope: contextlib.ExitStack) -> 
     method = get_method(config.network.method)
     # Frozen weights live in the compute dtype; weights a method trains are fp32 masters
     # (autocast computes in the compute dtype). Loaded straight into that dtype.
-    weights_dtype = torch.float32 if method.trains_base_weights else precision.compute_dtype
+    unet_dtype = te_dtype = precision.compute_dtype
+    if method.trains_base_weights:
+        unet_dtype = trained_weights_dtype(config, precision.compute_dtype)
+        # A frozen text encoder is written back into the checkpoint: keep its precision.
+        te_dtype = unet_dtype if method.trains_text_encoder(config) else torch.float32
     if bundle is None:
         config.require_inputs()
         bundle = load_model(config.model.path, config.model.family, config.model.prediction_type,
-                            dtype=weights_dtype)
+                            dtype=te_dtype if te_dtype == torch.float32 else unet_dtype)
     family = get_family(bundle.family)
     method.validate(config, bundle)
     out = RunWriter(config, bundle, is_main=acc is None or acc.is_main_process)
@@ -101,9 +106,9 @@ def _train(config, callbacks, bundle, scan, run_scope: contextlib.ExitStack) -> 
     data = TrainingData(config, bundle, precision, out.cache_dir, scan=scan)
     for skipped in data.scan.skipped:
         cb.on_message(f"skipped {skipped.path}: {skipped.reason}")
-    _move(bundle.unet, device, weights_dtype)
+    _move(bundle.unet, device, unet_dtype)
     for te in bundle.text_encoders:
-        te.to(device, weights_dtype)
+        te.to(device, te_dtype)
     if acc is None or acc.is_main_process:
         prior.generate_missing(config, family, bundle, precision, cb)  # with the base model
     if acc is not None and not acc.is_main_process:

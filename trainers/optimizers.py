@@ -16,10 +16,23 @@ import torch
 from .config import ConfigError, TsuikaConfig
 
 
+def trained_weights_dtype(config: TsuikaConfig, compute_dtype: torch.dtype) -> torch.dtype:
+    """What a full fine-tune stores its trained weights in (``train.trained_weights``)."""
+    choice = config.train.trained_weights
+    if choice == "auto":
+        return torch.bfloat16 if compute_dtype == torch.bfloat16 else torch.float32
+    return torch.bfloat16 if choice == "bf16" else torch.float32
+
+
 def make_optimizer(config: TsuikaConfig, groups: list[dict],
                    device: torch.device) -> torch.optim.Optimizer:
     tr = config.train
     clean = [{"params": g["params"], "lr": g["lr"]} for g in groups if g["params"]]
+    if any(p.dtype == torch.bfloat16 for g in clean for p in g["params"]):
+        if tr.optimizer != "adamw":
+            raise ConfigError(f"train.optimizer = {tr.optimizer!r} cannot train bf16 weights; "
+                              "use 'adamw' or train.trained_weights = 'fp32'.")
+        return AdamWBf16(clean, weight_decay=tr.weight_decay, seed=tr.seed)
     if tr.optimizer == "adamw8bit":
         if device.type != "cuda":
             raise ValueError("train.optimizer = 'adamw8bit' needs a CUDA device; use 'adamw'.")
@@ -94,3 +107,95 @@ class StepInBackward:
         finally:
             self.optimizer.param_groups = groups
         p.grad = None
+
+
+class AdamWBf16(torch.optim.Optimizer):
+    """AdamW for weights stored in bf16: fp32 moments and update, stochastic rounding back.
+
+    A bf16 weight has 8 significant bits, so an update smaller than half its spacing rounds
+    away to nothing and fine-tuning stalls. Rounding up or down with probability given by
+    the remainder keeps every update in expectation. The random bits come from a hash of
+    the new value, the seed, the step and the tensor's index: a run is reproducible and a
+    resumed run repeats it exactly. Work goes in chunks that stay in cache, so the dozen
+    element-wise passes cost about one pass over memory.
+    """
+
+    CHUNK = 1 << 19
+
+    def __init__(self, params, lr: float = 1e-4, betas=(0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 1e-2, seed: int = 0):
+        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps,
+                                  "weight_decay": weight_decay})
+        self.seed = seed
+        self._index = {p: i for i, p in enumerate(
+            p for g in self.param_groups for p in g["params"])}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        # torch casts loaded state to each parameter's dtype: the fp32 moments would come
+        # back as bf16. Put the saved tensors back as they were.
+        saved = {i: dict(st) for i, st in state_dict["state"].items()}
+        super().load_state_dict(state_dict)
+        params = [p for g in self.param_groups for p in g["params"]]
+        for i, st in saved.items():
+            self.state[params[i]] = {k: v.to(params[i].device) for k, v in st.items()}
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            b1, b2 = group["betas"]
+            lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"] = torch.zeros((), dtype=torch.float32)
+                    state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
+                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
+                state["step"] += 1
+                t = int(state["step"])
+                salt = (self.seed * 1_000_003 + t) * 65_537 + self._index[p]
+                self._update(p, state, lr, b1, b2, eps, wd, t, salt)
+
+    def _update(self, p, state, lr, b1, b2, eps, wd, t, salt) -> None:
+        flat_p, flat_g = p.view(-1), p.grad.view(-1)
+        m_all, v_all = state["exp_avg"].view(-1), state["exp_avg_sq"].view(-1)
+        step_size = lr / (1 - b1 ** t)
+        root_bc2 = (1 - b2 ** t) ** 0.5
+        for a in range(0, flat_p.numel(), self.CHUNK):
+            b = min(a + self.CHUNK, flat_p.numel())
+            w, g = flat_p[a:b].float(), flat_g[a:b].float()
+            m, v = m_all[a:b], v_all[a:b]
+            m.lerp_(g, 1 - b1)
+            v.mul_(b2).addcmul_(g, g, value=1 - b2)
+            w.mul_(1 - lr * wd)
+            w.addcdiv_(m, v.sqrt().div_(root_bc2).add_(eps), value=-step_size)
+            flat_p[a:b].copy_(stochastic_round_bf16(w, (salt * 7919 + a) & 0x7FFFFFFF))
+
+
+_POSITIONS: dict[int, torch.Tensor] = {}
+
+
+def _position_hash(n: int) -> torch.Tensor:
+    """A fixed odd-multiple of each position 0..n-1 (int32, wrapping), computed once."""
+    if n not in _POSITIONS:
+        _POSITIONS[n] = torch.arange(n, dtype=torch.int32).mul_(-2048144789)  # 0x85EBCA6B
+    return _POSITIONS[n]
+
+
+def stochastic_round_bf16(x: torch.Tensor, salt: int) -> torch.Tensor:
+    """``x`` (1-d fp32, overwritten) rounded to bf16 up or down with probability given by the
+    dropped 16 bits.
+
+    The random bits hash the kept (bf16) part of each value with its position and ``salt``;
+    never the dropped bits, or the coin would depend on what it decides (a hash of the whole
+    value drifted by 4 % of the updates over 100 steps). Equal values at different positions
+    round independently.
+    """
+    bits = x.view(torch.int32)
+    noise = torch.bitwise_right_shift(bits, 16).bitwise_xor_(salt)
+    noise.add_(_position_hash(x.numel())).mul_(-1640531535)  # 0x9E3779B1
+    noise.bitwise_xor_(torch.bitwise_right_shift(noise, 15)).mul_(0x2C1B3C6D)  # mix again
+    noise.bitwise_right_shift_(16).bitwise_and_(0xFFFF)
+    bits.add_(noise).bitwise_and_(-65536)  # carry into the kept bits, drop the rest
+    return x.to(torch.bfloat16)  # exact: the low 16 bits are zero

@@ -52,13 +52,15 @@ class RunWriter:
     def save(self, method, state: TrainingState, step: int, final: bool) -> SaveInfo:
         if not self.is_main:
             return SaveInfo(step=step, final=final)
-        tensors = method.export(self.config, self.bundle, DTYPES[self.config.output.save_dtype])
+        dtype = DTYPES[self.config.output.save_dtype]
+        tensors = method.export(self.config, self.bundle, dtype)
         if final:
             path = self.final_path
         else:
             path = self.dir / f"{self.config.output.name}-step{step:08d}.safetensors"
         save_safetensors(path, tensors, method.file_metadata(self.bundle, self.metadata(step)),
-                         overwrite=final and self.config.output.overwrite or not final)
+                         overwrite=final and self.config.output.overwrite or not final,
+                         dtype=dtype)
         sdir = save_state(state_dir_for(self.dir, step), state)
         if not final:
             self._intermediate = prune(self._intermediate + [path], self.config.output.keep_last)

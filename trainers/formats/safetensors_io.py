@@ -29,25 +29,58 @@ def _check_metadata(metadata: Mapping | None, path: Path) -> dict[str, str] | No
     return dict(metadata)
 
 
-def _prepare_tensors(tensors: Mapping[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
-    """CPU, contiguous, and no two tensors sharing memory (safetensors refuses that)."""
-    out: dict[str, torch.Tensor] = {}
-    seen: set[int] = set()
+# What the safetensors header calls each dtype.
+_DTYPE_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16",
+                torch.bfloat16: "BF16", torch.int64: "I64", torch.int32: "I32",
+                torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
+for _name, _code in (("float8_e4m3fn", "F8_E4M3"), ("float8_e5m2", "F8_E5M2")):
+    if hasattr(torch, _name):
+        _DTYPE_NAMES[getattr(torch, _name)] = _code
+
+
+def _check_tensors(tensors: Mapping[str, torch.Tensor], path: Path,
+                   dtype: torch.dtype | None) -> dict[str, torch.dtype]:
+    """Each tensor's dtype as written; refuses what safetensors cannot hold."""
+    out: dict[str, torch.dtype] = {}
     for key, value in tensors.items():
         if not isinstance(key, str):
             raise TypeError(f"tensor names written to {path} must be strings; got {key!r}.")
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"{key!r} written to {path} is a {type(value).__name__}, not a "
                             "torch.Tensor.")
-        t = value.detach().to("cpu").contiguous()
-        # Tied or sliced tensors share storage; copy them so each is written on its own.
-        storage = t.untyped_storage().data_ptr() if t.numel() else None
-        if storage is not None and storage in seen:
-            t = t.clone()
-        elif storage is not None:
-            seen.add(storage)
-        out[key] = t
+        written = dtype if dtype is not None and value.is_floating_point() else value.dtype
+        if written not in _DTYPE_NAMES:
+            raise TypeError(f"{key!r} written to {path} has dtype {written}, which safetensors "
+                            "cannot store.")
+        out[key] = written
     return out
+
+
+def _write_tensors(fh, tensors: Mapping[str, torch.Tensor], dtypes: dict[str, torch.dtype],
+                   metadata: dict[str, str] | None) -> None:
+    """The safetensors layout, one tensor converted and written at a time.
+
+    An 8-byte little-endian header length, a JSON header (dtype, shape and byte range of each
+    tensor, then ``__metadata__``) padded with spaces to 8 bytes, then the tensors' bytes.
+    Widest dtypes first, so every tensor starts aligned to its element size. Converting as
+    it writes means a whole model saved in another dtype never exists twice in memory.
+    """
+    order = sorted(tensors, key=lambda k: (-dtypes[k].itemsize, k))
+    header: dict = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for key in order:
+        size = tensors[key].numel() * dtypes[key].itemsize
+        header[key] = {"dtype": _DTYPE_NAMES[dtypes[key]],
+                       "shape": list(tensors[key].shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    fh.write(len(raw).to_bytes(_HEADER_LEN_BYTES, "little"))
+    fh.write(raw)
+    for key in order:
+        t = tensors[key].detach().to("cpu", dtypes[key]).contiguous()
+        if t.numel():
+            fh.write(t.reshape(-1).view(torch.uint8).numpy().data)
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -66,16 +99,17 @@ def _fsync_dir(folder: Path) -> None:
 
 def save_safetensors(path, tensors: Mapping[str, torch.Tensor],
                      metadata: Mapping[str, str] | None = None,
-                     overwrite: bool = False) -> Path:
+                     overwrite: bool = False, dtype: torch.dtype | None = None) -> Path:
     """Write ``tensors`` atomically: a temp file in the same folder, fsync, then rename.
 
     A crash mid-write leaves the old file (or nothing), never a truncated one.
 
     Args:
         path: destination ``.safetensors`` file; its folder is created.
-        tensors: name -> tensor (moved to the CPU, made contiguous, shared memory copied).
+        tensors: name -> tensor (any device and layout; tensors may share memory).
         metadata: string -> string safetensors metadata.
         overwrite: replace an existing file; otherwise an existing file is an error.
+        dtype: write floating tensors in this dtype, converting one at a time.
 
     Returns:
         The path written.
@@ -84,8 +118,6 @@ def save_safetensors(path, tensors: Mapping[str, torch.Tensor],
         FileExistsError: ``path`` exists and ``overwrite`` is False.
         TypeError: a metadata value or a tensor is of the wrong type.
     """
-    from safetensors.torch import save_file
-
     path = Path(path)
     if path.is_dir():
         raise IsADirectoryError(f"{path} is a folder; give a file path ending in .safetensors.")
@@ -93,14 +125,15 @@ def save_safetensors(path, tensors: Mapping[str, torch.Tensor],
         raise FileExistsError(f"{path} already exists; choose another file name or pass "
                               "overwrite=True to replace it.")
     meta = _check_metadata(metadata, path)
-    prepared = _prepare_tensors(tensors, path)
+    dtypes = _check_tensors(tensors, path, dtype)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        save_file(prepared, str(tmp), metadata=meta)
-        with open(tmp, "rb+") as fh:
+        with open(tmp, "wb") as fh:
+            _write_tensors(fh, tensors, dtypes, meta)
+            fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:

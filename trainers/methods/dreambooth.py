@@ -6,10 +6,11 @@ A1111/Forge and our own loader read. Prior preservation (class images trained be
 instance images) is the loop's and the data's business, not the method's: it works the same
 for every method.
 
-Trained weights are fp32 master copies (the forward pass still runs in the compute dtype
-under autocast), so the model this method loads keeps its frozen parts in fp32 too: the
-checkpoint writes the text encoder and VAE back at the file's own precision, not rounded
-through bf16.
+Trained weights are fp32 master copies (the forward pass runs in the compute dtype under
+autocast) or, with ``train.trained_weights = bf16`` (the default where the compute dtype is
+bf16), bf16 weights updated with stochastic rounding (``optimizers.AdamWBf16``). A frozen
+text encoder stays fp32, so the checkpoint writes it and the VAE back at the file's own
+precision, not rounded through bf16.
 """
 
 from __future__ import annotations
@@ -54,7 +55,8 @@ class DreamBoothMethod:
         for comp, module in self._trained(config, bundle).items():
             params = []
             for p in module.parameters():
-                p.data = p.data.float()  # master weights stay fp32; autocast computes in bf16
+                # In the dtype the loop stored them in (train.trained_weights): fp32 masters
+                # under autocast, or bf16 updated with stochastic rounding.
                 p.requires_grad_(True)
                 params.append(p)
             groups.append({"params": params, "name": comp,
@@ -64,7 +66,9 @@ class DreamBoothMethod:
         return groups
 
     def trainable_state(self, bundle: ModelBundle) -> dict[str, torch.Tensor]:
-        return {f"{comp}::{name}": p.detach().to("cpu").clone()
+        # Not cloned: the state is written at once, and a copy of a whole UNet was the
+        # run's memory peak.
+        return {f"{comp}::{name}": p.detach().to("cpu")
                 for comp, module in bundle.components.items()
                 for name, p in module.named_parameters() if p.requires_grad}
 
@@ -87,7 +91,9 @@ class DreamBoothMethod:
 
     def export(self, config: TsuikaConfig, bundle: ModelBundle,
                dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        """The whole model in the original single-file layout, floating tensors in ``dtype``."""
+        """The whole model in the original single-file layout: the modules' own tensors,
+        which the writer converts to ``dtype`` one at a time (a converted copy of the whole
+        model would be the run's memory peak)."""
         from ..formats.ldm_checkpoint import diffusers_to_ldm
 
         te = bundle.text_encoders[0]
@@ -95,9 +101,7 @@ class DreamBoothMethod:
                                te.state_dict(), unet_config=dict(bundle.unet.config),
                                vae_config=dict(bundle.vae.config),
                                prediction_type=bundle.prediction_type)
-        # One tensor at a time, so the file's copy never doubles the model in memory.
-        return {k: v.detach().to("cpu", dtype).contiguous() if v.is_floating_point()
-                else v.detach().to("cpu") for k, v in ldm.items()}
+        return {k: v.detach() for k, v in ldm.items()}
 
     def file_metadata(self, bundle: ModelBundle, metadata: dict[str, str]) -> dict[str, str]:
         """A checkpoint's metadata: the training record without the LoRA-only keys, plus the
