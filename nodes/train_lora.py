@@ -26,13 +26,21 @@ HOST_OWNED = {"model.path", "model.family", "data.dir", "data.cache_dir", "outpu
 # Machine tuning, not a training choice: the nodes keep the default (and saved workflows keep
 # their widget order when such an option is added).
 ENGINE_ONLY = {"train.cpu_prepack_pixels"}
+# Not on the LoRA nodes yet: prior preservation (class images should come in as a second
+# dataset input, not a path) and full fine-tuning's engine options. Kept out rather than
+# shown half-working, and so saved workflows keep their widget order.
+NOT_ON_NODES_YET = {"data.class_dir", "data.class_prompt", "data.class_images",
+                    "train.prior_loss_weight", "train.trained_weights",
+                    "train.optimizer_in_backward"}
+# These nodes train and return a LoRA; DreamBooth needs a node that returns a MODEL.
+NODE_CHOICES = {"network.method": ("lora",)}
 NODE_DEFAULTS = {"train.steps": 500, "output.save_every": 0}
 
 
 def _advanced_fields():
     """(input id, 'section.key', dataclass field) for every option Advanced exposes."""
     fields = [(s, f) for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)
-              if f"{s}.{f.name}" not in HOST_OWNED | ENGINE_ONLY]
+              if f"{s}.{f.name}" not in HOST_OWNED | ENGINE_ONLY | NOT_ON_NODES_YET]
     counts: dict[str, int] = {}
     for _, f in fields:
         counts[f.name] = counts.get(f.name, 0) + 1
@@ -48,7 +56,8 @@ def _widget(input_id: str, name: str, f: dataclasses.Field):
                                                      "str": str, "list": list}[f.type]
     lo, hi = meta.get("min"), meta.get("max")
     if meta.get("choices"):
-        return io.Combo.Input(input_id, options=list(meta["choices"]), default=default,
+        return io.Combo.Input(input_id, options=list(NODE_CHOICES.get(name, meta["choices"])),
+                              default=default,
                               tooltip=tip)
     if kind is bool:
         return io.Boolean.Input(input_id, default=default, tooltip=tip)

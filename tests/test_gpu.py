@@ -35,3 +35,20 @@ def test_cuda_and_cpu_agree_on_the_first_loss(tiny_model, image_folder, tmp_path
             **{"train.device": dev, "train.mixed_precision": "no"}))
         losses[dev] = train(cfg).losses[0]
     assert losses["cuda"] == pytest.approx(losses["cpu"], rel=1e-3)
+
+
+@cuda
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_cuda_dreambooth_trains_the_unet(tiny_model, image_folder, tmp_path, precision):
+    """bf16: bf16 weights, stochastic rounding and the step inside the backward pass on the
+    GPU; fp16: fp32 master weights under the loss scaler, stepping after the backward."""
+    cfg = build_config(overrides=tiny_overrides(
+        tiny_model["single_file"], image_folder, tmp_path / precision, steps=3,
+        **{"train.device": "cuda", "train.mixed_precision": precision,
+           "network.method": "dreambooth", "output.save_dtype": "fp32"}))
+    res = train(cfg)
+    assert all(v == v and v < 1e3 for v in res.losses)
+    saved, _ = load_safetensors(res.lora_path)
+    original, _ = load_safetensors(tiny_model["single_file"])
+    unet = [k for k in saved if k.startswith("model.diffusion_model.")]
+    assert sum(not torch.equal(saved[k], original[k].float()) for k in unet) > len(unet) // 2

@@ -122,7 +122,11 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             progress.close()
         if result.lora_path is not None:
-            print(f"LoRA: {result.lora_path}")
+            from .methods import get_method
+
+            kind = ("checkpoint" if get_method(config.network.method).trains_base_weights
+                    else "LoRA")
+            print(f"{kind}: {result.lora_path}")
             for kind, path in result.files.items():
                 if kind != "lora":
                     print(f"{kind}: {path}")
