@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import tiny_overrides
-
 from tsuika.trainers.config import build_config
 from tsuika.trainers.families import load_model
 from tsuika.trainers.formats.ldm_unet_keys import META_TE_HEADS, META_UNET_HEADS

@@ -19,15 +19,19 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from . import prior
 from .callbacks import Callbacks, SaveInfo, StepInfo, TrainingStopped
 from .config import TsuikaConfig
 from .device import resolve_device, resolve_precision
 from .families import ModelBundle, get_family, load_model
 from .methods import get_method
-from .optimizers import (StepInBackward, make_optimizer, trained_weights_dtype,
-                         wants_step_in_backward)
 from .ops.cpu_conv import packed_frozen_convs
-from . import prior
+from .optimizers import (
+    StepInBackward,
+    make_optimizer,
+    trained_weights_dtype,
+    wants_step_in_backward,
+)
 from .prepare import TrainingData
 from .run_io import RunWriter
 from .state import TrainingState, load_state, resolve_resume
@@ -84,8 +88,9 @@ def _train(config, callbacks, bundle, scan, run_scope: contextlib.ExitStack) -> 
     device = acc.device if acc is not None else resolve_device(config.train.device)
     precision = resolve_precision(device, config.train.mixed_precision)
     method = get_method(config.network.method)
-    # Frozen weights live in the compute dtype; weights a method trains are fp32 masters
-    # (autocast computes in the compute dtype). Loaded straight into that dtype.
+    # Frozen weights live in the compute dtype. Base weights a method trains are stored as
+    # train.trained_weights says (fp32 masters under autocast, or bf16 with stochastic
+    # rounding). Loaded straight into the dtype they are kept in.
     unet_dtype = te_dtype = precision.compute_dtype
     if method.trains_base_weights:
         unet_dtype = trained_weights_dtype(config, precision.compute_dtype)
