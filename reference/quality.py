@@ -164,6 +164,8 @@ def finetune(concept: str, work_dir: str | Path, *, method: str = "lora", steps:
     from ..trainers.loop import train
 
     work = Path(work_dir)
+    method = next((e.split("=", 1)[1] for e in extra if e.startswith("network.method=")),
+                  method)
     data = work / "data"
     if not (data.is_dir() and any(data.glob("*.png"))):
         make_dataset(data, images, seed=seed, held_out_concept=concept)

@@ -419,7 +419,8 @@ def test_detect_and_metadata_hints():
     assert ldm.detect(sd) == "sd1"
     assert ldm.detect(["lora_unet_down_blocks_0.alpha"]) is None
     assert meta == {"tsuika.unet_attention_head_dim": "8", "tsuika.unet_norm_num_groups": "8",
-                    "tsuika.vae_norm_num_groups": "8", "tsuika.te_num_attention_heads": "4"}
+                    "tsuika.vae_norm_num_groups": "8", "tsuika.te_num_attention_heads": "4",
+                    "tsuika.unet_sample_size": "16"}
 
 
 # -- full-size shapes (meta tensors: no memory, no weights) ---------------------------------------

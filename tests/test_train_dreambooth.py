@@ -42,6 +42,8 @@ def test_dreambooth_writes_a_checkpoint_with_the_unet_trained_and_the_rest_kept(
     bundle = load_model(res.lora_path)
     key = changed[0]
     assert bundle.family == "sd15"
+    # Its native size comes back too (the tiny model's 16, not SD1.5's 64): samplers use it.
+    assert bundle.unet.config.sample_size == 16
     got = {k: v for k, v in bundle.unet.state_dict().items()}
     assert any(torch.equal(v.float(), saved[key].float()) for v in got.values()
                if v.shape == saved[key].shape)

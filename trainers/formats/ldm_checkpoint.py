@@ -26,6 +26,7 @@ from typing import Any, NamedTuple
 import torch
 
 from .ldm_unet_keys import (CLIP_OLD_PREFIX, CLIP_PREFIX, META_PREDICTION, META_TE_HEADS,
+                            META_UNET_SAMPLE_SIZE,
                             META_UNET_GROUPS, META_UNET_HEADS, META_VAE_GROUPS, OPEN_CLIP_PREFIX,
                             SUPPORTED_LAYOUTS, UNET_PREFIX, VAE_ATTENTION_LEAVES, VAE_PREFIX,
                             LdmCheckpointError, check_supported_layout, check_text_keys,
@@ -304,10 +305,17 @@ def infer_sd_configs(checkpoint: Mapping[str, torch.Tensor],
     vae = _infer_vae(strip_prefix(checkpoint, VAE_PREFIX), metadata, rules)
     pred, why = _prediction_type(checkpoint, metadata, family, unet["in_channels"])
     rules.append(f"prediction_type={pred}: {why}")
-    # Not in the weights: the native resolution (SD2's v-prediction model is the 768 px one).
-    # The VAE only uses it for tiling; 512 px as in the shipped configs.
-    unet["sample_size"] = 96 if family == "sd2" and pred == "v_prediction" else 64
-    vae["sample_size"] = 64 * 2 ** (len(vae["block_out_channels"]) - 1)
+    # Not in the weights: the native resolution (SD2's v-prediction model is the 768 px one),
+    # unless our writer recorded it (a fine-tune of a smaller model must not sample at 512 px).
+    # The VAE only uses it for tiling.
+    side = read_hint(metadata, META_UNET_SAMPLE_SIZE)
+    if isinstance(side, int) and side > 0:
+        rules.append(f"unet sample_size={side} from metadata {META_UNET_SAMPLE_SIZE}")
+        unet["sample_size"] = side
+    else:
+        side = 64  # the VAE's tiling size stays SD's 512 px, as in the shipped configs
+        unet["sample_size"] = 96 if family == "sd2" and pred == "v_prediction" else 64
+    vae["sample_size"] = side * 2 ** (len(vae["block_out_channels"]) - 1)
     for rule in rules:
         log.info("single-file config: %s", rule)
     return SdConfigs(family, layout, unet, vae, te, pred, why, "ztsnr" in checkpoint, rules)

@@ -35,6 +35,7 @@ META_UNET_HEADS = "tsuika.unet_attention_head_dim"
 META_UNET_GROUPS = "tsuika.unet_norm_num_groups"
 META_VAE_GROUPS = "tsuika.vae_norm_num_groups"
 META_TE_HEADS = "tsuika.te_num_attention_heads"
+META_UNET_SAMPLE_SIZE = "tsuika.unet_sample_size"  # native latent side (not in the weights)
 META_PREDICTION = "modelspec.prediction_type"
 
 # diffusers ResnetBlock2D -> LDM ResBlock (the LDM names are Sequential indices).
@@ -388,6 +389,8 @@ def config_metadata_hints(unet_config: Mapping[str, Any] | None = None,
         heads = unet_config.get("num_attention_heads") or unet_config.get("attention_head_dim", 8)
         hints[META_UNET_HEADS] = json.dumps(list(heads) if not isinstance(heads, int) else heads)
         hints[META_UNET_GROUPS] = json.dumps(int(unet_config.get("norm_num_groups", 32)))
+        if isinstance(unet_config.get("sample_size"), int):
+            hints[META_UNET_SAMPLE_SIZE] = json.dumps(unet_config["sample_size"])
     if vae_config is not None:
         hints[META_VAE_GROUPS] = json.dumps(int(vae_config.get("norm_num_groups", 32)))
     if text_encoder_config is not None:
