@@ -6,12 +6,23 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import tiny_overrides
+from tsuika.trainers.callbacks import Callbacks
 from tsuika.trainers.config import build_config
 from tsuika.trainers.families import load_model
 from tsuika.trainers.formats.ldm_unet_keys import META_TE_HEADS, META_UNET_HEADS
 from tsuika.trainers.formats.safetensors_io import load_safetensors
 from tsuika.trainers.loop import train
 from tsuika.trainers.methods import MethodError
+
+
+class StopAt2(Callbacks):
+    step = 0
+
+    def on_step(self, info):
+        self.step = info.step
+
+    def should_stop(self):
+        return self.step >= 2
 
 
 def _train(tiny_model, data, out, steps=3, which="single_file", **extra):
@@ -71,16 +82,7 @@ def test_dreambooth_lowers_the_loss_on_one_image(tiny_model, tmp_path):
 
 def test_dreambooth_resume_gives_the_same_weights_as_one_run(tiny_model, image_folder,
                                                              tmp_path):
-    from tsuika.trainers.callbacks import Callbacks, TrainingStopped
-
-    class StopAt2(Callbacks):
-        step = 0
-
-        def on_step(self, info):
-            self.step = info.step
-
-        def should_stop(self):
-            return self.step >= 2
+    from tsuika.trainers.callbacks import TrainingStopped
 
     full = _train(tiny_model, image_folder, tmp_path / "full", steps=4)
     extra = {"network.method": "dreambooth", "output.save_dtype": "fp32"}
@@ -169,16 +171,7 @@ def test_stochastic_rounding_keeps_updates_a_bf16_weight_cannot_hold():
 
 def test_bf16_dreambooth_trains_resumes_exactly_and_keeps_the_text_encoder_exact(
         tiny_model, image_folder, tmp_path):
-    from tsuika.trainers.callbacks import Callbacks, TrainingStopped
-
-    class StopAt2(Callbacks):
-        step = 0
-
-        def on_step(self, info):
-            self.step = info.step
-
-        def should_stop(self):
-            return self.step >= 2
+    from tsuika.trainers.callbacks import TrainingStopped
 
     bf16 = {"train.mixed_precision": "bf16", "train.trained_weights": "bf16",
             "train.learning_rate": 1e-3}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 import torch
@@ -46,3 +47,23 @@ class Method(Protocol):
 
     def file_metadata(self, bundle: ModelBundle,
                       metadata: dict[str, str]) -> dict[str, str]: ...
+
+
+def load_named_tensors(bundle: ModelBundle, state: dict[str, torch.Tensor],
+                       trained: Callable[[str, torch.nn.Parameter], bool], options: str) -> None:
+    """Copy a resumable state's ``component::parameter`` tensors into the parameters that
+    ``trained(name, param)`` selects; a missing or extra tensor means the state was made with
+    other ``options`` (named in the error)."""
+    wanted = dict(state)
+    for comp, module in bundle.components.items():
+        for name, p in module.named_parameters():
+            key = f"{comp}::{name}"
+            if not trained(name, p):
+                continue
+            if key not in wanted:
+                raise MethodError(f"the saved state has no tensor for {key}; it was made with "
+                                  f"different {options}.")
+            p.data.copy_(wanted.pop(key).to(p.device, p.dtype))
+    if wanted:
+        raise MethodError(f"the saved state has {len(wanted)} tensors this run does not train "
+                          f"(e.g. {next(iter(wanted))}); it was made with different {options}.")

@@ -21,7 +21,7 @@ import torch
 
 from ..config import TsuikaConfig
 from ..families.base import ModelBundle
-from .base import MethodError
+from .base import MethodError, load_named_tensors
 
 log = logging.getLogger(__name__)
 
@@ -74,20 +74,8 @@ class DreamBoothMethod:
 
     def load_trainable_state(self, bundle: ModelBundle,
                              state: dict[str, torch.Tensor]) -> None:
-        wanted = dict(state)
-        for comp, module in bundle.components.items():
-            for name, p in module.named_parameters():
-                key = f"{comp}::{name}"
-                if not p.requires_grad:
-                    continue
-                if key not in wanted:
-                    raise MethodError(f"the saved state has no tensor for {key}; it was made "
-                                      "with different options (network.train_text_encoder?).")
-                p.data.copy_(wanted.pop(key).to(p.device, p.dtype))
-        if wanted:
-            raise MethodError(f"the saved state has {len(wanted)} tensors this run does not "
-                              f"train (e.g. {next(iter(wanted))}); it was made with different "
-                              "options (network.train_text_encoder?).")
+        load_named_tensors(bundle, state, lambda name, p: p.requires_grad,
+                           "options (network.train_text_encoder?)")
 
     def export(self, config: TsuikaConfig, bundle: ModelBundle,
                dtype: torch.dtype) -> dict[str, torch.Tensor]:
