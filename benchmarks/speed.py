@@ -35,6 +35,10 @@ from _bench_common import (make_images, matmul_rate, model_folder, peak_rss_gib,
                            unet_step_flops)
 
 
+# The reference scripts' usual rates; the same on both sides.
+LEARNING_RATE = {"lora": 1e-4, "dreambooth": 5e-6}
+
+
 def run_reference(args) -> dict:
     """The reference training step: encode image and caption each step, fp32, AdamW."""
     import torch
@@ -58,8 +62,7 @@ def run_reference(args) -> dict:
         unet.add_adapter(LoraConfig(r=16, lora_alpha=16, init_lora_weights="gaussian",
                                     target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
     params = [p for p in unet.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=5e-6 if args.method == "dreambooth" else 1e-4,
-                            weight_decay=1e-2)
+    opt = torch.optim.AdamW(params, lr=LEARNING_RATE[args.method], weight_decay=1e-2)
     sched = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
     images = make_images(args.resolution, 4, device)
     ids = tok(["a photo of a sks dog"], padding="max_length", max_length=77,
@@ -118,7 +121,7 @@ def run_tsuika(args) -> dict:
             "network.target=attention", f"train.device={args.device}",
             f"train.mixed_precision={args.precision}", "output.save_dtype=fp16",
             f"network.method={args.method}",
-            f"train.learning_rate={5e-6 if args.method == 'dreambooth' else 1e-4}",
+            f"train.learning_rate={LEARNING_RATE[args.method]}",
             *args.tsuika_set])
         t0 = time.perf_counter()
         train(config, Timer())

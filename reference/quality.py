@@ -202,8 +202,10 @@ def score_trained_file(path: str | Path, concept: str, sampling: Sampling = Samp
     (a full fine-tune such as DreamBooth) scored in the base model's place."""
     from safetensors import safe_open
 
+    from ..trainers.formats.ldm_checkpoint import detect
+
     with safe_open(str(path), framework="pt") as f:
-        checkpoint = any(k.startswith("model.diffusion_model.") for k in f.keys())
+        checkpoint = detect(list(f.keys())) is not None  # an SD single file, not a LoRA
     if not checkpoint:
         return score_lora(path, concept, sampling, model=model, words=words,
                           evaluator=evaluator)

@@ -182,3 +182,4 @@ def test_files_written_converting_as_they_go_read_back_everywhere(tmp_path):
     back = safetensors.torch.load_file(fp16)
     assert back["w"].dtype == torch.float16 and torch.equal(back["w"], base.half())
     assert back["bf"].dtype == torch.float16 and back["step"].dtype == torch.int64
+    assert back["scalar"].dtype == torch.float32  # scalars such as a LoRA's alpha stay exact

@@ -29,6 +29,7 @@ def test_lora_trains_and_saves_kohya_keys(tiny_model, image_folder, tmp_path, wh
     assert ("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
             ".lora_down.weight") in keys
     assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight" in keys
+    assert {v.dtype for k, v in tensors.items() if k.endswith(".alpha")} == {torch.float32}
     alphas = {k: float(v) for k, v in tensors.items() if k.endswith(".alpha")}
     assert alphas and set(alphas.values()) == {2.0}
     for k in alphas:

@@ -114,10 +114,10 @@ class AdamWBf16(torch.optim.Optimizer):
 
     A bf16 weight has 8 significant bits, so an update smaller than half its spacing rounds
     away to nothing and fine-tuning stalls. Rounding up or down with probability given by
-    the remainder keeps every update in expectation. The random bits come from a hash of
-    the new value, the seed, the step and the tensor's index: a run is reproducible and a
-    resumed run repeats it exactly. Work goes in chunks that stay in cache, so the dozen
-    element-wise passes cost about one pass over memory.
+    the remainder keeps every update in expectation (``round_in_place``). The random bits
+    are picked by the seed, the step, the tensor's index and the chunk: a run is
+    reproducible and a resumed run repeats it exactly. Work goes in chunks that stay in
+    cache, so the dozen element-wise passes cost about one pass over memory.
     """
 
     CHUNK = 1 << 18  # 1 MiB of fp32: measured fastest of 64 Ki..1 Mi elements on this CPU

@@ -48,7 +48,10 @@ def _check_tensors(tensors: Mapping[str, torch.Tensor], path: Path,
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"{key!r} written to {path} is a {type(value).__name__}, not a "
                             "torch.Tensor.")
-        written = dtype if dtype is not None and value.is_floating_point() else value.dtype
+        # Scalars (a LoRA's alpha) keep their dtype: converting them saves nothing and
+        # would only round them.
+        convert = dtype is not None and value.is_floating_point() and value.dim() > 0
+        written = dtype if convert else value.dtype
         if written not in _DTYPE_NAMES:
             raise TypeError(f"{key!r} written to {path} has dtype {written}, which safetensors "
                             "cannot store.")
@@ -109,7 +112,8 @@ def save_safetensors(path, tensors: Mapping[str, torch.Tensor],
         tensors: name -> tensor (any device and layout; tensors may share memory).
         metadata: string -> string safetensors metadata.
         overwrite: replace an existing file; otherwise an existing file is an error.
-        dtype: write floating tensors in this dtype, converting one at a time.
+        dtype: write floating tensors (not 0-d scalars) in this dtype, converting one at a
+            time.
 
     Returns:
         The path written.

@@ -20,12 +20,14 @@ class Method(Protocol):
 
     ``prepare`` changes the bundle's modules in place (adds adapters, unfreezes weights) and
     returns the optimizer's parameter groups. ``export`` returns the tensors and metadata of
-    the file users load elsewhere; ``trainable_state`` / ``load_trainable_state`` are the
-    exact (lossless, fp32) weights a resumable state keeps; ``file_metadata`` turns the
-    run's training metadata into what the exported file carries.
+    the file users load elsewhere (the writer converts its floating tensors to
+    ``output.save_dtype`` one at a time); ``trainable_state`` / ``load_trainable_state`` are
+    the exact trained weights, as stored, that a resumable state keeps; ``file_metadata``
+    turns the run's training metadata into what the exported file carries.
 
     ``trains_base_weights``: the method trains the model's own weights (full fine-tuning),
-    so the loop loads them in fp32 (master weights) instead of the compute dtype.
+    so the loop stores them as ``train.trained_weights`` says instead of in the compute dtype,
+    and steps the optimizer inside the backward pass by default.
     """
 
     name: str
