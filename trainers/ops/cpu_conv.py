@@ -21,6 +21,7 @@ non-CPU tensors and unusual convs (groups, dilation, string padding) are left al
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +37,20 @@ def available() -> bool:
     """Whether this torch has the oneDNN ops the packed path uses."""
     return torch.backends.mkldnn.is_available() and all(
         hasattr(torch.ops.mkldnn, n) for n in _OPS)
+
+
+@functools.cache
+def packs(dtype: torch.dtype) -> bool:
+    """Whether this CPU's oneDNN reorders conv weights of ``dtype`` (bf16 needs AVX512-BF16
+    era instructions: without them the reorder raises, and the convs stay plain)."""
+    if not available():
+        return False
+    try:
+        torch.ops.mkldnn._reorder_convolution_weight(
+            torch.zeros(2, 2, 3, 3, dtype=dtype), [1, 1], [1, 1], [1, 1], 1, [1, 2, 4, 4])
+    except RuntimeError:
+        return False
+    return True
 
 
 @dataclass
@@ -126,7 +141,8 @@ class _Packer:
             packed = self.packed.get(conv)
             dtype = _compute_dtype(conv.weight.dtype)
             if packed is None:
-                if x.dim() != 4 or x.shape[-2] * x.shape[-1] > self.max_pixels:
+                if (x.dim() != 4 or x.shape[-2] * x.shape[-1] > self.max_pixels
+                        or not packs(dtype)):
                     return plain_forward(x)
                 packed = self.packed[conv] = _pack(conv, x, dtype)
                 self.pixels[name] = x.shape[-2] * x.shape[-1]
