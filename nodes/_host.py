@@ -173,7 +173,7 @@ class ComfyProgress(Callbacks):
             self._update(step, ("JPEG", image_grid([images]), 512))
 
     def on_save(self, info: SaveInfo) -> None:
-        emit("tsuika.saved", {"node": self.node_id, "step": info.step, "path": info.lora_path})
+        emit("tsuika.saved", {"node": self.node_id, "step": info.step, "path": info.file_path})
 
     def on_message(self, text: str) -> None:
         log.info("%s", text)

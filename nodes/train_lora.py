@@ -125,14 +125,14 @@ def run_training(node_id, model, clip, vae, dataset, options: dict, resume: bool
     finally:
         del bundle
         _host.free_host_memory()
-    tensors, metadata = load_safetensors(result.lora_path)
+    tensors, metadata = load_safetensors(result.file_path)
     lora = _host.LoraDict(tensors, metadata)
     model_out, clip_out = _host.apply_lora(model, clip, lora, 1.0, 1.0)
     buckets = ", ".join(f"{size}: {n}" for size, n in
                         progress.start_info.get("buckets", {}).items())
     report = (f"trained {result.steps} steps, loss {result.losses[0]:.4f} -> "
               f"{result.losses[-1]:.4f}\nbuckets (size: images): {buckets or '-'}\n"
-              f"LoRA: {result.lora_path}\nrun folder: {result.lora_path.parent}")
+              f"LoRA: {result.file_path}\nrun folder: {result.file_path.parent}")
     return io.NodeOutput(model_out, clip_out, lora, {"loss": list(result.losses)},
                          _host.images_to_tensor(result.samples_after),
                          ui=ui.PreviewText(report))

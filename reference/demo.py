@@ -79,12 +79,12 @@ def run_demo(out_dir: str | Path = "outputs/demo", steps: int | None = None,
     finally:
         progress.close()
     summary = {"pretrained_reference_model": pretrained, "model": str(model),
-               "steps": result.steps, "lora": str(result.lora_path),
+               "steps": result.steps, "lora": str(result.file_path),
                "first_loss": result.losses[0], "last_loss": result.losses[-1],
                "files": {k: str(v) for k, v in result.files.items()}}
     if pretrained:
         grid = out / "before_after.png"
-        after = _before_after(model, result.lora_path, shown, grid,
+        after = _before_after(model, result.file_path, shown, grid,
                               sampling if scored else None)
         summary["files"]["before_after"] = str(grid)
         if scored:

@@ -178,11 +178,11 @@ def finetune(concept: str, work_dir: str | Path, *, method: str = "lora", steps:
         "train.batch_size=4", "sample.prompts=", *extra])
     start = time.perf_counter()
     result = train(config, callbacks)
-    return {"file": result.lora_path, "steps": result.steps,
+    return {"file": result.file_path, "steps": result.steps,
             "seconds": round(time.perf_counter() - start, 1),
             "first_loss": result.losses[0] if result.losses else None,
             "last_loss": result.losses[-1] if result.losses else None,
-            "bytes": result.lora_path.stat().st_size if result.lora_path else 0}
+            "bytes": result.file_path.stat().st_size if result.file_path else 0}
 
 
 def score_lora(lora_file: str | Path, concept: str, sampling: Sampling = Sampling(), *,

@@ -20,7 +20,7 @@ def test_cuda_training_in_each_precision(tiny_model, image_folder, tmp_path, pre
            "network.train_text_encoder": "true"}))
     res = train(cfg)
     assert all(v == v and v < 1e3 for v in res.losses)
-    tensors, _ = load_safetensors(res.lora_path)
+    tensors, _ = load_safetensors(res.file_path)
     ups = [v for k, v in tensors.items() if k.endswith("lora_up.weight")]
     assert ups and any(float(u.abs().sum()) > 0 for u in ups), "LoRA did not train"
     assert torch.cuda.max_memory_allocated() > 0
@@ -48,7 +48,7 @@ def test_cuda_dreambooth_trains_the_unet(tiny_model, image_folder, tmp_path, pre
            "network.method": "dreambooth", "output.save_dtype": "fp32"}))
     res = train(cfg)
     assert all(v == v and v < 1e3 for v in res.losses)
-    saved, _ = load_safetensors(res.lora_path)
+    saved, _ = load_safetensors(res.file_path)
     original, _ = load_safetensors(tiny_model["single_file"])
     unet = [k for k in saved if k.startswith("model.diffusion_model.")]
     assert sum(not torch.equal(saved[k], original[k].float()) for k in unet) > len(unet) // 2

@@ -60,9 +60,9 @@ def test_class_images_change_what_is_trained_by_their_weight(tiny_model, image_f
     with_prior = train(_config(tiny_model, image_folder, tmp_path / "prior", **weighted))
     zero = train(_config(tiny_model, image_folder, tmp_path / "zero",
                          **{**weighted, "train.prior_loss_weight": 0}))
-    a, _ = load_safetensors(plain.lora_path)
-    b, _ = load_safetensors(with_prior.lora_path)
-    c, _ = load_safetensors(zero.lora_path)
+    a, _ = load_safetensors(plain.file_path)
+    b, _ = load_safetensors(with_prior.file_path)
+    c, _ = load_safetensors(zero.file_path)
     assert any(not torch.equal(a[k], b[k]) for k in a), "class images changed nothing"
     # Weight 0 leaves only the instance loss: the same training as without class images.
     assert all(torch.allclose(a[k], c[k], atol=1e-6) for k in a)

@@ -120,7 +120,7 @@ def test_dreambooth_checkpoint_loads_and_samples_in_comfyui(host_models, tmp_pat
     result = train(cfg)
     models = tmp_path / "models"
     (models / "checkpoints").mkdir(parents=True)
-    os.symlink(result.lora_path, models / "checkpoints" / "tsuika_dreambooth.safetensors")
+    os.symlink(result.file_path, models / "checkpoints" / "tsuika_dreambooth.safetensors")
     graph = {
         "1": {"class_type": "CheckpointLoaderSimple",
               "inputs": {"ckpt_name": "tsuika_dreambooth.safetensors"}},

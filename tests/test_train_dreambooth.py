@@ -36,7 +36,7 @@ def test_dreambooth_writes_a_checkpoint_with_the_unet_trained_and_the_rest_kept(
         tiny_model, image_folder, tmp_path, which):
     res = _train(tiny_model, image_folder, tmp_path / "out", which=which)
     assert res.steps == 3 and all(v == v for v in res.losses)
-    saved, meta = load_safetensors(res.lora_path)
+    saved, meta = load_safetensors(res.file_path)
     original, _ = load_safetensors(tiny_model["single_file"])
     # The original single-file layout, key for key (what CheckpointLoaderSimple reads).
     assert set(saved) == set(original) - {k for k in original if k.endswith("position_ids")}
@@ -50,7 +50,7 @@ def test_dreambooth_writes_a_checkpoint_with_the_unet_trained_and_the_rest_kept(
     assert meta["modelspec.architecture"] == "stable-diffusion-v1"
     assert {META_UNET_HEADS, META_TE_HEADS} <= set(meta)
     # Loads back as a model, and the trained weights are in it.
-    bundle = load_model(res.lora_path)
+    bundle = load_model(res.file_path)
     key = changed[0]
     assert bundle.family == "sd15"
     # Its native size comes back too (the tiny model's 16, not SD1.5's 64): samplers use it.
@@ -63,7 +63,7 @@ def test_dreambooth_writes_a_checkpoint_with_the_unet_trained_and_the_rest_kept(
 def test_dreambooth_can_train_the_text_encoder_too(tiny_model, image_folder, tmp_path):
     res = _train(tiny_model, image_folder, tmp_path / "out",
                  **{"network.train_text_encoder": "true", "train.text_encoder_lr": 1e-3})
-    saved, _ = load_safetensors(res.lora_path)
+    saved, _ = load_safetensors(res.file_path)
     original, _ = load_safetensors(tiny_model["single_file"])
     te = [k for k in saved if k.startswith("cond_stage_model.") and "layers" in k]
     assert any(not torch.equal(saved[k], original[k].float()) for k in te)
@@ -92,8 +92,8 @@ def test_dreambooth_resume_gives_the_same_weights_as_one_run(tiny_model, image_f
         train(cfg, StopAt2())
     resumed = _train(tiny_model, image_folder, tmp_path / "cut", steps=4,
                      **{"train.resume": "latest"})
-    a, _ = load_safetensors(full.lora_path)
-    b, _ = load_safetensors(resumed.lora_path)
+    a, _ = load_safetensors(full.file_path)
+    b, _ = load_safetensors(resumed.file_path)
     assert resumed.steps == 4 and resumed.losses[:2] == full.losses[:2]
     assert all(torch.equal(a[k], b[k]) for k in a)
 
@@ -129,8 +129,8 @@ def test_stepping_inside_the_backward_pass_trains_exactly_like_a_normal_step(
     assert any("inside the backward pass" in m for m in cb.lines), cb.lines
     outside = _train(tiny_model, image_folder, tmp_path / "out", steps=3,
                      **{"train.optimizer_in_backward": "off", **same})
-    a, _ = load_safetensors(inside.lora_path)
-    b, _ = load_safetensors(outside.lora_path)
+    a, _ = load_safetensors(inside.file_path)
+    b, _ = load_safetensors(outside.file_path)
     assert inside.losses == outside.losses
     assert all(torch.allclose(a[k], b[k], rtol=0, atol=1e-7) for k in a)
 
@@ -183,8 +183,8 @@ def test_bf16_dreambooth_trains_resumes_exactly_and_keeps_the_text_encoder_exact
         train(cfg, StopAt2())
     resumed = _train(tiny_model, image_folder, tmp_path / "cut", steps=4,
                      **{"train.resume": "latest", **bf16})
-    a, _ = load_safetensors(full.lora_path)
-    b, _ = load_safetensors(resumed.lora_path)
+    a, _ = load_safetensors(full.file_path)
+    b, _ = load_safetensors(resumed.file_path)
     original, _ = load_safetensors(tiny_model["single_file"])
     assert all(torch.equal(a[k], b[k]) for k in a)
     unet = [k for k in a if k.startswith("model.diffusion_model.")]

@@ -24,7 +24,7 @@ def test_lora_trains_and_saves_kohya_keys(tiny_model, image_folder, tmp_path, wh
     res = _train(tiny_model, image_folder, tmp_path / "out", steps=3, which=which,
                  **{"network.train_text_encoder": "true", "network.alpha": 2})
     assert res.steps == 3 and all(map(lambda v: v == v and abs(v) < 1e6, res.losses))
-    tensors, meta = load_safetensors(res.lora_path)
+    tensors, meta = load_safetensors(res.file_path)
     keys = set(tensors)
     assert ("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
             ".lora_down.weight") in keys
@@ -55,8 +55,8 @@ def test_training_lowers_the_loss_on_one_image(tiny_model, tmp_path):
 def test_fixed_seed_is_reproducible(tiny_model, image_folder, tmp_path):
     a = _train(tiny_model, image_folder, tmp_path / "a", steps=3)
     b = _train(tiny_model, image_folder, tmp_path / "b", steps=3)
-    ta, _ = load_safetensors(a.lora_path)
-    tb, _ = load_safetensors(b.lora_path)
+    ta, _ = load_safetensors(a.file_path)
+    tb, _ = load_safetensors(b.file_path)
     assert a.losses == b.losses
     assert all(torch.equal(ta[k], tb[k]) for k in ta)
 
@@ -155,7 +155,7 @@ def test_packed_cpu_convs_train_like_plain_ones_and_leave_the_model_as_it_was(
         cfg = build_config(overrides=tiny_overrides(
             tiny_model["diffusers"], image_folder, tmp_path / f"px{px}", 3,
             **{"train.cpu_prepack_pixels": px}))
-        runs[px] = load_safetensors(train(cfg, bundle=bundle).lora_path)[0]
+        runs[px] = load_safetensors(train(cfg, bundle=bundle).file_path)[0]
         # the adapters stay injected: compare each base weight under its wrapped name
         after = {k.replace(".base_layer", ""): v for k, v in bundle.unet.state_dict().items()}
         for k, v in convs.items():

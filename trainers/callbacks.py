@@ -29,7 +29,7 @@ class SaveInfo:
     """A file or state folder the loop has just written."""
 
     step: int
-    lora_path: str | None = None
+    file_path: str | None = None
     state_dir: str | None = None
     final: bool = False
 

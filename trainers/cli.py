@@ -44,7 +44,7 @@ class TerminalProgress(Callbacks):
             self.bar.update(1)
 
     def on_save(self, info):
-        log.info("saved %s", info.lora_path)
+        log.info("saved %s", info.file_path)
 
     def on_message(self, text):
         log.info("%s", text)
@@ -121,12 +121,12 @@ def main(argv: list[str] | None = None) -> int:
             result = train(config, progress)
         finally:
             progress.close()
-        if result.lora_path is not None:
+        if result.file_path is not None:
             from .methods import get_method
 
             kind = ("checkpoint" if get_method(config.network.method).trains_base_weights
                     else "LoRA")
-            print(f"{kind}: {result.lora_path}")
+            print(f"{kind}: {result.file_path}")
             for kind, path in result.files.items():
                 if kind != "lora":
                     print(f"{kind}: {path}")

@@ -45,7 +45,7 @@ class NonFiniteLoss(RuntimeError):
 
 @dataclass
 class TrainResult:
-    lora_path: Path | None  # None on data-parallel ranks other than the main one
+    file_path: Path | None  # None on data-parallel ranks other than the main one
     state_dir: Path | None
     steps: int
     losses: list[float] = field(default_factory=list)
@@ -233,7 +233,7 @@ def _train(config, callbacks, bundle, scan, run_scope: contextlib.ExitStack) -> 
         if cb.should_stop():
             info = save(step, final=False)
             raise TrainingStopped(
-                f"training stopped at step {step}/{total}; the file so far is {info.lora_path} "
+                f"training stopped at step {step}/{total}; the file so far is {info.file_path} "
                 f"and a resumable state is {info.state_dir} (resume with train.resume = "
                 f"'{info.state_dir}' or 'latest').", info)
         loss_sum = torch.zeros((), device=device)
@@ -252,7 +252,7 @@ def _train(config, callbacks, bundle, scan, run_scope: contextlib.ExitStack) -> 
             torch.nn.utils.clip_grad_norm_(params, config.train.max_grad_norm)
         loss_value = float(loss_sum)  # one host sync per step: the progress bar shows it
         if not math.isfinite(loss_value):
-            where = (f"the last good save is {last_save.lora_path} (state {last_save.state_dir})"
+            where = (f"the last good save is {last_save.file_path} (state {last_save.state_dir})"
                      if last_save else "nothing was saved before it (no save_every reached)")
             raise NonFiniteLoss(f"the loss became {loss_value} at step {step + 1}; stopped "
                                 f"without saving the broken weights; {where}. Lower "
@@ -279,7 +279,7 @@ def _train(config, callbacks, bundle, scan, run_scope: contextlib.ExitStack) -> 
     final = save(step, final=True)
     samples_after = out.sample(family, bundle, precision, step=step, cb=cb, final=True)
     files = out.finish(samples_before, samples_after)
-    return TrainResult(lora_path=Path(final.lora_path) if final.lora_path else None,
+    return TrainResult(file_path=Path(final.file_path) if final.file_path else None,
                        state_dir=Path(final.state_dir) if final.state_dir else None, steps=step,
                        losses=[r[1] for r in out.losses], samples_before=samples_before,
                        samples_after=samples_after, files=files)

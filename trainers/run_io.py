@@ -66,7 +66,7 @@ class RunWriter:
             self._intermediate = prune(self._intermediate + [path], self.config.output.keep_last)
             self._states = prune(self._states + [sdir], self.config.output.keep_last)
         log.info("saved %s (state %s)", path, sdir)
-        return SaveInfo(step=step, lora_path=str(path), state_dir=str(sdir), final=final)
+        return SaveInfo(step=step, file_path=str(path), state_dir=str(sdir), final=final)
 
     # -- samples and report ---------------------------------------------------------------
     def sample(self, family, bundle, precision, step: int, cb, final: bool = False) -> list:
