@@ -25,7 +25,7 @@ from .config import TsuikaConfig
 from .device import resolve_device, resolve_precision
 from .families import ModelBundle, get_family, load_model
 from .methods import get_method
-from .ops.cpu_conv import packed_frozen_convs
+from .device.cpu_conv import packed_frozen_convs
 from .optimizers import (
     StepInBackward,
     make_optimizer,

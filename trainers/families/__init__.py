@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from ..ops.host_memory import give_back_freed_memory
+from ..device.host_memory import give_back_freed_memory
 from .base import Family, ModelBundle, ModelLoadError
 from .sd15 import Sd15Family
 

@@ -212,7 +212,7 @@ def _read_converting(path: Path, dtype: DtypeChoice, device: str,
         return ValueError(f"{path} is a damaged or incomplete safetensors file ({why}); write "
                           "it again or download it again.")
 
-    from ..ops.host_memory import give_back_freed_memory
+    from ..device.host_memory import give_back_freed_memory
 
     tensors: dict[str, torch.Tensor] = {}
     since_trim = 0

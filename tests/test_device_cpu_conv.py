@@ -1,4 +1,4 @@
-"""Packed frozen convs (trainers.ops.cpu_conv): same results and gradients as plain convs,
+"""Packed frozen convs (trainers.device.cpu_conv): same results and gradients as plain convs,
 and every plain weight comes back bit-identical."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tsuika.trainers.ops import cpu_conv
+from tsuika.trainers.device import cpu_conv
 
 pytestmark = pytest.mark.skipif(not cpu_conv.available(), reason="torch without oneDNN ops")
 

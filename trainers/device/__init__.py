@@ -1,4 +1,9 @@
-"""Device and precision choices, made once per run from the config (no globals)."""
+"""Device and precision choices, made once per run from the config (no globals).
+
+The package also holds what makes a given device run faster or leaner, apart from the
+tensor math in ``trainers/ops/``: ``cpu_conv`` (frozen convolutions packed for oneDNN) and
+``host_memory`` (handing freed heap pages back to the operating system).
+"""
 
 from __future__ import annotations
 
