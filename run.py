@@ -48,7 +48,9 @@ def main() -> int:
         return 2
     setup()
     if what == "demo":
-        sh(BIN / "tsuika", "demo", "outputs/demo", *sys.argv[2:])
+        # The module, not the tsuika-demo script: a .venv made before the script existed has
+        # no script, but its editable install already sees the module.
+        sh(PY, "-m", "tsuika.reference.demo", "outputs/demo", *sys.argv[2:])
     else:
         sh(PY, "-m", "pytest", "-q", *sys.argv[2:])
     return 0

@@ -9,12 +9,19 @@ prompts the model already knew; left half before training, right half after, sam
 When the reference model is missing (``reference/model``), the demo falls back to the
 random-weight ``sd15-tiny`` fixture and says so: the run then proves the pipeline, not
 learning.
+
+    tsuika-demo [OUT_DIR] [--steps N]          (or: python -m tsuika.reference.demo ...)
+
+``python3 run.py demo`` runs this. The demo is its own entry point so that the backend's CLI
+never imports ``reference/`` (reference uses trainers, never the reverse).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
+import sys
 from pathlib import Path
 
 import torch
@@ -91,10 +98,6 @@ def run_demo(out_dir: str | Path = "outputs/demo", steps: int | None = None,
             summary["scores"] = {"before": before, "after": after,
                                  "images_per_prompt": images_per_prompt}
     (out / "demo_summary.json").write_text(json.dumps(summary, indent=2))
-    for k, v in summary["files"].items():
-        print(f"{k}: {v}")
-    if "scores" in summary:
-        _print_scores(summary["scores"])
     return summary
 
 
@@ -132,3 +135,25 @@ def _print_scores(scores: dict) -> None:
     print(f"scores ({scores['images_per_prompt']} samples per prompt): before -> after")
     for name in names:
         print(f"  {name:22s} {scores['before'][name]:.3f} -> {scores['after'][name]:.3f}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``tsuika-demo [OUT_DIR] [--steps N]``: run the demo and print where its results are."""
+    from ..trainers.cli import configure_logging
+
+    p = argparse.ArgumentParser(prog="tsuika-demo", description="Train on the bundled sample "
+                                "data with the bundled model (the README's demo).")
+    p.add_argument("out_dir", nargs="?", default="outputs/demo")
+    p.add_argument("--steps", type=int, default=None)
+    args = p.parse_args(argv)
+    configure_logging()
+    summary = run_demo(args.out_dir, steps=args.steps)
+    for k, v in summary["files"].items():
+        print(f"{k}: {v}")
+    if "scores" in summary:
+        _print_scores(summary["scores"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

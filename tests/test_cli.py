@@ -58,3 +58,11 @@ def test_fixture_command_writes_both_layouts(tmp_path):
     again = _cli("fixture", "sd15-tiny", str(tmp_path / "m"))
     assert again.returncode == 2 and "already exists" in again.stderr
     assert Path(tmp_path / "m" / "diffusers").is_dir()
+
+
+def test_the_demo_has_its_own_entry_point_and_tsuika_demo_points_to_it():
+    moved = _cli("demo")
+    assert moved.returncode == 2 and "tsuika-demo" in moved.stderr, moved.stderr
+    demo = subprocess.run([sys.executable, "-m", "tsuika.reference.demo", "--help"],
+                          capture_output=True, text=True, timeout=120)
+    assert demo.returncode == 0 and "tsuika-demo" in demo.stdout, demo.stderr

@@ -10,18 +10,66 @@ HOST_MODULES = {"comfy", "comfy_api", "comfy_extras", "folder_paths", "server", 
                 "comfy_execution", "execution"}
 
 
-def test_trainers_never_import_comfyui():
+# Layers of the pack (top-level folders) and the layers each must never import.
+FORBIDDEN = {"trainers": {"nodes", "reference"}, "reference": {"nodes"}}
+
+
+def _imported(path: Path) -> list[tuple[str, int]]:
+    """(absolute dotted module, line) for every import in ``path``; relative imports are
+    resolved against the package (``from ..nodes import x`` in trainers/loop.py is
+    ``tsuika.nodes``), so that a layer crossing cannot hide behind dots."""
+    package = ["tsuika", *path.relative_to(ROOT).with_suffix("").parts[:-1]]
+    if path.name == "__init__.py":
+        package = ["tsuika", *path.relative_to(ROOT).parts[:-1]]
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found += [(a.name, node.lineno) for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level == 0:
+                base = node.module or ""
+            else:
+                parts = package[:len(package) - (node.level - 1)]
+                base = ".".join([*parts, *([node.module] if node.module else [])])
+            # ``from .. import nodes`` names the layer in the imported names.
+            found += [(base, node.lineno)] + [(f"{base}.{a.name}", node.lineno)
+                                              for a in node.names]
+    return found
+
+
+def _cross_layer_imports(layer: str) -> list[str]:
     offenders = []
-    for path in (ROOT / "trainers").rglob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            names = []
-            if isinstance(node, ast.Import):
-                names = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-                names = [node.module]
-            offenders += [f"{path.relative_to(ROOT)}: {n}" for n in names
-                          if n.split(".")[0] in HOST_MODULES]
-    assert offenders == []
+    for path in (ROOT / layer).rglob("*.py"):
+        for name, line in _imported(path):
+            parts = name.split(".")
+            where = f"{path.relative_to(ROOT)}:{line}: {name}"
+            if parts[0] in HOST_MODULES and layer == "trainers":
+                offenders.append(where)  # the backend never imports ComfyUI
+            if parts[0] == "tsuika" and len(parts) > 1 and parts[1] in FORBIDDEN.get(layer, ()):
+                offenders.append(where)
+    return offenders
+
+
+def test_trainers_never_import_comfyui_nodes_or_reference():
+    assert _cross_layer_imports("trainers") == []
+
+
+def test_reference_never_imports_the_nodes():
+    assert _cross_layer_imports("reference") == []
+
+
+def test_relative_imports_across_layers_are_caught(tmp_path, monkeypatch):
+    """The scan itself: a relative import of nodes/ or reference/ from trainers/ is found."""
+    fake = tmp_path / "trainers" / "methods"
+    fake.mkdir(parents=True)
+    (fake / "x.py").write_text("from ...nodes import _host\nfrom ...reference.demo import m\n"
+                               "from .. import loop\nfrom ... import reference\n"
+                               "import comfy.sd\n")
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
+    found = _cross_layer_imports("trainers")
+    assert [f.split(": ", 1)[1] for f in found] == [
+        "tsuika.nodes", "tsuika.nodes._host", "tsuika.reference.demo",
+        "tsuika.reference.demo.m", "tsuika.reference", "comfy.sd"], found
 
 
 def test_importing_the_pack_is_light():

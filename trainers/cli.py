@@ -3,7 +3,9 @@
     tsuika train [CONFIG.toml] [--set train.steps=200 ...]
     tsuika fixture sd15-tiny OUT_DIR
     tsuika options
-    tsuika demo [OUT_DIR]
+
+The README's demo has its own entry point (``tsuika-demo`` or ``python -m
+tsuika.reference.demo``): the backend never imports ``reference/``.
 
 Works unchanged under ``accelerate launch --num_processes N -m tsuika.trainers.cli train``.
 """
@@ -71,10 +73,22 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32")
     f.add_argument("--overwrite", action="store_true")
     sub.add_parser("options", help="list every option with its default and help")
-    d = sub.add_parser("demo", help="train on the bundled sample data with the bundled model")
-    d.add_argument("out_dir", nargs="?", default="outputs/demo")
-    d.add_argument("--steps", type=int, default=None)
+    # Kept so that `tsuika demo` still points somewhere; the demo lives in reference/.
+    d = sub.add_parser("demo", help="moved: run `tsuika-demo` (or `python3 run.py demo`)")
+    d.add_argument("rest", nargs=argparse.REMAINDER)
     return p
+
+
+def configure_logging(rank: int = 0) -> None:
+    """Log INFO on the main process (WARNING elsewhere) and quiet the libraries' chatter.
+
+    Args:
+        rank: this process's rank under ``accelerate launch`` (0 when alone).
+    """
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "diffusers", "transformers", "peft"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def _print_options() -> None:
@@ -92,10 +106,7 @@ def _print_options() -> None:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("httpx", "diffusers", "transformers", "peft"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    configure_logging(rank)
     try:
         if args.command == "options":
             _print_options()
@@ -109,10 +120,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{kind}: {path}")
             return 0
         if args.command == "demo":
-            from ..reference.demo import run_demo
-
-            run_demo(args.out_dir, steps=args.steps)
-            return 0
+            print("tsuika: the demo has its own command: `tsuika-demo [OUT_DIR] [--steps N]` "
+                  "(or `python3 run.py demo`).", file=sys.stderr)
+            return 2
         config = load_config(args.config, args.overrides)
         from .loop import train
 
