@@ -20,8 +20,6 @@ from ..trainers.families.base import ModelBundle
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_COMFY_MODELS = {"SD15": "sd15"}
-
 
 class LoraDict(dict):
     """A LORA_MODEL value: kohya-named tensors (what ComfyUI's own LoRA nodes accept), plus the
@@ -34,14 +32,26 @@ class LoraDict(dict):
         self.metadata = dict(metadata or {})
 
 
+def supported_comfy_models() -> dict[str, str]:
+    """ComfyUI model-config class name -> backend family name, read from the families' facts
+    (a new family lists its host models there, not here)."""
+    from ..trainers.families import FAMILIES
+
+    return {kind: f.name for f in FAMILIES.values() for kind in f.facts.host_models}
+
+
 def comfy_family(model) -> str:
     """The backend family of a ComfyUI MODEL, or a clear error naming what it is."""
+    from ..trainers.families import FAMILIES, family_for_host_model
+
     kind = type(model.model.model_config).__name__
-    if kind not in SUPPORTED_COMFY_MODELS:
+    family = family_for_host_model(kind)
+    if family is None:
+        names = " or ".join(f.facts.display_name for f in FAMILIES.values())
         raise ValueError(f"model: this is a {kind} model; Tsuika trains "
-                         f"{', '.join(SUPPORTED_COMFY_MODELS)} models so far. Load an SD1.x "
-                         "checkpoint with Load Checkpoint.")
-    return SUPPORTED_COMFY_MODELS[kind]
+                         f"{', '.join(supported_comfy_models())} models so far. Load an "
+                         f"{names} checkpoint with Load Checkpoint.")
+    return family.name
 
 
 def free_host_memory() -> None:
@@ -59,17 +69,16 @@ def bundle_from_comfy(model, clip, vae) -> ModelBundle:
     ComfyUI's weights are inference tensors shared by every clone of the model; the copies
     are ordinary tensors, so training never touches what ComfyUI holds.
     """
-    from ..trainers.families.sd15 import Sd15Family
+    from ..trainers.families import get_family
 
-    family = comfy_family(model)
+    family = get_family(comfy_family(model))
     free_host_memory()  # unpatches shared weights, so we read the originals
     with torch.inference_mode(False):
+        # ComfyUI hands back the original checkpoint layout, which the family's own hook reads.
         sd = model.model.state_dict_for_saving(clip.get_sd(), vae.get_sd())
         sd = {k: v.detach().clone() for k, v in sd.items()}
         pred = "v_prediction" if model.model.model_type.name == "V_PREDICTION" else "epsilon"
-        bundle = Sd15Family().bundle_from_ldm(sd, source_name="ComfyUI model",
-                                              prediction_type=pred)
-    bundle.family = family
+        bundle = family.bundle_from_ldm(sd, source_name="ComfyUI model", prediction_type=pred)
     return bundle
 
 

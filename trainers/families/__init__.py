@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from ..device.host_memory import give_back_freed_memory
-from .base import Family, ModelBundle, ModelLoadError
+from .base import Family, FamilyFacts, ModelBundle, ModelLoadError
 from .sd15 import Sd15Family
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (Sd15Family(),)}
@@ -25,6 +25,25 @@ def get_family(name: str) -> Family:
         raise ModelLoadError(f"model.family = {name!r} is not supported; known families: "
                              f"{', '.join(FAMILIES)}.")
     return FAMILIES[name]
+
+
+def family_facts(name: str) -> FamilyFacts:
+    """The facts of the family registered as ``name``, or whose kohya
+    ``ss_base_model_version`` is ``name`` (metadata written by other tools names that)."""
+    for family in FAMILIES.values():
+        if name in (family.name, family.facts.base_model_version):
+            return family.facts
+    known = [n for f in FAMILIES.values() for n in (f.name, f.facts.base_model_version)]
+    raise ValueError(f"base_model_version = {name!r} is unknown; known: {', '.join(known)}.")
+
+
+def family_for_host_model(host_model: str) -> Family | None:
+    """The family that reads a host's model of kind ``host_model`` (ComfyUI's model-config
+    class name, e.g. ``"SD15"``), or None when no family does."""
+    for family in FAMILIES.values():
+        if host_model in family.facts.host_models:
+            return family
+    return None
 
 
 def detect_family(path: str | Path) -> Family:
@@ -61,5 +80,5 @@ def load_model(path: str | Path, family: str = "auto", prediction_type: str = "a
     return bundle
 
 
-__all__ = ["FAMILIES", "Family", "ModelBundle", "ModelLoadError", "detect_family",
-           "get_family", "load_model"]
+__all__ = ["FAMILIES", "Family", "FamilyFacts", "ModelBundle", "ModelLoadError",
+           "detect_family", "family_facts", "family_for_host_model", "get_family", "load_model"]

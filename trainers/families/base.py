@@ -41,22 +41,68 @@ class ModelBundle:
         return {"unet": self.unet, **dict(zip(names, self.text_encoders))}
 
 
+@dataclass(frozen=True)
+class FamilyFacts:
+    """Everything outside the family's own module needs to know of it, in one row.
+
+    The metadata writer, the host bridge (nodes/_host.py) and messages read these instead of
+    naming a family, so a new family brings its facts with it.
+
+    Attributes:
+        display_name: how messages name the models (``"SD1.x"``).
+        base_model_version: kohya's ``ss_base_model_version`` (``"sd_v1"``).
+        v2: kohya's ``ss_v2`` (True for SD2-based families).
+        architecture: the ModelSpec architecture of the base model
+            (``"stable-diffusion-v1"``); a LoRA file adds ``/lora``.
+        resolution: the family's native image side, used where a run names none.
+        implementation: ModelSpec ``implementation`` (kohya writes ``"diffusers"`` for
+            SD1/SD2 and the sgm repository for SDXL).
+        host_models: the ComfyUI model-config class names (``type(model.model.model_config)``)
+            whose weights this family's ``bundle_from_ldm`` reads.
+        text_encoders: the bundle's text-encoder component names; their kohya prefixes are
+            in ``formats.lora_keys.COMPONENTS``.
+    """
+
+    display_name: str
+    base_model_version: str
+    v2: bool
+    architecture: str
+    resolution: int
+    implementation: str = "diffusers"
+    host_models: tuple[str, ...] = ()
+    text_encoders: tuple[str, ...] = ("text_encoder",)
+
+
 class Family(Protocol):
-    """The interface the loop and the methods use. See ``sd15.Sd15Family``."""
+    """The interface the loop, the methods and the host bridge use. See ``sd15.Sd15Family``."""
 
     name: str
-    base_model_version: str  # kohya's ss_base_model_version
+    facts: FamilyFacts
 
     def detect(self, path: Path) -> bool: ...
 
     def load(self, path: Path, prediction_type: str = "auto",
              dtype: torch.dtype = torch.float32) -> ModelBundle: ...
 
+    def bundle_from_ldm(self, checkpoint: dict, metadata: dict | None = None,
+                        source_name: str = "checkpoint", prediction_type: str | None = None,
+                        dtype: torch.dtype = torch.float32,
+                        consume: bool = False) -> ModelBundle:
+        """The bundle built from an original-layout state dict: a single file's tensors, or
+        the weights a host such as ComfyUI holds in memory (with the prediction type the
+        host knows; None reads it from the weights)."""
+        ...
+
     def encode_text(self, bundle: ModelBundle, captions: list[str],
                     device: torch.device) -> dict[str, torch.Tensor]: ...
 
     def predict(self, bundle: ModelBundle, noisy: torch.Tensor, timesteps: torch.Tensor,
-                cond: dict[str, torch.Tensor]) -> torch.Tensor: ...
+                cond: dict[str, torch.Tensor],
+                unet: torch.nn.Module | None = None) -> torch.Tensor:
+        """The UNet's prediction for ``noisy`` at ``timesteps`` given ``encode_text``'s
+        conditioning. ``unet`` is the module to call in place of ``bundle.unet`` (under
+        data-parallel training, the DistributedDataParallel wrapper of it)."""
+        ...
 
 
 def module_hash(module: torch.nn.Module) -> str:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from .base import CONFIG_DIR, ModelBundle, ModelLoadError
+from .base import CONFIG_DIR, FamilyFacts, ModelBundle, ModelLoadError
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,9 @@ class Sd15Family:
     """SD1.x (and SD2.x v-prediction) in the diffusers folder or original single-file layout."""
 
     name = "sd15"
-    base_model_version = "sd_v1"
+    facts = FamilyFacts(display_name="SD1.x", base_model_version="sd_v1", v2=False,
+                        architecture="stable-diffusion-v1", resolution=512,
+                        host_models=("SD15",))
 
     # -- detection and loading ------------------------------------------------------------
     def detect(self, path: Path) -> bool:
@@ -204,6 +206,8 @@ class Sd15Family:
         return {"encoder_hidden_states": hidden}
 
     def predict(self, bundle: ModelBundle, noisy: torch.Tensor, timesteps: torch.Tensor,
-                cond: dict[str, torch.Tensor]) -> torch.Tensor:
-        return bundle.unet(noisy, timesteps, encoder_hidden_states=cond["encoder_hidden_states"],
-                           return_dict=False)[0]
+                cond: dict[str, torch.Tensor],
+                unet: torch.nn.Module | None = None) -> torch.Tensor:
+        unet = bundle.unet if unet is None else unet
+        return unet(noisy, timesteps, encoder_hidden_states=cond["encoder_hidden_states"],
+                    return_dict=False)[0]
