@@ -92,7 +92,7 @@ def test_missing_pickle_and_junk_files_get_clear_errors(tmp_path):
 # -- metadata --------------------------------------------------------------------------------
 def _fields(tmp_path):
     data = tmp_path / "datasets" / "10_mychar"
-    return dict(network_dim=4, network_alpha=2.0, step=30, learning_rate=1e-4, seed=7,
+    return dict(step=30, learning_rate=1e-4, seed=7,
                 resolution=512, output_name="mychar", started_at=1700000000.5,
                 base_model_name=str(tmp_path / "models" / "base.safetensors"),
                 dataset_dirs={str(data): {"n_repeats": 10, "img_count": 3}},
@@ -101,7 +101,8 @@ def _fields(tmp_path):
 
 
 def test_training_metadata_is_all_strings_without_local_paths(tmp_path):
-    meta = md.training_metadata(**_fields(tmp_path))
+    meta = md.network_metadata(md.training_metadata(**_fields(tmp_path)), network_dim=4,
+                               network_alpha=2.0)
     assert all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items())
     assert str(tmp_path) not in json.dumps(meta)
     assert meta["ss_network_module"] == "networks.lora"
@@ -118,6 +119,23 @@ def test_training_metadata_is_all_strings_without_local_paths(tmp_path):
     assert parsed["ss_tag_frequency"] == {"10_mychar": {"1girl": 3, "smile": 1}}
 
 
+def test_metadata_is_method_neutral_and_a_lora_adds_its_own(tmp_path):
+    neutral = md.training_metadata(**_fields(tmp_path))
+    assert not [k for k in neutral if k.startswith(("ss_network_", "ss_conv_"))], neutral
+    assert neutral["modelspec.architecture"] == "stable-diffusion-v1"
+    with pytest.raises(TypeError, match="network_dim"):
+        md.training_metadata(network_dim=4)  # a network's field is the LoRA's to add
+    lora = md.network_metadata(neutral, network_dim=8, network_alpha=4, conv_dim=2,
+                               conv_alpha=1, network_args={"file": str(tmp_path / "a.txt")})
+    assert {k: lora[k] for k in set(lora) - set(neutral)} == {
+        "ss_network_module": "networks.lora", "ss_network_dim": "8", "ss_network_alpha": "4",
+        "ss_conv_dim": "2", "ss_conv_alpha": "1", "ss_network_args": '{"file": "a.txt"}'}
+    assert lora["modelspec.architecture"] == "stable-diffusion-v1/lora"
+    assert md.network_metadata(lora, network_dim=8)["modelspec.architecture"].count("/lora") == 1
+    with pytest.raises(TypeError, match="network_dimm"):
+        md.network_metadata(neutral, network_dimm=4)
+
+
 def test_paths_are_kept_only_when_asked(tmp_path):
     meta = md.training_metadata(include_paths=True, **_fields(tmp_path))
     assert str(tmp_path / "datasets" / "10_mychar") in md.read_metadata(meta)["ss_dataset_dirs"]
@@ -125,7 +143,7 @@ def test_paths_are_kept_only_when_asked(tmp_path):
 
 
 def test_v_prediction_and_unknown_fields(tmp_path):
-    meta = md.training_metadata(network_dim=4, prediction_type="v_prediction")
+    meta = md.training_metadata(prediction_type="v_prediction")
     assert meta["ss_v_parameterization"] == "True" and meta["modelspec.prediction_type"] == "v"
     with pytest.raises(TypeError, match="network_dimm"):
         md.training_metadata(network_dimm=4)
@@ -146,8 +164,9 @@ def test_config_metadata_scrubs_the_config_copy(tmp_path):
     cfg = build_config(overrides=[f"data.dir={tmp_path / 'imgs'}",
                                   f"model.path={tmp_path / 'm.safetensors'}",
                                   f"output.dir={tmp_path / 'out'}", "network.alpha=2"])
-    meta = md.training_metadata(config=cfg, step=5, base_model_version="sd15",
-                                base_model_name="m.safetensors", started_at=1.0)
+    meta = md.network_metadata(md.training_metadata(
+        config=cfg, step=5, base_model_version="sd15", base_model_name="m.safetensors",
+        started_at=1.0), cfg)
     assert str(tmp_path) not in json.dumps(meta)
     assert meta["ss_network_alpha"] == "2.0" and meta["ss_steps"] == "5"
     saved = md.read_metadata(meta)["tsuika.config"]

@@ -58,7 +58,8 @@ class RunWriter:
             path = self.final_path
         else:
             path = self.dir / f"{self.config.output.name}-step{step:08d}.safetensors"
-        save_safetensors(path, tensors, method.file_metadata(self.bundle, self.metadata(step)),
+        meta = method.file_metadata(self.config, self.bundle, self.metadata(step))
+        save_safetensors(path, tensors, meta,
                          overwrite=final and self.config.output.overwrite or not final,
                          dtype=dtype)
         sdir = save_state(state_dir_for(self.dir, step), state)

@@ -6,6 +6,11 @@ What readers use: A1111/Forge show ``ss_tag_frequency``, ``ss_output_name`` and
 ``ss_network_alpha``; ModelSpec readers read ``modelspec.architecture`` / ``title`` /
 ``resolution``. ComfyUI applies LoRAs from the tensors alone.
 
+:func:`training_metadata` writes what every method's file says (the run, the base model, the
+data); a method adds its own on top (:func:`network_metadata` for LoRA-family files), so a
+checkpoint never carries fields written for a LoRA. The family's facts
+(``families.FamilyFacts``) give the base-model version, architecture and resolution.
+
 Local paths are private: by default every path-valued field is reduced to its last component
 and any other absolute path found in a value is reduced the same way.
 """
@@ -24,25 +29,11 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 
-# Family (Tsuika name or kohya name) -> (ss_base_model_version, ss_v2, ModelSpec architecture,
-# default resolution). SD2 / SDXL rows are the seam for later families.
-FAMILIES = {
-    "sd15": ("sd_v1", False, "stable-diffusion-v1", 512),
-    "sd_v1": ("sd_v1", False, "stable-diffusion-v1", 512),
-    "sd2": ("sd_v2", True, "stable-diffusion-v2-512", 512),
-    "sd2_v": ("sd_v2", True, "stable-diffusion-v2-768-v", 768),
-    "sd_v2": ("sd_v2", True, "stable-diffusion-v2-512", 512),
-    "sdxl": ("sdxl_base_v1-0", False, "stable-diffusion-xl-v1-base", 1024),
-}
 MODELSPEC_VERSION = "1.0.0"
-# kohya writes "diffusers" for SD1/SD2 LoRAs (diffusers module names), sgm's URL for SDXL.
-_IMPLEMENTATION = {"sdxl": "https://github.com/Stability-AI/generative-models"}
 
-# Fields copied as they are: field name -> metadata key.
+# Fields every method's file carries, copied as they are: field name -> metadata key.
 _PLAIN_FIELDS = {
-    "network_module": "ss_network_module", "network_dim": "ss_network_dim",
-    "network_alpha": "ss_network_alpha", "conv_dim": "ss_conv_dim",
-    "conv_alpha": "ss_conv_alpha", "learning_rate": "ss_learning_rate",
+    "learning_rate": "ss_learning_rate",
     "unet_lr": "ss_unet_lr", "text_encoder_lr": "ss_text_encoder_lr", "step": "ss_steps",
     "max_train_steps": "ss_max_train_steps", "epoch": "ss_epoch", "num_epochs": "ss_num_epochs",
     "seed": "ss_seed", "num_train_images": "ss_num_train_images",
@@ -62,7 +53,13 @@ _PLAIN_FIELDS = {
 # Fields with their own handling in training_metadata().
 _SPECIAL_FIELDS = ("base_model_version", "base_model_name", "prediction_type", "resolution",
                    "started_at", "finished_at", "title", "dataset_dirs", "tag_frequency",
-                   "network_args", "extra")
+                   "extra")
+# What a LoRA-family (network) file adds, copied as they are (network_args is JSON).
+_NETWORK_FIELDS = {
+    "network_module": "ss_network_module", "network_dim": "ss_network_dim",
+    "network_alpha": "ss_network_alpha", "conv_dim": "ss_conv_dim",
+    "conv_alpha": "ss_conv_alpha",
+}
 # Values that are JSON documents (read_metadata decodes them).
 JSON_KEYS = ("ss_tag_frequency", "ss_dataset_dirs", "ss_reg_dataset_dirs", "ss_bucket_info",
              "ss_datasets", "ss_network_args", "lora_adapter_metadata",
@@ -108,10 +105,10 @@ def _resolution(value) -> tuple[int, int]:
 
 
 def fields_from_config(config) -> dict[str, Any]:
-    """The metadata fields a ``TsuikaConfig`` determines (see :func:`training_metadata`)."""
+    """The metadata fields a ``TsuikaConfig`` determines for every method (see
+    :func:`training_metadata`)."""
     c = config
     fields: dict[str, Any] = {
-        "network_dim": c.network.rank, "network_alpha": c.network.alpha,
         "learning_rate": c.train.learning_rate, "unet_lr": c.train.learning_rate,
         "max_train_steps": c.train.steps, "seed": c.train.seed,
         "resolution": c.data.resolution, "batch_size": c.train.batch_size,
@@ -125,12 +122,19 @@ def fields_from_config(config) -> dict[str, Any]:
     }
     if c.network.train_text_encoder:
         fields["text_encoder_lr"] = c.train.text_encoder_lr
-    if c.network.conv_rank:
-        fields["conv_dim"], fields["conv_alpha"] = c.network.conv_rank, c.network.conv_alpha
     if c.data.dir:
         fields["dataset_dirs"] = [c.data.dir]
     if c.data.trigger_word:
         fields["trigger_phrase"] = c.data.trigger_word
+    return fields
+
+
+def network_fields_from_config(config) -> dict[str, Any]:
+    """The LoRA-family fields a ``TsuikaConfig`` determines (see :func:`network_metadata`)."""
+    net = config.network
+    fields: dict[str, Any] = {"network_dim": net.rank, "network_alpha": net.alpha}
+    if net.conv_rank:
+        fields["conv_dim"], fields["conv_alpha"] = net.conv_rank, net.conv_alpha
     return fields
 
 
@@ -146,7 +150,8 @@ def _config_json(config, include_paths: bool) -> str:
 
 def training_metadata(config=None, *, include_paths: bool = False,
                       **fields: Any) -> dict[str, str]:
-    """kohya ``ss_*`` + ``modelspec.*`` metadata of a trained LoRA; every value a string.
+    """kohya ``ss_*`` + ``modelspec.*`` metadata every trained file carries; every value a
+    string. A method adds its own fields on top (a LoRA: :func:`network_metadata`).
 
     Args:
         config: optional ``TsuikaConfig``; its options fill the fields (explicit fields win)
@@ -154,14 +159,14 @@ def training_metadata(config=None, *, include_paths: bool = False,
         include_paths: keep local folder paths; by default only their last component is
             written (``ss_dataset_dirs`` keyed by folder name, ``ss_sd_model_name`` a file
             name) and any absolute path inside a value is reduced the same way.
-        **fields: ``step`` (the step saved, ``ss_steps``), ``network_dim``,
-            ``network_alpha``, ``base_model_version`` (``sd15``/``sd_v1``/``sd2``/``sd2_v``/
-            ``sdxl``), ``base_model_name``, ``prediction_type`` (``epsilon`` or
+        **fields: ``step`` (the step saved, ``ss_steps``), ``base_model_version`` (a
+            registered family's name, ``sd15``, or its kohya version, ``sd_v1``),
+            ``base_model_name``, ``prediction_type`` (``epsilon`` or
             ``v_prediction``), ``resolution`` (int or (w, h)), ``started_at`` /
             ``finished_at`` (Unix time; finished defaults to now), ``title`` (defaults to
             ``output_name``), ``dataset_dirs`` (list of folders, or ``{folder: {"n_repeats",
             "img_count"}}``), ``tag_frequency`` (``{folder: {tag: count}}``),
-            ``network_args`` (dict), ``extra`` (``{key: str}`` copied as is), and the plain
+            ``extra`` (``{key: str}`` copied as is), and the plain
             fields listed in ``_PLAIN_FIELDS`` (learning rates, seed, optimizer ...).
 
     Raises:
@@ -175,26 +180,24 @@ def training_metadata(config=None, *, include_paths: bool = False,
     if unknown:
         raise TypeError(f"training_metadata got unknown fields {unknown}; known fields: "
                         f"{', '.join(sorted([*_PLAIN_FIELDS, *_SPECIAL_FIELDS]))}.")
-    family = str(fields.get("base_model_version") or "sd15")
-    if family not in FAMILIES:
-        raise ValueError(f"base_model_version = {family!r} is unknown; known: "
-                         f"{', '.join(FAMILIES)}.")
-    ss_version, v2, architecture, default_res = FAMILIES[family]
+    from ..families import family_facts
+
+    facts = family_facts(str(fields.get("base_model_version") or "sd15"))
     v_pred = str(fields.get("prediction_type") or "epsilon") in ("v_prediction", "v")
     finished = float(fields.get("finished_at") or time.time())
-    width, height = _resolution(fields.get("resolution") or default_res)
+    width, height = _resolution(fields.get("resolution") or facts.resolution)
 
-    meta: dict[str, str] = {"ss_network_module": "networks.lora"}
+    meta: dict[str, str] = {}
     for name, key in _PLAIN_FIELDS.items():
         if fields.get(name) is not None:
             meta[key] = str(fields[name])
     meta.update({
-        "ss_base_model_version": ss_version, "ss_v2": str(v2),
+        "ss_base_model_version": facts.base_model_version, "ss_v2": str(facts.v2),
         "ss_v_parameterization": str(v_pred), "ss_resolution": f"({width}, {height})",
         "ss_training_finished_at": str(finished),
         "modelspec.sai_model_spec": MODELSPEC_VERSION,
-        "modelspec.architecture": f"{architecture}/lora",
-        "modelspec.implementation": _IMPLEMENTATION.get(family, "diffusers"),
+        "modelspec.architecture": facts.architecture,
+        "modelspec.implementation": facts.implementation,
         "modelspec.resolution": f"{width}x{height}",
         "modelspec.prediction_type": "v" if v_pred else "epsilon",
         "modelspec.date": datetime.datetime.fromtimestamp(int(finished)).isoformat(),
@@ -216,8 +219,6 @@ def training_metadata(config=None, *, include_paths: bool = False,
     if tags:
         meta["ss_tag_frequency"] = _json(tags if include_paths else
                                          {path_name(str(k)): v for k, v in tags.items()})
-    if fields.get("network_args"):
-        meta["ss_network_args"] = _json(fields["network_args"])
     if config is not None:
         meta["tsuika.config"] = _config_json(config, include_paths)
     for key, value in (fields.get("extra") or {}).items():
@@ -227,6 +228,45 @@ def training_metadata(config=None, *, include_paths: bool = False,
         meta[key] = value
     if not include_paths:
         meta = {k: _scrub_value(k, v) for k, v in meta.items()}
+    return meta
+
+
+def network_metadata(metadata: Mapping[str, str], config=None, *, include_paths: bool = False,
+                     **fields: Any) -> dict[str, str]:
+    """``metadata`` (from :func:`training_metadata`) plus what a LoRA-family file says of its
+    network: ``ss_network_module`` / ``_dim`` / ``_alpha``, ``ss_conv_*``,
+    ``ss_network_args``, and ``/lora`` on ``modelspec.architecture``.
+
+    Args:
+        metadata: the run's method-neutral metadata.
+        config: optional ``TsuikaConfig``; its network options fill the fields (explicit
+            fields win).
+        include_paths: keep absolute paths in ``network_args`` (by default reduced to their
+            last component, as :func:`training_metadata` does).
+        **fields: ``network_module`` (default ``networks.lora``), ``network_dim``,
+            ``network_alpha``, ``conv_dim``, ``conv_alpha``, ``network_args`` (dict).
+
+    Raises:
+        TypeError: an unknown field (the message lists the known ones).
+    """
+    if config is not None:
+        fields = {**network_fields_from_config(config),
+                  **{k: v for k, v in fields.items() if v is not None}}
+    known = [*_NETWORK_FIELDS, "network_args"]
+    unknown = sorted(set(fields) - set(known))
+    if unknown:
+        raise TypeError(f"network_metadata got unknown fields {unknown}; known fields: "
+                        f"{', '.join(sorted(known))}.")
+    fields.setdefault("network_module", "networks.lora")
+    meta = dict(metadata)
+    for name, key in _NETWORK_FIELDS.items():
+        if fields.get(name) is not None:
+            meta[key] = str(fields[name])
+    if fields.get("network_args"):
+        args = _json(fields["network_args"])
+        meta["ss_network_args"] = args if include_paths else _scrub_value("ss_network_args", args)
+    if "modelspec.architecture" in meta and not meta["modelspec.architecture"].endswith("/lora"):
+        meta["modelspec.architecture"] += "/lora"
     return meta
 
 

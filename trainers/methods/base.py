@@ -23,7 +23,9 @@ class Method(Protocol):
     the file users load elsewhere (the writer converts its floating tensors to
     ``output.save_dtype`` one at a time); ``trainable_state`` / ``load_trainable_state`` are
     the exact trained weights, as stored, that a resumable state keeps; ``file_metadata``
-    turns the run's training metadata into what the exported file carries.
+    adds what the method's file says of itself to the run's method-neutral metadata
+    (``formats.metadata.training_metadata``): a LoRA its network fields, a checkpoint its
+    architecture hints.
 
     ``trains_base_weights``: the method trains the model's own weights (full fine-tuning),
     so the loop stores them as ``train.trained_weights`` says instead of in the compute dtype,
@@ -47,7 +49,7 @@ class Method(Protocol):
     def export(self, config: TsuikaConfig, bundle: ModelBundle,
                dtype: torch.dtype) -> dict[str, torch.Tensor]: ...
 
-    def file_metadata(self, bundle: ModelBundle,
+    def file_metadata(self, config: TsuikaConfig, bundle: ModelBundle,
                       metadata: dict[str, str]) -> dict[str, str]: ...
 
 

@@ -91,14 +91,13 @@ class DreamBoothMethod:
                                prediction_type=bundle.prediction_type)
         return {k: v.detach() for k, v in ldm.items()}
 
-    def file_metadata(self, bundle: ModelBundle, metadata: dict[str, str]) -> dict[str, str]:
-        """A checkpoint's metadata: the training record without the LoRA-only keys, plus the
-        architecture hints our loader reads where shapes cannot tell (heads, norm groups)."""
+    def file_metadata(self, config: TsuikaConfig, bundle: ModelBundle,
+                      metadata: dict[str, str]) -> dict[str, str]:
+        """A checkpoint's metadata: the training record plus the architecture hints our
+        loader reads where shapes cannot tell (heads, norm groups)."""
         from ..formats.ldm_checkpoint import config_metadata_hints
 
-        meta = {k: v for k, v in metadata.items() if not k.startswith("ss_network_")}
-        arch = meta.get("modelspec.architecture", "stable-diffusion-v1")
-        meta["modelspec.architecture"] = arch.removesuffix("/lora")
+        meta = dict(metadata)
         meta.update(config_metadata_hints(dict(bundle.unet.config), dict(bundle.vae.config),
                                           bundle.text_encoders[0].config))
         return meta

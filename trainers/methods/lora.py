@@ -125,5 +125,9 @@ class LoraMethod:
                 out[f"{name}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
         return out
 
-    def file_metadata(self, bundle: ModelBundle, metadata: dict[str, str]) -> dict[str, str]:
-        return metadata
+    def file_metadata(self, config: TsuikaConfig, bundle: ModelBundle,
+                      metadata: dict[str, str]) -> dict[str, str]:
+        """The run's metadata plus the network's kohya fields (rank, alpha, conv)."""
+        from ..formats.metadata import network_metadata
+
+        return network_metadata(metadata, config, include_paths=config.output.metadata_paths)
