@@ -1,4 +1,5 @@
-"""THE training loop: one readable function, host-agnostic, device and precision as arguments.
+"""THE training loop: one readable run (``TrainingRun``), host-agnostic, device and precision
+as arguments.
 
 Every random draw of step ``s`` comes from generators seeded by (seed, micro-batch index), so
 a resumed run repeats exactly what an uninterrupted one would have done. Under
@@ -79,118 +80,164 @@ def train(config: TsuikaConfig, callbacks: Callbacks | None = None,
     # restored afterwards, so a long-lived host (ComfyUI) sees no side effect.
     cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
     with torch.random.fork_rng(devices=cuda), contextlib.ExitStack() as run_scope:
-        return _train(config, callbacks, bundle, scan, run_scope)
+        return TrainingRun(config, callbacks, bundle, scan, run_scope).run()
 
 
-def _train(config, callbacks, bundle, scan, run_scope: contextlib.ExitStack) -> TrainResult:
-    cb = callbacks or Callbacks()
-    acc = _distributed()
-    device = acc.device if acc is not None else resolve_device(config.train.device)
-    precision = resolve_precision(device, config.train.mixed_precision)
-    method = get_method(config.network.method)
-    # Frozen weights live in the compute dtype. Base weights a method trains are stored as
-    # train.trained_weights says (fp32 masters under autocast, or bf16 with stochastic
-    # rounding). Loaded straight into the dtype they are kept in.
-    unet_dtype = te_dtype = precision.compute_dtype
-    if method.trains_base_weights:
-        unet_dtype = trained_weights_dtype(config, precision.compute_dtype)
-        # A frozen text encoder is written back into the checkpoint: keep its precision.
-        te_dtype = unet_dtype if method.trains_text_encoder(config) else torch.float32
-    if bundle is None:
-        config.require_inputs()
-        bundle = load_model(config.model.path, config.model.family, config.model.prediction_type,
-                            dtype=te_dtype if te_dtype == torch.float32 else unet_dtype)
-    family = get_family(bundle.family)
-    method.validate(config, bundle)
-    out = RunWriter(config, bundle, is_main=acc is None or acc.is_main_process)
+class TrainingRun:
+    """One run, in the order it happens.
 
-    # The VAE stays fp32 (it is used only to fill the cache, and half-precision SD VAEs are
-    # known to overflow).
-    _move(bundle.vae, device, torch.float32)
-    prior.check_class_dir(config)
-    data = TrainingData(config, bundle, precision, out.cache_dir, scan=scan)
-    for skipped in data.scan.skipped:
-        cb.on_message(f"skipped {skipped.path}: {skipped.reason}")
-    _move(bundle.unet, device, unet_dtype)
-    for te in bundle.text_encoders:
-        te.to(device, te_dtype)
-    if acc is None or acc.is_main_process:
-        prior.generate_missing(config, family, bundle, precision, cb)  # with the base model
-    if acc is not None and not acc.is_main_process:
-        acc.wait_for_everyone()  # rank 0 draws class images and fills the shared cache first
-    class_data = prior.class_data(config, bundle, precision, out.cache_dir)
-    hits, encoded = data.fill_latent_cache()
-    if class_data is not None:
-        class_hits, class_encoded = class_data.fill_latent_cache()
-        cb.on_message(f"prior preservation: {len(class_data.examples)} class images; latent "
-                      f"cache: {class_hits} reused, {class_encoded} encoded")
-    if acc is not None and acc.is_main_process:
-        acc.wait_for_everyone()
-    cb.on_message(f"{len(data.examples)} images used, {len(data.scan.skipped)} skipped; "
-                  f"latent cache: {hits} reused, {encoded} encoded")
-    if data.cache is not None:
-        bundle.vae.to("cpu")  # everything it had to encode is cached
+    :meth:`setup` loads the models and the data, prepares the method, the optimizer and a
+    resumed state; :meth:`run` then calls :meth:`step` until ``train.steps`` (each step one
+    :meth:`forward_loss` per micro-batch, then one optimizer update), calling :meth:`save`
+    on the way and at the end. ``scope`` holds what must be undone when the run ends or fails
+    (packed convolutions, optimizer hooks).
+    """
 
-    samples_before = out.sample(family, bundle, precision, step=0, cb=cb)
-    torch.manual_seed(config.train.seed)  # adapter initialisation draws from the global RNG
-    groups = method.prepare(config, bundle)
-    train_te = method.trains_text_encoder(config)
-    text_cache: dict[str, dict] = {}
-    if config.train.gradient_checkpointing:
-        bundle.unet.enable_gradient_checkpointing()
-    bundle.unet.train()
-    if config.train.compile:
-        bundle.unet.compile()  # in place: state_dict keys and the adapters stay as they are
-    elif device.type == "cpu" and config.train.cpu_prepack_pixels:
-        # Until the run ends (or fails): the plain weights come back when the scope closes.
-        run_scope.enter_context(packed_frozen_convs(bundle.unet,
-                                                    config.train.cpu_prepack_pixels))
+    def __init__(self, config: TsuikaConfig, callbacks: Callbacks | None,
+                 bundle: ModelBundle | None, scan, scope: contextlib.ExitStack):
+        self.config = config
+        self.cb = callbacks or Callbacks()
+        self.bundle = bundle
+        self.scan = scan
+        self.scope = scope
+        self.acc = _distributed()
+        self.is_main = self.acc is None or self.acc.is_main_process
+        self.step_count = 0
+        self.last_save: SaveInfo | None = None
 
-    optimizer = make_optimizer(config, groups, device)
-    in_backward = wants_step_in_backward(config, method.trains_base_weights, acc is not None,
-                                         precision.compute_dtype == torch.float16)
-    from diffusers.optimization import get_scheduler
+    # -- setup ------------------------------------------------------------------------------
+    def setup(self) -> None:
+        """Everything before the first step, in an order resumed runs depend on."""
+        self._load_model()
+        self._prepare_data()
+        self.samples_before = self.out.sample(self.family, self.bundle, self.precision, step=0,
+                                              cb=self.cb)
+        self._prepare_method()
+        self._make_optimizer()
+        self._resume()
+        self._prepare_step()
 
-    total = config.train.steps
-    lr_sched = get_scheduler(config.train.lr_scheduler if config.train.lr_warmup_steps == 0
-                             or config.train.lr_scheduler != "constant"
-                             else "constant_with_warmup", optimizer,
-                             num_warmup_steps=config.train.lr_warmup_steps,
-                             num_training_steps=total)
-    start = 0
-    resume_dir = resolve_resume(config.train.resume, out.dir)
-    if resume_dir is not None:
+    def _load_model(self) -> None:
+        config, acc = self.config, self.acc
+        self.device = acc.device if acc is not None else resolve_device(config.train.device)
+        self.precision = resolve_precision(self.device, config.train.mixed_precision)
+        self.method = method = get_method(config.network.method)
+        # Frozen weights live in the compute dtype. Base weights a method trains are stored as
+        # train.trained_weights says (fp32 masters under autocast, or bf16 with stochastic
+        # rounding). Loaded straight into the dtype they are kept in.
+        unet_dtype = te_dtype = self.precision.compute_dtype
+        if method.trains_base_weights:
+            unet_dtype = trained_weights_dtype(config, self.precision.compute_dtype)
+            # A frozen text encoder is written back into the checkpoint: keep its precision.
+            te_dtype = unet_dtype if method.trains_text_encoder(config) else torch.float32
+        self.unet_dtype, self.te_dtype = unet_dtype, te_dtype
+        if self.bundle is None:
+            config.require_inputs()
+            self.bundle = load_model(config.model.path, config.model.family,
+                                     config.model.prediction_type,
+                                     dtype=te_dtype if te_dtype == torch.float32 else unet_dtype)
+        self.family = get_family(self.bundle.family)
+        method.validate(config, self.bundle)
+        self.out = RunWriter(config, self.bundle, is_main=self.is_main)
+
+    def _prepare_data(self) -> None:
+        """Scan the data, fill the latent caches (rank 0 first), move the models in place."""
+        config, cb, acc, bundle, device = self.config, self.cb, self.acc, self.bundle, self.device
+        # The VAE stays fp32 (it is used only to fill the cache, and half-precision SD VAEs
+        # are known to overflow).
+        _move(bundle.vae, device, torch.float32)
+        prior.check_class_dir(config)
+        self.data = data = TrainingData(config, bundle, self.precision, self.out.cache_dir,
+                                        scan=self.scan)
+        for skipped in data.scan.skipped:
+            cb.on_message(f"skipped {skipped.path}: {skipped.reason}")
+        _move(bundle.unet, device, self.unet_dtype)
+        for te in bundle.text_encoders:
+            te.to(device, self.te_dtype)
+        if self.is_main:
+            prior.generate_missing(config, self.family, bundle, self.precision, cb)  # base model
+        if acc is not None and not acc.is_main_process:
+            acc.wait_for_everyone()  # rank 0 draws class images and fills the shared cache first
+        self.class_data = prior.class_data(config, bundle, self.precision, self.out.cache_dir)
+        hits, encoded = data.fill_latent_cache()
+        if self.class_data is not None:
+            class_hits, class_encoded = self.class_data.fill_latent_cache()
+            cb.on_message(f"prior preservation: {len(self.class_data.examples)} class images; "
+                          f"latent cache: {class_hits} reused, {class_encoded} encoded")
+        if acc is not None and acc.is_main_process:
+            acc.wait_for_everyone()
+        cb.on_message(f"{len(data.examples)} images used, {len(data.scan.skipped)} skipped; "
+                      f"latent cache: {hits} reused, {encoded} encoded")
+        if data.cache is not None:
+            bundle.vae.to("cpu")  # everything it had to encode is cached
+
+    def _prepare_method(self) -> None:
+        """Let the method change the modules (adapters, unfrozen weights); train mode."""
+        config, bundle = self.config, self.bundle
+        torch.manual_seed(config.train.seed)  # adapter initialisation draws from the global RNG
+        self.groups = self.method.prepare(config, bundle)
+        self.train_te = self.method.trains_text_encoder(config)
+        self.text_cache: dict[str, dict] = {}
+        if config.train.gradient_checkpointing:
+            bundle.unet.enable_gradient_checkpointing()
+        bundle.unet.train()
+        if config.train.compile:
+            bundle.unet.compile()  # in place: state_dict keys and the adapters stay as they are
+        elif self.device.type == "cpu" and config.train.cpu_prepack_pixels:
+            # Until the run ends (or fails): the plain weights come back when the scope closes.
+            self.scope.enter_context(packed_frozen_convs(bundle.unet,
+                                                         config.train.cpu_prepack_pixels))
+
+    def _make_optimizer(self) -> None:
+        config = self.config
+        self.optimizer = make_optimizer(config, self.groups, self.device)
+        self.in_backward = wants_step_in_backward(
+            config, self.method.trains_base_weights, self.acc is not None,
+            self.precision.compute_dtype == torch.float16)
+        from diffusers.optimization import get_scheduler
+
+        self.lr_sched = get_scheduler(
+            config.train.lr_scheduler if config.train.lr_warmup_steps == 0
+            or config.train.lr_scheduler != "constant" else "constant_with_warmup",
+            self.optimizer, num_warmup_steps=config.train.lr_warmup_steps,
+            num_training_steps=config.train.steps)
+
+    def _resume(self) -> None:
+        """Continue from ``train.resume``: trained weights, optimizer, schedule, loss log."""
+        resume_dir = resolve_resume(self.config.train.resume, self.out.dir)
+        if resume_dir is None:
+            return
         st = load_state(resume_dir)
-        method.load_trainable_state(bundle, st.trainable)
-        optimizer.load_state_dict(st.optimizer)
-        lr_sched.load_state_dict(st.scheduler)
-        start = st.step
-        cb.on_message(f"resumed from {resume_dir} at step {start}")
-        out.losses = [tuple(r) for r in st.info.get("losses", [])][:start]
+        self.method.load_trainable_state(self.bundle, st.trainable)
+        self.optimizer.load_state_dict(st.optimizer)
+        self.lr_sched.load_state_dict(st.scheduler)
+        self.step_count = st.step
+        self.cb.on_message(f"resumed from {resume_dir} at step {st.step}")
+        self.out.losses = [tuple(r) for r in st.info.get("losses", [])][:st.step]
 
-    unet = bundle.unet
-    if acc is not None:
-        unet = torch.nn.parallel.DistributedDataParallel(unet, device_ids=None
-                                                         if device.type == "cpu" else [device])
-    from diffusers import DDPMScheduler
+    def _prepare_step(self) -> None:
+        """What every step uses: the module to call, the noise schedule, the grad scaler."""
+        acc, device = self.acc, self.device
+        self.unet = self.bundle.unet  # called through family.predict
+        if acc is not None:
+            self.unet = torch.nn.parallel.DistributedDataParallel(
+                self.bundle.unet, device_ids=None if device.type == "cpu" else [device])
+        from diffusers import DDPMScheduler
 
-    noise_sched = DDPMScheduler.from_config(bundle.scheduler_config)
-    alphas = noise_sched.alphas_cumprod.to(device)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision.compute_dtype == torch.float16)
-    params = [p for g in groups for p in g["params"]]
-    accum, world = config.train.gradient_accumulation, acc.num_processes if acc else 1
-    rank = acc.process_index if acc else 0
+        self.noise_sched = DDPMScheduler.from_config(self.bundle.scheduler_config)
+        self.alphas = self.noise_sched.alphas_cumprod.to(device)
+        self.scaler = torch.amp.GradScaler(
+            device.type, enabled=self.precision.compute_dtype == torch.float16)
+        self.params = [p for g in self.groups for p in g["params"]]
+        self.accum = self.config.train.gradient_accumulation
+        self.world = acc.num_processes if acc else 1
+        self.rank = acc.process_index if acc else 0
 
-    def save(step: int, final: bool) -> SaveInfo:
-        state = TrainingState(step=step, trainable=method.trainable_state(bundle),
-                              optimizer=optimizer.state_dict(), scheduler=lr_sched.state_dict(),
-                              info={"losses": out.losses})
-        info = out.save(method, state, step, final)
-        cb.on_save(info)
-        return info
-
-    def forward_loss(batch, seed: int) -> torch.Tensor:
-        """One micro-batch's loss (still attached to the graph)."""
+    # -- one step ---------------------------------------------------------------------------
+    def forward_loss(self, batch, seed: int) -> torch.Tensor:
+        """One micro-batch's loss (still attached to the graph); every draw from ``seed``."""
+        config, bundle, device, precision = self.config, self.bundle, self.device, self.precision
+        noise_sched = self.noise_sched
         latents = batch.latents.to(device)
         g = torch.Generator("cpu").manual_seed(seed)
         noise = torch.randn(latents.shape, generator=g)
@@ -203,86 +250,114 @@ def _train(config, callbacks, bundle, scan, run_scope: contextlib.ExitStack) -> 
         noisy = noise_sched.add_noise(latents, noise, t)
         target = noise if bundle.prediction_type == "epsilon" else \
             noise_sched.get_velocity(latents, noise, t)
-        with torch.set_grad_enabled(train_te), precision.context():
-            cond = _encode(family, bundle, batch.captions, device, text_cache,
-                           cache_ok=data.captions_static and not train_te)
+        with torch.set_grad_enabled(self.train_te), precision.context():
+            cond = _encode(self.family, bundle, batch.captions, device, self.text_cache,
+                           cache_ok=self.data.captions_static and not self.train_te)
         # Dropout inside the adapters uses the global RNG: seed it per micro-batch.
         torch.manual_seed(seed)
         with precision.context():
-            pred = family.predict(bundle, noisy, t, cond) if acc is None else unet(
-                noisy, t, encoder_hidden_states=cond["encoder_hidden_states"],
-                return_dict=False)[0]
+            # self.unet: the UNet itself, or its DDP wrapper (which averages the gradients).
+            pred = self.family.predict(bundle, noisy, t, cond, self.unet)
         loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean((1, 2, 3))
         if config.train.min_snr_gamma:
-            loss = loss * _min_snr_weight(alphas, t, config.train.min_snr_gamma,
+            loss = loss * _min_snr_weight(self.alphas, t, config.train.min_snr_gamma,
                                           bundle.prediction_type)
         return loss.mean()
 
-    cb.on_start({"images": len(data.examples), "steps": total, "start_step": start,
-                 "buckets": {f"{w}x{h}": n for (w, h), n in data.bucket_counts.items()},
-                 "trainable_parameters": sum(p.numel() for p in params),
-                 "device": str(device), "dtype": str(precision.compute_dtype)})
-    if in_backward:  # until the run ends: the hooks go when the scope closes
-        run_scope.enter_context(StepInBackward(optimizer, config.train.max_grad_norm))
-        cb.on_message("optimizer steps inside the backward pass (gradients freed as they "
-                      "are used; gradient clipping per tensor)")
-    last_save: SaveInfo | None = None
-    step = start
-    t_last = time.perf_counter()
-    while step < total:
-        if cb.should_stop():
-            info = save(step, final=False)
-            raise TrainingStopped(
-                f"training stopped at step {step}/{total}; the file so far is {info.file_path} "
-                f"and a resumable state is {info.state_dir} (resume with train.resume = "
-                f"'{info.state_dir}' or 'latest').", info)
-        loss_sum = torch.zeros((), device=device)
+    def step(self) -> tuple[float, int]:
+        """One optimizer step over ``train.gradient_accumulation`` micro-batches; returns the
+        step's loss and the epoch it drew from. Refuses a non-finite loss before updating."""
+        config, step = self.config, self.step_count
+        accum, world, rank = self.accum, self.world, self.rank
+        seed = config.train.seed * 1_000_003
+        loss_sum = torch.zeros((), device=self.device)
         for j in range(accum):
             m = (step * accum + j) * world + rank
-            batch, epoch = data.micro_batch(m)
-            loss = forward_loss(batch, config.train.seed * 1_000_003 + m)
-            if class_data is not None:  # prior preservation: its own stream of draws
-                loss = loss + config.train.prior_loss_weight * forward_loss(
-                    class_data.micro_batch(m)[0], config.train.seed * 1_000_003 + m + (1 << 40))
+            batch, epoch = self.data.micro_batch(m)
+            loss = self.forward_loss(batch, seed + m)
+            if self.class_data is not None:  # prior preservation: its own stream of draws
+                loss = loss + config.train.prior_loss_weight * self.forward_loss(
+                    self.class_data.micro_batch(m)[0], seed + m + (1 << 40))
             # One backward per micro-batch: with the step inside it, one backward is one step.
-            scaler.scale(loss / accum).backward()
+            self.scaler.scale(loss / accum).backward()
             loss_sum += loss.detach() / accum
-        scaler.unscale_(optimizer)
-        if config.train.max_grad_norm and not in_backward:
-            torch.nn.utils.clip_grad_norm_(params, config.train.max_grad_norm)
+        self.scaler.unscale_(self.optimizer)
+        if config.train.max_grad_norm and not self.in_backward:
+            torch.nn.utils.clip_grad_norm_(self.params, config.train.max_grad_norm)
         loss_value = float(loss_sum)  # one host sync per step: the progress bar shows it
         if not math.isfinite(loss_value):
-            where = (f"the last good save is {last_save.file_path} (state {last_save.state_dir})"
-                     if last_save else "nothing was saved before it (no save_every reached)")
+            last = self.last_save
+            where = (f"the last good save is {last.file_path} (state {last.state_dir})"
+                     if last else "nothing was saved before it (no save_every reached)")
             raise NonFiniteLoss(f"the loss became {loss_value} at step {step + 1}; stopped "
                                 f"without saving the broken weights; {where}. Lower "
                                 "train.learning_rate or use train.mixed_precision = 'bf16'/'no'.")
-        scaler.step(optimizer)
-        scaler.update()
-        lr_sched.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        now = time.perf_counter()
-        lr = lr_sched.get_last_lr()[0]
-        out.losses.append((step, loss_value, lr))
-        cb.on_step(StepInfo(step=step, total_steps=total, loss=loss_value, learning_rate=lr,
-                            seconds_per_step=now - t_last, epoch=epoch))
-        t_last = now
-        every = config.sample.every
-        if every and step % every == 0 and step < total:
-            out.sample(family, bundle, precision, step=step, cb=cb)
-        if config.output.save_every and step % config.output.save_every == 0 and step < total:
-            last_save = save(step, final=False)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.lr_sched.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step_count = step + 1
+        return loss_value, epoch
 
-    if acc is not None:
-        _check_ranks_in_sync(acc, params)
-    final = save(step, final=True)
-    samples_after = out.sample(family, bundle, precision, step=step, cb=cb, final=True)
-    files = out.finish(samples_before, samples_after)
-    return TrainResult(file_path=Path(final.file_path) if final.file_path else None,
-                       state_dir=Path(final.state_dir) if final.state_dir else None, steps=step,
-                       losses=[r[1] for r in out.losses], samples_before=samples_before,
-                       samples_after=samples_after, files=files)
+    def save(self, final: bool) -> SaveInfo:
+        """Write the method's file and a resumable state at the current step; tell the host."""
+        state = TrainingState(step=self.step_count,
+                              trainable=self.method.trainable_state(self.bundle),
+                              optimizer=self.optimizer.state_dict(),
+                              scheduler=self.lr_sched.state_dict(),
+                              info={"losses": self.out.losses})
+        info = self.out.save(self.method, state, self.step_count, final)
+        self.cb.on_save(info)
+        return info
+
+    # -- the loop ---------------------------------------------------------------------------
+    def run(self) -> TrainResult:
+        """Set up, step to ``train.steps`` (sampling and saving on the way), save, report."""
+        self.setup()
+        config, cb = self.config, self.cb
+        total = config.train.steps
+        cb.on_start({"images": len(self.data.examples), "steps": total,
+                     "start_step": self.step_count,
+                     "buckets": {f"{w}x{h}": n for (w, h), n in self.data.bucket_counts.items()},
+                     "trainable_parameters": sum(p.numel() for p in self.params),
+                     "device": str(self.device), "dtype": str(self.precision.compute_dtype)})
+        if self.in_backward:  # until the run ends: the hooks go when the scope closes
+            self.scope.enter_context(StepInBackward(self.optimizer, config.train.max_grad_norm))
+            cb.on_message("optimizer steps inside the backward pass (gradients freed as they "
+                          "are used; gradient clipping per tensor)")
+        t_last = time.perf_counter()
+        while self.step_count < total:
+            if cb.should_stop():
+                info = self.save(final=False)
+                raise TrainingStopped(
+                    f"training stopped at step {self.step_count}/{total}; the file so far is "
+                    f"{info.file_path} and a resumable state is {info.state_dir} (resume with "
+                    f"train.resume = '{info.state_dir}' or 'latest').", info)
+            loss_value, epoch = self.step()
+            step = self.step_count
+            now = time.perf_counter()
+            lr = self.lr_sched.get_last_lr()[0]
+            self.out.losses.append((step, loss_value, lr))
+            cb.on_step(StepInfo(step=step, total_steps=total, loss=loss_value, learning_rate=lr,
+                                seconds_per_step=now - t_last, epoch=epoch))
+            t_last = now
+            every = config.sample.every
+            if every and step % every == 0 and step < total:
+                self.out.sample(self.family, self.bundle, self.precision, step=step, cb=cb)
+            if config.output.save_every and step % config.output.save_every == 0 and step < total:
+                self.last_save = self.save(final=False)
+
+        if self.acc is not None:
+            _check_ranks_in_sync(self.acc, self.params)
+        final = self.save(final=True)
+        samples_after = self.out.sample(self.family, self.bundle, self.precision,
+                                        step=self.step_count, cb=cb, final=True)
+        files = self.out.finish(self.samples_before, samples_after)
+        return TrainResult(file_path=Path(final.file_path) if final.file_path else None,
+                           state_dir=Path(final.state_dir) if final.state_dir else None,
+                           steps=self.step_count, losses=[r[1] for r in self.out.losses],
+                           samples_before=self.samples_before, samples_after=samples_after,
+                           files=files)
 
 
 def _move(module: torch.nn.Module, device, dtype) -> None:
