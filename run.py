@@ -2,7 +2,7 @@
 """Set up a local environment and run Tsuika's demo or its tests, on a machine with only Python.
 
     python3 run.py demo     # train a LoRA on the bundled sample data, write results to outputs/demo
-    python3 run.py test     # run the test suite
+    python3 run.py test     # check the code with ruff, then run the test suite
 
 The first call creates ``.venv`` next to this file. torch is installed only when the venv has
 none (``TSUIKA_TORCH`` chooses the requirement, default ``torch==2.13.0``); an installed torch
@@ -37,7 +37,7 @@ def setup() -> None:
         venv.EnvBuilder(with_pip=True).create(VENV)
     if not has("torch"):
         sh(PY, "-m", "pip", "install", "-q", os.environ.get("TSUIKA_TORCH", "torch==2.13.0"))
-    if not has("tsuika.trainers.loop") or not has("pytest"):
+    if not has("tsuika.trainers.loop") or not has("pytest") or not has("ruff"):
         sh(PY, "-m", "pip", "install", "-q", "-e", f"{ROOT}[test]")
 
 
@@ -52,6 +52,8 @@ def main() -> int:
         # no script, but its editable install already sees the module.
         sh(PY, "-m", "tsuika.reference.demo", "outputs/demo", *sys.argv[2:])
     else:
+        # The house rules first (pyproject.toml [tool.ruff]): seconds, and a clear list.
+        sh(PY, "-m", "ruff", "check", ".")
         sh(PY, "-m", "pytest", "-q", *sys.argv[2:])
     return 0
 

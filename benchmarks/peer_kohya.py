@@ -47,7 +47,8 @@ torchvision fails ("operator torchvision::nms does not exist"). Workaround, in t
 only: in torchvision/__init__.py import _autograd_registrations and _meta_registrations only
 `if extension._has_ops():` (a CPU torchvision wheel from download.pytorch.org also works).
 
-    OMP_NUM_THREADS=2 python benchmarks/peer_kohya.py --resolution 256 --steps 10 --warmup 2 --pairs 2
+    OMP_NUM_THREADS=2 python benchmarks/peer_kohya.py --resolution 256 --steps 10 --warmup 2 \\
+        --pairs 2
     python benchmarks/peer_kohya.py --resolution 64 --steps 3 --warmup 1 --pairs 1   # smoke test
 
 No network access needed: kohya loads its CLIP tokenizer from --tokenizer_cache_dir, which
@@ -126,6 +127,7 @@ def write_checkpoint(path: Path, dtype: str) -> None:
 def write_inputs(work: Path, args) -> dict[str, Path]:
     sys.path.insert(0, str(HERE))
     from _bench_common import make_images
+
     from tsuika.trainers.families.sd15 import TOKENIZER_DIR
 
     paths = {"model": work / f"sd15_random_{args.checkpoint_dtype}.safetensors",

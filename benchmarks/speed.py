@@ -31,9 +31,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from _bench_common import (make_images, matmul_rate, model_folder, peak_rss_gib,  # noqa: E402
-                           unet_step_flops)
-
+from _bench_common import make_images, matmul_rate, model_folder, peak_rss_gib, unet_step_flops  # noqa: E402
 
 # The reference scripts' usual rates; the same on both sides.
 LEARNING_RATE = {"lora": 1e-4, "dreambooth": 5e-6}
@@ -181,7 +179,8 @@ def main() -> None:
     flops = unet_step_flops(args.model, args.resolution, args.device, args.method)
     rate32, rate16 = matmul_rate(args.device)
     t, r = med["tsuika"], med["reference"]
-    print(f"\nmodel {args.model}, {args.resolution}x{args.resolution}, batch 1, device {args.device}")
+    print(f"\nmodel {args.model}, {args.resolution}x{args.resolution}, batch 1, "
+          f"device {args.device}")
     print(f"images/s    tsuika {t['images_per_s']:.2f}  reference {r['images_per_s']:.2f}  "
           f"ratio {t['images_per_s'] / r['images_per_s']:.2f}")
     print(f"s/step      tsuika {t['s_per_step']:.3f}  reference {r['s_per_step']:.3f}  "

@@ -11,7 +11,6 @@ from comfy_api.latest import io, ui
 from ..trainers.data.folder import DatasetError, quick_fingerprint, quick_problem, scan_folder
 from .types import Dataset
 
-
 PACK_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -144,9 +143,10 @@ class TsuikaDatasetFromImages(io.ComfyNode):
 
     @classmethod
     def execute(cls, images, captions) -> io.NodeOutput:
-        import folder_paths
         import numpy as np
         from PIL import Image
+
+        import folder_paths
 
         lines = [c.strip() for c in captions.splitlines() if c.strip()]
         n = images.shape[0]

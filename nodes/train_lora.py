@@ -216,7 +216,7 @@ class TsuikaTrainLoRAAdvanced(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, vae, dataset, resume=False, **kwargs) -> io.NodeOutput:
         options = {}
-        for input_id, name, f in _advanced_fields():
+        for input_id, name, _field in _advanced_fields():
             if input_id in kwargs:
                 value = kwargs[input_id]
                 if name == "sample.prompts":

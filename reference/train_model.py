@@ -34,12 +34,18 @@ import torch
 
 from .concepts import HELD_OUT
 from .diffusion_stage import train_diffusion
-from .export import (MODEL_NAME, _write_json, check_outputs, round_to_fp16,  # noqa: F401
-                     save_model)
+from .export import MODEL_NAME, _write_json, check_outputs, round_to_fp16, save_model  # noqa: F401
 from .sampling import TokenCache, generate, sample_grid, seconds_per_image
 from .scores import evaluate_model
-from .vae_stage import (augment_dihedral, encode_pool, normalize_latents,  # noqa: F401
-                        reconstruction_psnr, render_batch, subject_mask, train_vae)
+from .vae_stage import (  # noqa: F401
+    augment_dihedral,
+    encode_pool,
+    normalize_latents,
+    reconstruction_psnr,
+    render_batch,
+    subject_mask,
+    train_vae,
+)
 from .world import prompts_for_eval, sample_finetune_scene, sample_scene
 
 log = logging.getLogger(__name__)

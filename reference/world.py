@@ -20,8 +20,18 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from .captions import EvalPrompt, caption, parse_prompt, prompts_for_eval  # noqa: F401
-from .concepts import (ATTRIBUTES, BACKGROUNDS, COLORS, HELD_OUT, OBJECTS, POSITIONS,  # noqa: F401
-                       SIZES, Scene, is_object, vocabulary)
+from .concepts import (  # noqa: F401
+    ATTRIBUTES,
+    BACKGROUNDS,
+    COLORS,
+    HELD_OUT,
+    OBJECTS,
+    POSITIONS,
+    SIZES,
+    Scene,
+    is_object,
+    vocabulary,
+)
 
 log = logging.getLogger(__name__)
 
@@ -245,9 +255,12 @@ def make_dataset(out_dir: str | Path, n: int, seed: int = 0,
                  else sample_finetune_scene(rng, held_out_concept))
         text = caption(scene, rng if paraphrase else None, words=words)
         image_path = out / f"{i:05d}.png"
-        _write_atomic(image_path, lambda tmp: render(scene, size).save(tmp, format="PNG"))
+        # Default arguments bind this iteration's scene and text (B023), though each lambda
+        # runs before the loop moves on.
+        _write_atomic(image_path,
+                      lambda tmp, scene=scene: render(scene, size).save(tmp, format="PNG"))
         _write_atomic(image_path.with_suffix(".txt"),
-                      lambda tmp: Path(tmp).write_text(text + "\n", encoding="utf-8"))
+                      lambda tmp, text=text: Path(tmp).write_text(text + "\n", encoding="utf-8"))
         paths.append(image_path)
     log.info("wrote %d scenes (%s) to %s", n, held_out_concept or "pretraining", out)
     return paths

@@ -1,7 +1,6 @@
 import pytest
 
-from tsuika.trainers.config import (ConfigError, build_config, load_config, option_help,
-                                    option_names)
+from tsuika.trainers.config import ConfigError, build_config, load_config, option_help, option_names
 
 
 def test_issue_option_names_exist():

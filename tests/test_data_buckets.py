@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tsuika.trainers.data.buckets import (CropInfo, assign_bucket, make_buckets,
-                                          resize_and_crop)
+from tsuika.trainers.data.buckets import CropInfo, assign_bucket, make_buckets, resize_and_crop
 from tsuika.trainers.data.sampler import BucketBatchSampler
 
 

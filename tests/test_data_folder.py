@@ -10,8 +10,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tsuika.trainers.data.folder import (DatasetError, DatasetScan, file_sha256,
-                                         normalize_caption, scan_folder)
+from tsuika.trainers.data.folder import (
+    DatasetError,
+    DatasetScan,
+    file_sha256,
+    normalize_caption,
+    scan_folder,
+)
 
 
 def _png(path: Path, size=(24, 16), color=(10, 120, 200)) -> Path:

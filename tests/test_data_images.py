@@ -6,8 +6,13 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from tsuika.trainers.data.images import (IMAGE_EXTENSIONS, ImageLoadError, image_size,
-                                         load_image_rgb, to_rgb)
+from tsuika.trainers.data.images import (
+    IMAGE_EXTENSIONS,
+    ImageLoadError,
+    image_size,
+    load_image_rgb,
+    to_rgb,
+)
 
 
 def _px(image, xy):

@@ -9,10 +9,13 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from tsuika.trainers.formats import ldm_checkpoint as ldm
-from tsuika.trainers.formats.ldm_unet_keys import (CLIP_TEXT_KEY_PATTERN, unet_module_map,
-                                                   vae_module_map)
 from tsuika.trainers.families.sd15 import read_config
+from tsuika.trainers.formats import ldm_checkpoint as ldm
+from tsuika.trainers.formats.ldm_unet_keys import (
+    CLIP_TEXT_KEY_PATTERN,
+    unet_module_map,
+    vae_module_map,
+)
 
 UNET_VARIANTS = {
     "two_levels": dict(block_out_channels=(32, 64), layers_per_block=1,

@@ -12,9 +12,14 @@ import pytest
 import torch
 
 from tsuika.trainers.formats import lora_layouts as L
-from tsuika.trainers.formats.lora_keys import (LoraKeyError, ModuleIndex, flat_index,
-                                               kohya_name, module_path_from_kohya,
-                                               module_paths_of)
+from tsuika.trainers.formats.lora_keys import (
+    LoraKeyError,
+    ModuleIndex,
+    flat_index,
+    kohya_name,
+    module_path_from_kohya,
+    module_paths_of,
+)
 from tsuika.trainers.formats.safetensors_io import load_safetensors, save_safetensors
 
 RANK, ALPHA = 4, 2.0  # alpha != rank on purpose: a writer assuming alpha = rank fails
@@ -188,8 +193,12 @@ def test_kohya_file_round_trip_keeps_tensors_alpha_and_metadata(trained, tmp_pat
 
 
 def test_peft_kohya_peft_round_trip_restores_the_adapted_model(trained):
-    from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
-    from peft import set_peft_model_state_dict
+    from peft import (
+        LoraConfig,
+        get_peft_model_state_dict,
+        inject_adapter_in_model,
+        set_peft_model_state_dict,
+    )
 
     unet, te, lsd, index = trained
     a_unet, _ = _adapt(copy.deepcopy(unet), copy.deepcopy(te), alpha_pattern={"to_k": 5.0})

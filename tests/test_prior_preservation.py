@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import make_images, tiny_overrides
+
 from tsuika.trainers.callbacks import Callbacks
 from tsuika.trainers.config import ConfigError, build_config
 from tsuika.trainers.formats.safetensors_io import load_safetensors

@@ -9,8 +9,16 @@ import os
 
 import pytest
 
-from tsuika.reference.quality import (REFERENCE_MODEL, Sampling, finetune, gate, load_reference,
-                                      score, score_lora, vae_ceiling)
+from tsuika.reference.quality import (
+    REFERENCE_MODEL,
+    Sampling,
+    finetune,
+    gate,
+    load_reference,
+    score,
+    score_lora,
+    vae_ceiling,
+)
 
 CONCEPT = "heart"
 STEPS = 150

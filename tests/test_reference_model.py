@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from tsuika.reference import train_model as tm
-from tsuika.reference.world import prompts_for_eval, sample_scene
 from tsuika.reference.scores import evaluate
+from tsuika.reference.world import prompts_for_eval, sample_scene
 
 
 def write_micro_configs(folder):
@@ -50,8 +50,11 @@ def trained(tmp_path_factory):
 def test_shipped_configs_fit_the_single_file_layout():
     """Every shipped architecture choice survives diffusers -> LDM -> diffusers, so the
     single-file checkpoint rebuilds the same model."""
-    from tsuika.trainers.formats.ldm_checkpoint import (config_metadata_hints, diffusers_to_ldm,
-                                                        ldm_to_diffusers)
+    from tsuika.trainers.formats.ldm_checkpoint import (
+        config_metadata_hints,
+        diffusers_to_ldm,
+        ldm_to_diffusers,
+    )
 
     cfg = tm.load_configs()
     unet, vae, te = tm.build_models(cfg, seed=0)

@@ -9,8 +9,15 @@ import pytest
 from PIL import Image
 
 from tsuika.reference import world
-from tsuika.reference.concepts import (BACKGROUNDS, COLORS, HELD_OUT, POSITIONS, SHAPES, Scene,
-                                       vocabulary)
+from tsuika.reference.concepts import (
+    BACKGROUNDS,
+    COLORS,
+    HELD_OUT,
+    POSITIONS,
+    SHAPES,
+    Scene,
+    vocabulary,
+)
 
 
 def scene(**kw) -> Scene:

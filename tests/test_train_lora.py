@@ -143,8 +143,8 @@ def test_latent_cache_is_reused_and_keyed_by_content(tiny_model, image_folder, t
 
 def test_packed_cpu_convs_train_like_plain_ones_and_leave_the_model_as_it_was(
         tiny_model, image_folder, tmp_path):
-    from tsuika.trainers.families import load_model
     from tsuika.trainers.device.cpu_conv import available
+    from tsuika.trainers.families import load_model
 
     if not available():
         pytest.skip("torch without oneDNN ops: the packed path is off")

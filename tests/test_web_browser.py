@@ -30,7 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 DRIVER = ROOT / "tests/web/browser_chart.mjs"
 COMFY = os.environ.get("COMFYUI_DIR")
 NODE = shutil.which("node")
-CHROMIUM = os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMIUM = (os.environ.get("CHROMIUM") or shutil.which("chromium")
+            or shutil.which("chromium-browser"))
 PLAYWRIGHT = os.environ.get("PLAYWRIGHT_CORE", "playwright-core")
 THREADS = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
@@ -104,8 +105,9 @@ def comfy_server(tmp_path):
     try:
         with open(log_path, "w") as log:
             proc = subprocess.Popen(
-                [python, str(comfy / "main.py"), "--cpu", "--listen", "127.0.0.1", "--port", str(port),
-                 "--extra-model-paths-config", str(extra), "--output-directory", str(dirs["output"]),
+                [python, str(comfy / "main.py"), "--cpu", "--listen", "127.0.0.1",
+                 "--port", str(port), "--extra-model-paths-config", str(extra),
+                 "--output-directory", str(dirs["output"]),
                  "--input-directory", str(dirs["input"]), "--temp-directory", str(dirs["temp"]),
                  "--user-directory", str(dirs["user"])],
                 cwd=comfy, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
@@ -120,7 +122,8 @@ def comfy_server(tmp_path):
             except (OSError, ValueError):
                 pass
             if time.time() > deadline:
-                pytest.fail(f"ComfyUI did not serve TsuikaTrainLoRA:\n{log_path.read_text()[-4000:]}")
+                pytest.fail("ComfyUI did not serve TsuikaTrainLoRA:\n"
+                            f"{log_path.read_text()[-4000:]}")
             time.sleep(1)
         yield url, log_path, lora_name
     finally:
@@ -182,7 +185,8 @@ def test_loss_chart_draws_live_in_the_browser(comfy_server, tmp_path):
     assert len(events) >= 3 and all(str(e["node"]) == train for e in events), events
     assert [e["step"] for e in events[:3]] == [1, 2, 3], events
     assert after["points"] >= 3, after  # node.tsuikaLoss collected the events
-    assert any(t.startswith("step ") and f"/{events[0]['total']}  loss " in t for t in after["texts"]), after
+    assert any(t.startswith("step ") and f"/{events[0]['total']}  loss " in t
+               for t in after["texts"]), after
     assert after["blue"] >= 30, after  # the #6aa9ff line is on the canvas, inside the chart box
     assert (Path(res["shots"]) / "chart_node.png").stat().st_size > 1000
 

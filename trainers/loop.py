@@ -24,9 +24,9 @@ from . import prior
 from .callbacks import Callbacks, SaveInfo, StepInfo, TrainingStopped
 from .config import TsuikaConfig
 from .device import resolve_device, resolve_precision
+from .device.cpu_conv import packed_frozen_convs
 from .families import ModelBundle, get_family, load_model
 from .methods import get_method
-from .device.cpu_conv import packed_frozen_convs
 from .optimizers import (
     StepInBackward,
     make_optimizer,

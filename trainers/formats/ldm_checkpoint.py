@@ -25,13 +25,31 @@ from typing import Any, NamedTuple
 
 import torch
 
-from .ldm_unet_keys import (CLIP_OLD_PREFIX, CLIP_PREFIX, META_PREDICTION, META_TE_HEADS,
-                            META_UNET_SAMPLE_SIZE,
-                            META_UNET_GROUPS, META_UNET_HEADS, META_VAE_GROUPS, OPEN_CLIP_PREFIX,
-                            SUPPORTED_LAYOUTS, UNET_PREFIX, VAE_ATTENTION_LEAVES, VAE_PREFIX,
-                            LdmCheckpointError, check_supported_layout, check_text_keys,
-                            config_metadata_hints, detect, indices, read_hint, strip_prefix,
-                            unet_module_map, vae_module_map)
+from .ldm_unet_keys import (
+    CLIP_OLD_PREFIX,
+    CLIP_PREFIX,
+    META_PREDICTION,
+    META_TE_HEADS,
+    META_UNET_GROUPS,
+    META_UNET_HEADS,
+    META_UNET_SAMPLE_SIZE,
+    META_VAE_GROUPS,
+    OPEN_CLIP_PREFIX,
+    SUPPORTED_LAYOUTS,
+    UNET_PREFIX,
+    VAE_ATTENTION_LEAVES,
+    VAE_PREFIX,
+    LdmCheckpointError,
+    check_supported_layout,
+    check_text_keys,
+    config_metadata_hints,
+    detect,
+    indices,
+    read_hint,
+    strip_prefix,
+    unet_module_map,
+    vae_module_map,
+)
 
 __all__ = ["LdmCheckpointError", "LdmConversion", "SdConfigs", "config_metadata_hints", "detect",
            "diffusers_to_ldm", "infer_sd_configs", "ldm_to_diffusers", "unet_module_map",
@@ -351,8 +369,10 @@ def _check_against_map(converted: dict, part: dict, module_map: dict, what: str)
 
 def _convert_text_encoder(checkpoint, cfg: SdConfigs) -> tuple[dict, set[str]]:
     """The ``CLIPTextModel`` state dict and the checkpoint keys it was made from."""
-    from diffusers.loaders.single_file_utils import (convert_ldm_clip_checkpoint,
-                                                     convert_open_clip_checkpoint)
+    from diffusers.loaders.single_file_utils import (
+        convert_ldm_clip_checkpoint,
+        convert_open_clip_checkpoint,
+    )
 
     layers = cfg.text_encoder["num_hidden_layers"]
     if cfg.text_encoder_layout == "hf_clip":
@@ -404,8 +424,10 @@ def ldm_to_diffusers(checkpoint: Mapping[str, torch.Tensor],
     Raises:
         LdmCheckpointError: unsupported layout or keys that do not fit the inferred model.
     """
-    from diffusers.loaders.single_file_utils import (convert_ldm_unet_checkpoint,
-                                                     convert_ldm_vae_checkpoint)
+    from diffusers.loaders.single_file_utils import (
+        convert_ldm_unet_checkpoint,
+        convert_ldm_vae_checkpoint,
+    )
 
     cfg = infer_sd_configs(checkpoint, metadata)
     unet_part = {k: v for k, v in checkpoint.items() if k.startswith(UNET_PREFIX)}

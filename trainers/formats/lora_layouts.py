@@ -19,8 +19,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .lora_keys import (COMPONENTS, LoraKeyError, ModuleIndex, canonical_path,
-                        component_of_kohya_name, flat_index, kohya_name)
+from .lora_keys import (
+    COMPONENTS,
+    LoraKeyError,
+    ModuleIndex,
+    canonical_path,
+    component_of_kohya_name,
+    flat_index,
+    kohya_name,
+)
 
 log = logging.getLogger(__name__)
 

@@ -24,8 +24,10 @@ UNET_LINEAR = re.compile(
     r"to_out\.0)|ff\.net\.(0\.proj|2)))$")
 UNET_ATTENTION = re.compile(r".*transformer_blocks\.\d+\.attn[12]\.(to_q|to_k|to_v|to_out\.0)$")
 # LoCon: the 3x3 convolutions of the resnets and the down/up samplers.
-UNET_CONV = re.compile(r".*(resnets\.\d+\.(conv1|conv2)|downsamplers\.0\.conv|upsamplers\.0\.conv)$")
-TEXT_LINEAR = re.compile(r".*layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|out_proj)|mlp\.(fc1|fc2))$")
+UNET_CONV = re.compile(
+    r".*(resnets\.\d+\.(conv1|conv2)|downsamplers\.0\.conv|upsamplers\.0\.conv)$")
+TEXT_LINEAR = re.compile(
+    r".*layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|out_proj)|mlp\.(fc1|fc2))$")
 
 
 def _targets(module: torch.nn.Module, pattern: re.Pattern) -> list[str]:
