@@ -98,3 +98,20 @@ def test_registry_metadata_is_complete_and_the_icon_ships():
     assert comfy["Icon"].startswith(prefix), comfy["Icon"]
     icon = ROOT / comfy["Icon"].removeprefix(prefix)
     assert icon.is_file() and icon.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_linter_keeps_the_house_rules_and_the_test_command_runs_it():
+    """pyproject's ruff rules say what the code practises (no print in the library, no bare
+    except, sorted imports, pyflakes), and `run.py test` runs ruff before pytest."""
+    import tomllib
+
+    ruff = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["ruff"]
+    lint = ruff["lint"]
+    assert {"E", "F", "I", "T20"} <= set(lint["select"]), lint["select"]
+    assert not {"E722", "T201", "F", "I001"} & set(lint.get("ignore", ())), lint["ignore"]
+    # print stays allowed only in programs, never in the library's trainers/ or nodes/.
+    print_ok = [glob for glob, rules in lint.get("per-file-ignores", {}).items()
+                if "T20" in rules or "T201" in rules]
+    assert [g for g in print_ok if g.startswith(("nodes", "trainers"))] == ["trainers/cli.py"]
+    run_py = (ROOT / "run.py").read_text()
+    assert run_py.index('"ruff", "check"') < run_py.index('"pytest", "-q"')
