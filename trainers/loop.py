@@ -89,8 +89,13 @@ class TrainingRun:
     :meth:`setup` loads the models and the data, prepares the method, the optimizer and a
     resumed state; :meth:`run` then calls :meth:`step` until ``train.steps`` (each step one
     :meth:`forward_loss` per micro-batch, then one optimizer update), calling :meth:`save`
-    on the way and at the end. ``scope`` holds what must be undone when the run ends or fails
-    (packed convolutions, optimizer hooks).
+    on the way and at the end. ``step_count`` is the number of optimizer steps done (a
+    resumed run starts at its state's step).
+
+    Args:
+        config, callbacks, bundle, scan: as for :func:`train`.
+        scope: holds what must be undone when the run ends or fails (packed convolutions,
+            optimizer hooks); :func:`train` closes it, and restores the global RNG.
     """
 
     def __init__(self, config: TsuikaConfig, callbacks: Callbacks | None,
@@ -118,6 +123,7 @@ class TrainingRun:
         self._prepare_step()
 
     def _load_model(self) -> None:
+        """Device, precision and method; the model loaded in the dtypes the method needs."""
         config, acc = self.config, self.acc
         self.device = acc.device if acc is not None else resolve_device(config.train.device)
         self.precision = resolve_precision(self.device, config.train.mixed_precision)
@@ -189,6 +195,7 @@ class TrainingRun:
                                                          config.train.cpu_prepack_pixels))
 
     def _make_optimizer(self) -> None:
+        """The optimizer over the method's parameter groups, and the learning-rate schedule."""
         config = self.config
         self.optimizer = make_optimizer(config, self.groups, self.device)
         self.in_backward = wants_step_in_backward(
