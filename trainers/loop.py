@@ -24,6 +24,7 @@ from .callbacks import Callbacks, SaveInfo, StepInfo, TrainingStopped
 from .config import TsuikaConfig
 from .device import resolve_device, resolve_precision
 from .families import ModelBundle, get_family, load_model
+from .guards import NonFiniteLoss, resume_into, run_identity
 from .methods import get_method
 from .ops.cpu_conv import packed_frozen_convs
 from .optimizers import (
@@ -33,14 +34,13 @@ from .optimizers import (
     wants_step_in_backward,
 )
 from .prepare import TrainingData
-from .run_io import RunWriter
-from .state import TrainingState, load_state, resolve_resume
+from .run_io import FIX_LR, RunWriter, open_output
+from .state import TrainingState, load_resume
 
 log = logging.getLogger(__name__)
 
 
-class NonFiniteLoss(RuntimeError):
-    """The loss became NaN or infinite; the last good save is named in the message."""
+__all__ = ["NonFiniteLoss", "TrainResult", "train"]
 
 
 @dataclass
@@ -88,6 +88,11 @@ def _train(config, callbacks, bundle, scan, run_scope: contextlib.ExitStack) -> 
     device = acc.device if acc is not None else resolve_device(config.train.device)
     precision = resolve_precision(device, config.train.mixed_precision)
     method = get_method(config.network.method)
+    if acc is None or acc.is_main_process:  # output.dir checked and locked before any load
+        notes: list[str] = []
+        run_scope.enter_context(open_output(config, notes))
+        for note in notes:
+            cb.on_message(note)
     # Frozen weights live in the compute dtype. Base weights a method trains are stored as
     # train.trained_weights says (fp32 masters under autocast, or bf16 with stochastic
     # rounding). Loaded straight into the dtype they are kept in.
@@ -111,6 +116,9 @@ def _train(config, callbacks, bundle, scan, run_scope: contextlib.ExitStack) -> 
     data = TrainingData(config, bundle, precision, out.cache_dir, scan=scan)
     for skipped in data.scan.skipped:
         cb.on_message(f"skipped {skipped.path}: {skipped.reason}")
+    for warning in data.scan.warnings:
+        cb.on_message(f"warning: {warning}")
+    out.identity = run_identity(config, bundle, data.scan.fingerprint())  # before training
     _move(bundle.unet, device, unet_dtype)
     for te in bundle.text_encoders:
         te.to(device, te_dtype)
@@ -158,12 +166,12 @@ def _train(config, callbacks, bundle, scan, run_scope: contextlib.ExitStack) -> 
                              num_warmup_steps=config.train.lr_warmup_steps,
                              num_training_steps=total)
     start = 0
-    resume_dir = resolve_resume(config.train.resume, out.dir)
-    if resume_dir is not None:
-        st = load_state(resume_dir)
-        method.load_trainable_state(bundle, st.trainable)
-        optimizer.load_state_dict(st.optimizer)
-        lr_sched.load_state_dict(st.scheduler)
+    resumed = load_resume(config.train.resume, out.dir, max_step=total)
+    if resumed is not None:
+        resume_dir, st, skipped_states = resumed
+        for note in skipped_states + resume_into(resume_dir, st, config, out.identity, method,
+                                                  bundle, optimizer, lr_sched):
+            cb.on_message(f"warning: {note}")
         start = st.step
         cb.on_message(f"resumed from {resume_dir} at step {start}")
         out.losses = [tuple(r) for r in st.info.get("losses", [])][:start]
@@ -226,7 +234,6 @@ def _train(config, callbacks, bundle, scan, run_scope: contextlib.ExitStack) -> 
         run_scope.enter_context(StepInBackward(optimizer, config.train.max_grad_norm))
         cb.on_message("optimizer steps inside the backward pass (gradients freed as they "
                       "are used; gradient clipping per tensor)")
-    last_save: SaveInfo | None = None
     step = start
     t_last = time.perf_counter()
     while step < total:
@@ -252,11 +259,9 @@ def _train(config, callbacks, bundle, scan, run_scope: contextlib.ExitStack) -> 
             torch.nn.utils.clip_grad_norm_(params, config.train.max_grad_norm)
         loss_value = float(loss_sum)  # one host sync per step: the progress bar shows it
         if not math.isfinite(loss_value):
-            where = (f"the last good save is {last_save.lora_path} (state {last_save.state_dir})"
-                     if last_save else "nothing was saved before it (no save_every reached)")
             raise NonFiniteLoss(f"the loss became {loss_value} at step {step + 1}; stopped "
-                                f"without saving the broken weights; {where}. Lower "
-                                "train.learning_rate or use train.mixed_precision = 'bf16'/'no'.")
+                                f"without saving the broken weights; "
+                                f"{out.last_good_text()}. {FIX_LR}")
         scaler.step(optimizer)
         scaler.update()
         lr_sched.step()
@@ -272,7 +277,7 @@ def _train(config, callbacks, bundle, scan, run_scope: contextlib.ExitStack) -> 
         if every and step % every == 0 and step < total:
             out.sample(family, bundle, precision, step=step, cb=cb)
         if config.output.save_every and step % config.output.save_every == 0 and step < total:
-            last_save = save(step, final=False)
+            save(step, final=False)
 
     if acc is not None:
         _check_ranks_in_sync(acc, params)
