@@ -162,9 +162,7 @@ def load_state(folder: Path, max_step: int | None = None) -> TrainingState:
     step = info.get("step")
     if not isinstance(step, int) or isinstance(step, bool) or step <= 0:
         raise _damaged(folder, "state.json", f"step = {step!r} is not a positive whole number")
-    if max_step is not None and step > max_step:
-        raise StateError(f"state {str(folder)!r} is at step {step}, past train.steps = "
-                         f"{max_step}; set train.steps above {step} to train on from it.")
+    _check_step(folder, step, max_step)
     try:
         trainable, _ = load_safetensors(folder / "trainable.safetensors")
     except (ValueError, OSError) as e:
@@ -176,6 +174,12 @@ def load_state(folder: Path, max_step: int | None = None) -> TrainingState:
     scheduler = _load_pt(folder, "scheduler.pt")
     return TrainingState(step=step, trainable=trainable, optimizer=optimizer,
                          scheduler=scheduler, info=info)
+
+
+def _check_step(folder: Path, step: int, max_step: int | None) -> None:
+    if max_step is not None and step > max_step:
+        raise StateError(f"state {str(folder)!r} is at step {step}, past train.steps = "
+                         f"{max_step}; set train.steps above {step} to train on from it.")
 
 
 def state_folders(output_dir: Path) -> list[Path]:
@@ -214,10 +218,15 @@ def load_resume(resume: str, output_dir: Path, max_step: int | None = None,
     skipped: list[str] = []
     for folder in reversed(state_folders(output_dir)):
         try:
-            return folder, load_state(folder, max_step), skipped
+            state = load_state(folder)
         except StateError as e:
             skipped.append(f"skipped state {folder.name}: {e}")
             log.warning("%s", skipped[-1])
+            continue
+        # A state past train.steps is not damaged: refuse it rather than fall back to an
+        # older one (the user most likely meant to raise train.steps).
+        _check_step(folder, state.step, max_step)
+        return folder, state, skipped
     where = str(output_dir / STATES_DIR)
     if skipped:
         raise StateError(f"train.resume = 'latest' but no state in {where!r} can be used: "
