@@ -9,8 +9,13 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-
-from tsuika.trainers.config import MAX_NAME_BYTES, MAX_SEED, SECTIONS, ConfigError, build_config
+from tsuika.trainers.config import (
+    MAX_NAME_BYTES,
+    MAX_SEED,
+    SECTIONS,
+    ConfigError,
+    build_config,
+)
 
 FLOAT_OPTIONS = [f"{s}.{f.name}" for s, cls in SECTIONS.items()
                  for f in dataclasses.fields(cls) if f.type in (float, "float")]

@@ -14,7 +14,6 @@ import time
 import pytest
 import torch
 from conftest import make_images, tiny_overrides
-
 from tsuika.trainers import cli
 from tsuika.trainers.config import build_config
 from tsuika.trainers.formats.metadata import training_metadata
@@ -153,9 +152,8 @@ def test_stale_locks_do_not_block_forever(tmp_path, lock, blocks):
             old = time.time() - 3600
             os.utime(path, (old, old))
     if blocks:
-        with pytest.raises(OutputError, match="delete"):
-            with output_lock(out):
-                pass
+        with pytest.raises(OutputError, match="delete"), output_lock(out):
+            pass
         assert path.exists()
     else:
         with output_lock(out):
@@ -267,13 +265,13 @@ def test_cli_full_disk_is_one_line(tiny_model, data, tmp_path, capsys, monkeypat
 
 def test_cli_unexpected_errors_are_one_line_unless_debugging(tiny_model, data, tmp_path, capsys,
                                                              monkeypatch):
-    import tsuika.trainers.loop as loop
+    from tsuika.trainers import loop
 
     def bug(*a, **k):
         raise KeyError("surprise")
 
     monkeypatch.setattr(loop, "train", bug)
-    code, lines, err = _cli_in_process(capsys, tiny_overrides(
+    code, lines, _ = _cli_in_process(capsys, tiny_overrides(
         tiny_model["single_file"], data, tmp_path / "out", steps=1))
     assert code == 1 and len(lines) == 1 and "TSUIKA_DEBUG=1" in lines[0]
     monkeypatch.setenv("TSUIKA_DEBUG", "1")

@@ -12,7 +12,6 @@ import shutil
 import pytest
 import torch
 from conftest import make_images, tiny_overrides
-
 from tsuika.trainers.callbacks import Callbacks
 from tsuika.trainers.config import build_config
 from tsuika.trainers.formats.safetensors_io import load_safetensors, save_safetensors
@@ -200,7 +199,7 @@ class _PoisonAt(Callbacks):
 
     def on_step(self, info):
         if info.step == self.at:
-            for comp, module in self.bundle.components.items():
+            for module in self.bundle.components.values():
                 for name, p in module.named_parameters():
                     if p.requires_grad:
                         with torch.no_grad():
@@ -234,7 +233,7 @@ def test_a_non_finite_state_is_not_resumed(tiny_model, data, lora_states, tmp_pa
     out = _copy(lora_states, tmp_path)
     path = out / "states" / "step_00000002" / "trainable.safetensors"
     tensors, _ = load_safetensors(path)
-    first = sorted(tensors)[0]
+    first = min(tensors)
     tensors[first] = tensors[first].clone().fill_(float("inf"))
     save_safetensors(path, tensors, overwrite=True)
     with pytest.raises(StateError, match="NaN or infinite"):
@@ -320,6 +319,8 @@ def test_latest_falls_back_in_a_real_run_and_says_which_state_it_skipped(tiny_mo
                                                                         lora_states, tmp_path):
     out = _copy(lora_states, tmp_path)
     (out / "states" / "step_00000002" / "scheduler.pt").write_bytes(b"junk")
+    (out / "states" / ".tmp-killed").mkdir()  # what a save killed mid-way leaves
+    (out / ".b.safetensors.k1ll3d.tmp").write_bytes(b"half a file")
     messages = []
 
     class Listen(Callbacks):
@@ -332,6 +333,9 @@ def test_latest_falls_back_in_a_real_run_and_says_which_state_it_skipped(tiny_mo
     text = "\n".join(messages)
     assert "skipped state step_00000002" in text and "scheduler.pt" in text
     assert "resumed from" in text and "step_00000001" in text
+    assert "removed the unfinished state" in text and "removed the half-written file" in text
+    assert not (out / "states" / ".tmp-killed").exists()
+    assert not (out / ".b.safetensors.k1ll3d.tmp").exists()
 
 
 # -- interrupted saves -----------------------------------------------------------------------

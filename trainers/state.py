@@ -235,19 +235,6 @@ def load_resume(resume: str, output_dir: Path, max_step: int | None = None,
                      "without train.resume.")
 
 
-def resolve_resume(resume: str, output_dir: Path) -> Path | None:
-    """``train.resume``: '' = fresh start, 'latest' = newest state in output.dir, or a path."""
-    if not resume:
-        return None
-    if resume == "latest":
-        latest = find_latest_state(output_dir)
-        if latest is None:
-            raise StateError(f"train.resume = 'latest' but {str(output_dir / STATES_DIR)!r} "
-                             "holds no saved state; start without train.resume.")
-        return latest
-    return Path(resume).expanduser()
-
-
 def prune(paths: list[Path], keep_last: int) -> list[Path]:
     """Delete all but the newest ``keep_last`` of ``paths`` (files or folders); 0 keeps all."""
     if keep_last <= 0 or len(paths) <= keep_last:
