@@ -103,7 +103,40 @@ def _print_options() -> None:
                 print(f"      {line}")
 
 
+def _one_line(error: BaseException) -> str:
+    """An error's message on one line (a multi-line message would read as several errors)."""
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def _os_error_line(e: OSError) -> str:
+    """An OSError that is not one of ours: what failed, on which file, and what to check."""
+    if type(e).__name__ == "OutputError" or (e.strerror is None and str(e)):
+        return _one_line(e)
+    where = f" {e.filename}" if e.filename else ""
+    return (f"could not use{where}: {e.strerror or e}; check that the path exists, that you "
+            "may write there and that the disk is not full")
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run the ``tsuika`` command; every error of ours ends as one line on stderr.
+
+    Exit codes: 0 done, 2 bad input (options, files, dataset, model, state), 3 training
+    stopped (what was kept is named), 4 the loss or the weights became non-finite, 1 a
+    file-system or environment problem (or an unexpected error: its traceback is printed
+    with TSUIKA_DEBUG=1), 130 interrupted.
+    """
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        print("tsuika: interrupted (Ctrl-C); states saved so far are kept, resume with "
+              "--set train.resume=latest", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str] | None) -> int:
+    from .families.base import ModelLoadError
+    from .guards import NonFiniteLoss
+
     args = _parser().parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
     configure_logging(rank)
@@ -142,11 +175,28 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"{kind}: {path}")
         return 0
     except TrainingStopped as e:
-        print(f"tsuika: {e}", file=sys.stderr)
+        print(f"tsuika: {_one_line(e)}", file=sys.stderr)
         return 3
-    except (ConfigError, ValueError, FileExistsError, FileNotFoundError) as e:
-        print(f"tsuika: error: {e}", file=sys.stderr)
+    except NonFiniteLoss as e:
+        print(f"tsuika: error: {_one_line(e)}", file=sys.stderr)
+        return 4
+    # ConfigError, StateError, DatasetError, ModelLoadError, MethodError, ImageLoadError and
+    # the format errors are all ValueErrors that name the input and the fix.
+    except (ConfigError, ModelLoadError, ValueError, FileExistsError, FileNotFoundError,
+            IsADirectoryError, NotADirectoryError) as e:
+        print(f"tsuika: error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except OSError as e:
+        print(f"tsuika: error: {_os_error_line(e)}", file=sys.stderr)
+        return 1
+    except Exception as e:  # not ours: one line by default, the traceback on request
+        if os.environ.get("TSUIKA_DEBUG"):
+            raise
+        log.debug("unexpected error", exc_info=True)
+        print(f"tsuika: error: unexpected {type(e).__name__}: {_one_line(e)} (a bug or an "
+              "environment problem; rerun with TSUIKA_DEBUG=1 for the traceback and report "
+              "it)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ value and the fix.
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -18,6 +19,13 @@ from pathlib import Path
 from typing import Any
 
 CONFIG_VERSION = 1
+# The largest train.seed: the loop derives per-micro-batch seeds as seed * 1_000_003 + index
+# (+ 2**40 for class images), and torch.Generator.manual_seed takes at most 2**64 - 1; with
+# 32-bit seeds that sum stays far below 2**63 for any step count the config allows.
+MAX_SEED = 2**32 - 1
+# The longest output.name in UTF-8 bytes: file systems allow 255 per name, and the run adds
+# suffixes such as "-step00001000.safetensors" and "-samples.png".
+MAX_NAME_BYTES = 200
 
 
 class ConfigError(ValueError):
@@ -39,6 +47,11 @@ def _check_field(section: str, f: dataclasses.Field, value: Any) -> None:
     if meta.get("choices") and value not in meta["choices"]:
         raise ConfigError(f"{name} = {value!r} is not a valid choice; use one of: "
                           f"{', '.join(map(str, meta['choices']))}.")
+    if isinstance(value, float) and not math.isfinite(value):
+        # NaN fails every < and > test, so the range checks below would let it through.
+        limits = [f"{k} {meta[k]}" for k in ("min", "max") if meta.get(k) is not None]
+        raise ConfigError(f"{name} = {value!r} is not a finite number; give a real number"
+                          + (f" ({', '.join(limits)})." if limits else "."))
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         if meta.get("min") is not None and value < meta["min"]:
             raise ConfigError(f"{name} = {value!r} is below its minimum {meta['min']}; "
@@ -158,7 +171,8 @@ class TrainConfig(_Section):
                             choices=("constant", "cosine", "linear"))
     lr_warmup_steps: int = opt(0, "Linear warm-up steps at the start.", min=0)
     max_grad_norm: float = opt(1.0, "Clip the gradient norm to this; 0 = off.", min=0.0)
-    seed: int = opt(0, "Seed: the same seed gives the same result on the CPU.", min=0)
+    seed: int = opt(0, "Seed: the same seed gives the same result on the CPU.", min=0,
+                    max=MAX_SEED)
     mixed_precision: str = opt("auto", "Compute precision: 'auto' uses bf16 where the device "
                                        "runs it faster (CUDA with bf16, CPUs with bf16 matmul "
                                        "units), else fp32.",
@@ -205,7 +219,9 @@ class OutputConfig(_Section):
     save_every: int = opt(0, "Save the LoRA and a resumable state every N steps; 0 = only at "
                              "the end.", min=0)
     keep_last: int = opt(3, "Keep only the newest N intermediate saves; 0 = keep all.", min=0)
-    overwrite: bool = opt(False, "Allow replacing an existing output file of the same name.")
+    overwrite: bool = opt(False, "Allow replacing an existing output file of the same name, "
+                          "and a fresh start in an output.dir that holds resumable states "
+                          "(they are moved aside to states.replaced-<time>, not deleted).")
     save_dtype: str = opt("fp16", "Precision of the saved LoRA tensors.",
                           choices=("fp16", "bf16", "fp32"))
     metadata_paths: bool = opt(False, "Write local folder paths into the file's metadata.")
@@ -215,6 +231,17 @@ class OutputConfig(_Section):
         if bad or not self.name.strip() or self.name in (".", ".."):
             raise ConfigError(f"output.name = {self.name!r} is not a plain file name; remove "
                               f"{''.join(sorted(bad)) or 'the dots'} (it may not contain a path).")
+        if any(ord(c) < 32 or ord(c) == 127 for c in self.name):
+            raise ConfigError(f"output.name = {self.name!r} contains control characters "
+                              "(newline, tab, ...); use letters, digits, '-' and '_'.")
+        if self.name.startswith("."):
+            raise ConfigError(f"output.name = {self.name!r} starts with a dot (a hidden file "
+                              "that file lists and ComfyUI do not show); remove the dot.")
+        size = len(self.name.encode("utf-8", "surrogatepass"))
+        if size > MAX_NAME_BYTES:
+            raise ConfigError(f"output.name is {size} bytes long (UTF-8); the limit is "
+                              f"{MAX_NAME_BYTES} (file systems allow 255 per name and suffixes "
+                              "are added); use a shorter name.")
 
 
 @dataclass
@@ -226,7 +253,7 @@ class SampleConfig(_Section):
     steps: int = opt(20, "Denoising steps per sample.", min=1, max=1000)
     guidance_scale: float = opt(7.0, "Classifier-free guidance scale of samples.",
                                 min=0.0, max=50.0)
-    seed: int = opt(0, "Seed of the sample images.", min=0)
+    seed: int = opt(0, "Seed of the sample images.", min=0, max=2**63 - 1)
     size: int = opt(0, "Sample side in pixels; 0 = data.resolution.", min=0, max=4096)
 
 

@@ -26,6 +26,7 @@ from .config import TsuikaConfig
 from .device import resolve_device, resolve_precision
 from .device.cpu_conv import packed_frozen_convs
 from .families import ModelBundle, get_family, load_model
+from .guards import NonFiniteLoss, resume_into, run_identity
 from .methods import get_method
 from .optimizers import (
     StepInBackward,
@@ -34,14 +35,13 @@ from .optimizers import (
     wants_step_in_backward,
 )
 from .prepare import TrainingData
-from .run_io import RunWriter
-from .state import TrainingState, load_state, resolve_resume
+from .run_io import FIX_LR, RunWriter, open_output
+from .state import TrainingState, load_resume
 
 log = logging.getLogger(__name__)
 
 
-class NonFiniteLoss(RuntimeError):
-    """The loss became NaN or infinite; the last good save is named in the message."""
+__all__ = ["NonFiniteLoss", "TrainResult", "train"]
 
 
 @dataclass
@@ -108,7 +108,6 @@ class TrainingRun:
         self.acc = _distributed()
         self.is_main = self.acc is None or self.acc.is_main_process
         self.step_count = 0
-        self.last_save: SaveInfo | None = None
 
     # -- setup ------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -128,6 +127,11 @@ class TrainingRun:
         self.device = acc.device if acc is not None else resolve_device(config.train.device)
         self.precision = resolve_precision(self.device, config.train.mixed_precision)
         self.method = method = get_method(config.network.method)
+        if self.is_main:  # output.dir checked and locked before any load
+            notes: list[str] = []
+            self.scope.enter_context(open_output(config, notes))
+            for note in notes:
+                self.cb.on_message(note)
         # Frozen weights live in the compute dtype. Base weights a method trains are stored as
         # train.trained_weights says (fp32 masters under autocast, or bf16 with stochastic
         # rounding). Loaded straight into the dtype they are kept in.
@@ -157,6 +161,9 @@ class TrainingRun:
                                         scan=self.scan)
         for skipped in data.scan.skipped:
             cb.on_message(f"skipped {skipped.path}: {skipped.reason}")
+        for warning in data.scan.warnings:
+            cb.on_message(f"warning: {warning}")
+        self.out.identity = run_identity(config, bundle, data.scan.fingerprint())  # before training
         _move(bundle.unet, device, self.unet_dtype)
         for te in bundle.text_encoders:
             te.to(device, self.te_dtype)
@@ -211,13 +218,16 @@ class TrainingRun:
 
     def _resume(self) -> None:
         """Continue from ``train.resume``: trained weights, optimizer, schedule, loss log."""
-        resume_dir = resolve_resume(self.config.train.resume, self.out.dir)
-        if resume_dir is None:
+        config = self.config
+        resumed = load_resume(config.train.resume, self.out.dir, max_step=config.train.steps)
+        if resumed is None:
             return
-        st = load_state(resume_dir)
-        self.method.load_trainable_state(self.bundle, st.trainable)
-        self.optimizer.load_state_dict(st.optimizer)
-        self.lr_sched.load_state_dict(st.scheduler)
+        resume_dir, st, skipped_states = resumed
+        # Every tensor and optimizer moment is checked against its parameter before any copy.
+        for note in skipped_states + resume_into(resume_dir, st, config, self.out.identity,
+                                                  self.method, self.bundle, self.optimizer,
+                                                  self.lr_sched):
+            self.cb.on_message(f"warning: {note}")
         self.step_count = st.step
         self.cb.on_message(f"resumed from {resume_dir} at step {st.step}")
         self.out.losses = [tuple(r) for r in st.info.get("losses", [])][:st.step]
@@ -293,12 +303,9 @@ class TrainingRun:
             torch.nn.utils.clip_grad_norm_(self.params, config.train.max_grad_norm)
         loss_value = float(loss_sum)  # one host sync per step: the progress bar shows it
         if not math.isfinite(loss_value):
-            last = self.last_save
-            where = (f"the last good save is {last.file_path} (state {last.state_dir})"
-                     if last else "nothing was saved before it (no save_every reached)")
             raise NonFiniteLoss(f"the loss became {loss_value} at step {step + 1}; stopped "
-                                f"without saving the broken weights; {where}. Lower "
-                                "train.learning_rate or use train.mixed_precision = 'bf16'/'no'.")
+                                f"without saving the broken weights; "
+                                f"{self.out.last_good_text()}. {FIX_LR}")
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.lr_sched.step()
@@ -352,7 +359,7 @@ class TrainingRun:
             if every and step % every == 0 and step < total:
                 self.out.sample(self.family, self.bundle, self.precision, step=step, cb=cb)
             if config.output.save_every and step % config.output.save_every == 0 and step < total:
-                self.last_save = self.save(final=False)
+                self.save(final=False)
 
         if self.acc is not None:
             _check_ranks_in_sync(self.acc, self.params)

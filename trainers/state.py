@@ -18,12 +18,17 @@ from pathlib import Path
 
 import torch
 
+from .files import give_default_permissions
 from .formats.safetensors_io import load_safetensors, save_safetensors
 
 log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
 STATES_DIR = "states"
+_TMP_PREFIX = ".tmp-"
+_ASIDE_PREFIX = ".replaced-"
+# Half-written files of a killed save: save_safetensors' temp names, report.py's.
+_TMP_FILE_PATTERNS = (".*.safetensors.*.tmp", "*.csv.tmp", "*.png.tmp", "*.json.tmp")
 
 
 class StateError(ValueError):
@@ -44,63 +49,190 @@ def state_dir_for(output_dir: Path, step: int) -> Path:
 
 
 def save_state(folder: Path, state: TrainingState) -> Path:
-    """Write ``state`` to ``folder`` atomically (a temp folder renamed into place)."""
+    """Write ``state`` to ``folder`` atomically (a temp folder renamed into place).
+
+    An existing ``folder`` is moved aside first and deleted only once the new one is in
+    place: a crash in between leaves the old state under a ``.replaced-`` name, which
+    :func:`clean_interrupted_saves` puts back at the next start.
+    """
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=folder.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=_TMP_PREFIX, dir=folder.parent))
+    aside: Path | None = None
     try:
+        give_default_permissions(tmp)  # mkdtemp made it owner-only
         save_safetensors(tmp / "trainable.safetensors", state.trainable)
         torch.save(state.optimizer, tmp / "optimizer.pt")
         torch.save(state.scheduler, tmp / "scheduler.pt")
         info = dict(state.info, step=state.step, version=STATE_VERSION)
         (tmp / "state.json").write_text(json.dumps(info, indent=2, default=str))
         if folder.exists():
-            shutil.rmtree(folder)
+            aside = folder.with_name(f"{_ASIDE_PREFIX}{folder.name}")
+            if aside.exists():
+                shutil.rmtree(aside)
+            os.replace(folder, aside)
         os.replace(tmp, folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if aside is not None and aside.exists() and not folder.exists():
+            os.replace(aside, folder)  # the old state goes back where it was
         raise
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
     return folder
 
 
-def load_state(folder: Path) -> TrainingState:
-    """Read a state folder written by :func:`save_state` (no unpickling of objects)."""
+def clean_interrupted_saves(output_dir: Path) -> list[str]:
+    """Remove what a killed save left in ``output_dir``; returns what was done, one line each.
+
+    Temp state folders and half-written files are deleted; a state moved aside by a
+    replacement that never finished is put back (or deleted when its replacement is in
+    place). Call it only while holding the output folder's lock.
+    """
+    done: list[str] = []
+    root = output_dir / STATES_DIR
+    if root.is_dir():
+        for entry in sorted(root.iterdir()):
+            if entry.name.startswith(_TMP_PREFIX):
+                shutil.rmtree(entry, ignore_errors=True)
+                done.append(f"removed the unfinished state {entry}")
+            elif entry.name.startswith(_ASIDE_PREFIX):
+                target = root / entry.name[len(_ASIDE_PREFIX):]
+                if target.exists():
+                    shutil.rmtree(entry, ignore_errors=True)
+                    done.append(f"removed the replaced state {entry}")
+                else:
+                    os.replace(entry, target)
+                    done.append(f"restored the state {target} (its replacement never finished)")
+    if output_dir.is_dir():
+        for pattern in _TMP_FILE_PATTERNS:
+            for entry in sorted(output_dir.glob(pattern)):
+                if entry.is_file() and not entry.is_symlink():
+                    entry.unlink(missing_ok=True)
+                    done.append(f"removed the half-written file {entry}")
+    for line in done:
+        log.info("%s", line)
+    return done
+
+
+def _damaged(folder: Path, name: str, why: str) -> StateError:
+    return StateError(f"state {str(folder)!r}: {name} is damaged ({why}); resume from another "
+                      f"state under <output.dir>/{STATES_DIR}/ or start without train.resume.")
+
+
+def _load_pt(folder: Path, name: str) -> dict:
+    try:
+        value = torch.load(folder / name, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch.load raises many types on damaged files
+        raise _damaged(folder, name, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                       if str(e) else type(e).__name__) from e
+    if not isinstance(value, dict):
+        raise _damaged(folder, name, f"holds a {type(value).__name__}, not a dict")
+    return value
+
+
+def load_state(folder: Path, max_step: int | None = None) -> TrainingState:
+    """Read a state folder written by :func:`save_state` (no unpickling of objects).
+
+    Args:
+        folder: the state folder.
+        max_step: the run's ``train.steps``; a state past it is refused.
+
+    Raises:
+        StateError: the folder is incomplete, or one of its files is damaged (the message
+            names the folder and the file), or its step is not usable.
+    """
     needed = ["trainable.safetensors", "optimizer.pt", "scheduler.pt", "state.json"]
+    if not folder.is_dir():
+        raise StateError(f"train.resume = {str(folder)!r} is not a folder; point it at a "
+                         f"folder under <output.dir>/{STATES_DIR}/ or use 'latest'.")
     missing = [n for n in needed if not (folder / n).is_file()]
     if missing:
         raise StateError(f"train.resume = {str(folder)!r} is not a complete Tsuika state "
                          f"(missing {', '.join(missing)}); point it at a folder under "
                          f"<output.dir>/{STATES_DIR}/.")
-    info = json.loads((folder / "state.json").read_text())
+    try:
+        info = json.loads((folder / "state.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise _damaged(folder, "state.json", str(e)) from e
+    if not isinstance(info, dict):
+        raise _damaged(folder, "state.json", "not a JSON object")
     if info.get("version") != STATE_VERSION:
-        raise StateError(f"state {str(folder)!r} has version {info.get('version')!r}; this "
-                         f"Tsuika reads version {STATE_VERSION}.")
-    trainable, _ = load_safetensors(folder / "trainable.safetensors")
-    optimizer = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True)
-    scheduler = torch.load(folder / "scheduler.pt", map_location="cpu", weights_only=True)
-    return TrainingState(step=int(info["step"]), trainable=trainable, optimizer=optimizer,
+        raise StateError(f"state {str(folder)!r}: state.json has version "
+                         f"{info.get('version')!r}; this Tsuika reads version {STATE_VERSION}.")
+    step = info.get("step")
+    if not isinstance(step, int) or isinstance(step, bool) or step <= 0:
+        raise _damaged(folder, "state.json", f"step = {step!r} is not a positive whole number")
+    _check_step(folder, step, max_step)
+    try:
+        trainable, _ = load_safetensors(folder / "trainable.safetensors")
+    except (ValueError, OSError) as e:
+        raise _damaged(folder, "trainable.safetensors", str(e)) from e
+    optimizer = _load_pt(folder, "optimizer.pt")
+    if not isinstance(optimizer.get("state"), dict) or \
+            not isinstance(optimizer.get("param_groups"), list):
+        raise _damaged(folder, "optimizer.pt", "not an optimizer state (no state/param_groups)")
+    scheduler = _load_pt(folder, "scheduler.pt")
+    return TrainingState(step=step, trainable=trainable, optimizer=optimizer,
                          scheduler=scheduler, info=info)
+
+
+def _check_step(folder: Path, step: int, max_step: int | None) -> None:
+    if max_step is not None and step > max_step:
+        raise StateError(f"state {str(folder)!r} is at step {step}, past train.steps = "
+                         f"{max_step}; set train.steps above {step} to train on from it.")
+
+
+def state_folders(output_dir: Path) -> list[Path]:
+    """The state folders in ``output_dir``, oldest step first."""
+    root = output_dir / STATES_DIR
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.glob("step_*") if p.is_dir())
 
 
 def find_latest_state(output_dir: Path) -> Path | None:
     """The newest complete state folder in ``output_dir``, or None."""
-    root = output_dir / STATES_DIR
-    if not root.is_dir():
-        return None
-    folders = sorted(p for p in root.glob("step_*") if (p / "state.json").is_file())
+    folders = [p for p in state_folders(output_dir) if (p / "state.json").is_file()]
     return folders[-1] if folders else None
 
 
-def resolve_resume(resume: str, output_dir: Path) -> Path | None:
-    """``train.resume``: '' = fresh start, 'latest' = newest state in output.dir, or a path."""
+def load_resume(resume: str, output_dir: Path, max_step: int | None = None,
+                ) -> tuple[Path, TrainingState, list[str]] | None:
+    """Load ``train.resume``: '' = fresh start (None), 'latest' = the newest state in
+    ``output_dir`` that loads, or a path.
+
+    Args:
+        resume: the option's value.
+        output_dir: the run's output folder.
+        max_step: the run's ``train.steps`` (a state past it is refused).
+
+    Returns:
+        ``(folder, state, skipped)`` where ``skipped`` says which newer states were passed
+        over and why; None for a fresh start.
+    """
     if not resume:
         return None
-    if resume == "latest":
-        latest = find_latest_state(output_dir)
-        if latest is None:
-            raise StateError(f"train.resume = 'latest' but {str(output_dir / STATES_DIR)!r} "
-                             "holds no saved state; start without train.resume.")
-        return latest
-    return Path(resume).expanduser()
+    if resume != "latest":
+        folder = Path(resume).expanduser()
+        return folder, load_state(folder, max_step), []
+    skipped: list[str] = []
+    for folder in reversed(state_folders(output_dir)):
+        try:
+            state = load_state(folder)
+        except StateError as e:
+            skipped.append(f"skipped state {folder.name}: {e}")
+            log.warning("%s", skipped[-1])
+            continue
+        # A state past train.steps is not damaged: refuse it rather than fall back to an
+        # older one (the user most likely meant to raise train.steps).
+        _check_step(folder, state.step, max_step)
+        return folder, state, skipped
+    where = str(output_dir / STATES_DIR)
+    if skipped:
+        raise StateError(f"train.resume = 'latest' but no state in {where!r} can be used: "
+                         + " | ".join(skipped))
+    raise StateError(f"train.resume = 'latest' but {where!r} holds no saved state; start "
+                     "without train.resume.")
 
 
 def prune(paths: list[Path], keep_last: int) -> list[Path]:

@@ -142,16 +142,23 @@ def resize_and_crop(image: Image.Image, bucket: Bucket, crop: str = "center",
     # Round, but never below the bucket: float error must not leave a one-pixel gap.
     new_w = max(target_w, round(width * scale))
     new_h = max(target_h, round(height * scale))
-    if (new_w, new_h) != (width, height):
-        resample = Image.Resampling.LANCZOS if scale < 1 else Image.Resampling.BICUBIC
-        # reducing_gap shrinks big photos with a fast box step first; at 3.0 Pillow documents
-        # the result as indistinguishable from plain resampling.
-        image = image.resize((new_w, new_h), resample, reducing_gap=3.0 if scale < 1 else None)
     if crop == "center":
         left, top = (new_w - target_w) // 2, (new_h - target_h) // 2
     else:
         left, top = rng.randint(0, new_w - target_w), rng.randint(0, new_h - target_h)
-    image = image.crop((left, top, left + target_w, top + target_h))
+    if (new_w, new_h) != (width, height):
+        resample = Image.Resampling.LANCZOS if scale < 1 else Image.Resampling.BICUBIC
+        # Only the part that survives the crop is resampled (``box``, in source pixels):
+        # scaling a 20000x1 strip to cover a 1024x256 bucket whole would make a 5-gigapixel
+        # image to keep 0.02% of it. Pillow's filters still read the pixels around the box,
+        # so the edges match a full resize. reducing_gap shrinks big photos with a fast box
+        # step first; at 3.0 Pillow documents the result as indistinguishable.
+        sx, sy = new_w / width, new_h / height
+        box = (left / sx, top / sy, (left + target_w) / sx, (top + target_h) / sy)
+        image = image.resize((target_w, target_h), resample, box=box,
+                             reducing_gap=3.0 if scale < 1 else None)
+    else:
+        image = image.crop((left, top, left + target_w, top + target_h))
     if flip:
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         left = new_w - left - target_w

@@ -124,7 +124,8 @@ class DatasetScan:
         rows = [[self._relative(item.path), item.sha256, item.caption, item.repeats]
                 for item in self.items]
         blob = json.dumps(rows, ensure_ascii=False, separators=(",", ":"))
-        return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+        # File names that are not UTF-8 arrive as lone surrogates (PEP 383): keep their bytes.
+        return hashlib.sha256(blob.encode("utf-8", "surrogatepass")).hexdigest()
 
     def summary(self) -> str:
         """A short multi-line report for logs and UIs."""
@@ -252,9 +253,20 @@ def _check_root(root: Path) -> None:
 
 
 def _folders(root: Path, scan: DatasetScan) -> list[tuple[Path, int, str]]:
-    """(folder, repeats, subset) for the root and each visible first-level sub-folder."""
+    """(folder, repeats, subset) for the root and each visible first-level sub-folder.
+
+    A sub-folder that is a link to a folder already read (the root itself, or another
+    sub-folder) is not read again; it is named in ``warnings``.
+    """
     folders = [(root, 1, "")]
+    seen = {_real(root)}
     for sub in _visible_dirs(root):
+        real = _real(sub)
+        if real in seen:
+            scan.warnings.append(f"folder {sub.name!r} leads to a folder that is already read "
+                                 f"(a link); its images were not read twice.")
+            continue
+        seen.add(real)
         match = _REPEATS_FOLDER.match(sub.name)
         if match:
             folders.append((sub, int(match.group(1)), match.group(2)))
@@ -267,18 +279,38 @@ def _folders(root: Path, scan: DatasetScan) -> list[tuple[Path, int, str]]:
     return folders
 
 
+def _real(folder: Path) -> str:
+    try:
+        return os.path.realpath(folder, strict=True)
+    except OSError:  # a link loop or a vanished folder: it is its own identity
+        return str(folder)
+
+
 def _visible_entries(folder: Path) -> list[os.DirEntry]:
-    with os.scandir(folder) as it:
-        entries = [e for e in it if not e.name.startswith(".") and e.name not in _IGNORED_DIRS]
+    try:
+        with os.scandir(folder) as it:
+            entries = [e for e in it
+                       if not e.name.startswith(".") and e.name not in _IGNORED_DIRS]
+    except OSError as exc:  # unreadable, a link loop, or removed while we look
+        log.warning("cannot list %s (%s)", folder, exc.strerror or exc)
+        return []
     return sorted(entries, key=lambda e: e.name)
 
 
+def _entry_is(entry: os.DirEntry, kind: str) -> bool:
+    # A dangling link or a link loop is neither a file nor a folder; never an error.
+    try:
+        return entry.is_dir() if kind == "dir" else entry.is_file()
+    except OSError:
+        return False
+
+
 def _visible_dirs(folder: Path) -> list[Path]:
-    return [Path(e.path) for e in _visible_entries(folder) if e.is_dir()]
+    return [Path(e.path) for e in _visible_entries(folder) if _entry_is(e, "dir")]
 
 
 def _visible_files(folder: Path) -> list[Path]:
-    return [Path(e.path) for e in _visible_entries(folder) if e.is_file()]
+    return [Path(e.path) for e in _visible_entries(folder) if _entry_is(e, "file")]
 
 
 def _probe(path: Path) -> tuple[int, int, str] | SkippedFile:
@@ -375,22 +407,29 @@ def quick_problem(root: str | Path) -> str | None:
 
 
 def quick_fingerprint(root: str | Path) -> str:
-    """A cheap fingerprint of a folder tree: it changes whenever a file is added, removed,
-    renamed or rewritten (relative names, sizes and modification times), without reading
-    the images. Hosts use it to decide whether a dataset must be scanned again.
+    """A cheap fingerprint of what ``scan_folder`` reads: it changes whenever a file is added,
+    removed, renamed or rewritten (relative names, sizes and modification times), without
+    reading the images. Hosts use it to decide whether a dataset must be scanned again.
+
+    Never raises on odd entries: dangling links and link loops count by their own name, file
+    names that are not UTF-8 by their bytes.
 
     Args:
         root: the dataset folder.
     """
-    import hashlib
-    import os
-
-    root = Path(root)
+    root = Path(root).expanduser()
     h = hashlib.sha256()
-    for dirpath, dirnames, files in sorted(os.walk(root)):
-        dirnames.sort()
-        for name in sorted(files):
-            full = os.path.join(dirpath, name)
-            st = os.stat(full)
-            h.update(f"{os.path.relpath(full, root)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    if not root.is_dir():
+        return h.hexdigest()
+    for folder, _, _ in _folders(root, DatasetScan(root=root)):
+        for entry in _visible_entries(folder):
+            try:
+                st = entry.stat()
+            except OSError:
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except OSError:
+                    continue
+            rel = os.path.relpath(entry.path, root)
+            h.update(f"{rel}|{st.st_size}|{st.st_mtime_ns}\n".encode("utf-8", "surrogatepass"))
     return h.hexdigest()

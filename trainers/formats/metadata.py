@@ -64,9 +64,16 @@ _NETWORK_FIELDS = {
 JSON_KEYS = ("ss_tag_frequency", "ss_dataset_dirs", "ss_reg_dataset_dirs", "ss_bucket_info",
              "ss_datasets", "ss_network_args", "lora_adapter_metadata",
              "tsuika.config")
-# Config sections/keys that hold local paths.
-_CONFIG_PATHS = (("model", "path"), ("data", "dir"), ("data", "cache_dir"), ("output", "dir"),
-                 ("train", "resume"))
+# Config sections/keys that hold local paths (relative ones too: "data/class" names a local
+# folder as much as "/home/me/data/class"); any key named dir/path or ending in _dir/_path is
+# one as well, so a later option cannot be forgotten here.
+_CONFIG_PATHS = (("model", "path"), ("data", "dir"), ("data", "cache_dir"), ("data", "class_dir"),
+                 ("output", "dir"), ("train", "resume"))
+
+
+def _is_path_key(section: str, key: str) -> bool:
+    return ((section, key) in _CONFIG_PATHS or key in ("dir", "path")
+            or key.endswith(("_dir", "_path")))
 
 
 def is_absolute_path(value: str) -> bool:
@@ -141,9 +148,12 @@ def network_fields_from_config(config) -> dict[str, Any]:
 def _config_json(config, include_paths: bool) -> str:
     data = json.loads(json.dumps(config.to_dict(), default=str))
     if not include_paths:
-        for section, key in _CONFIG_PATHS:
-            if isinstance(data.get(section), dict) and data[section].get(key):
-                data[section][key] = path_name(str(data[section][key]))
+        for section, values in data.items():
+            if not isinstance(values, dict):
+                continue
+            for key, value in values.items():
+                if value and isinstance(value, str) and _is_path_key(section, key):
+                    values[key] = path_name(value)
         data = _scrub(data)
     return _json(data)
 

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from ..files import give_default_permissions
+
 # A safetensors file starts with an 8-byte little-endian header length, then a JSON header.
 _HEADER_LEN_BYTES = 8
 _MAX_HEADER = 100 * 1024 * 1024  # the safetensors format's own limit
@@ -139,6 +141,7 @@ def save_safetensors(path, tensors: Mapping[str, torch.Tensor],
             _write_tensors(fh, tensors, dtypes, meta)
             fh.flush()
             os.fsync(fh.fileno())
+        give_default_permissions(tmp)  # mkstemp made it owner-only
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

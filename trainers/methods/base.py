@@ -56,9 +56,23 @@ class Method(Protocol):
 def load_named_tensors(bundle: ModelBundle, state: dict[str, torch.Tensor],
                        trained: Callable[[str, torch.nn.Parameter], bool], options: str) -> None:
     """Copy a resumable state's ``component::parameter`` tensors into the parameters that
-    ``trained(name, param)`` selects; a missing or extra tensor means the state was made with
-    other ``options`` (named in the error)."""
+    ``trained(name, param)`` selects.
+
+    Every tensor is checked (present, same shape) before the first copy: a state made with
+    other ``options`` (named in the error) changes nothing. ``copy_`` would otherwise
+    broadcast a rank-1 tensor into a rank-4 parameter.
+
+    Args:
+        bundle: the model the state is loaded into.
+        state: ``component::parameter`` -> tensor.
+        trained: selects the parameters the state holds.
+        options: the options that decide which tensors exist, for the error message.
+
+    Raises:
+        MethodError: a tensor is missing, extra, or of another shape.
+    """
     wanted = dict(state)
+    pairs: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
     for comp, module in bundle.components.items():
         for name, p in module.named_parameters():
             key = f"{comp}::{name}"
@@ -67,7 +81,15 @@ def load_named_tensors(bundle: ModelBundle, state: dict[str, torch.Tensor],
             if key not in wanted:
                 raise MethodError(f"the saved state has no tensor for {key}; it was made with "
                                   f"different {options}.")
-            p.data.copy_(wanted.pop(key).to(p.device, p.dtype))
+            saved = wanted.pop(key)
+            if not isinstance(saved, torch.Tensor) or saved.shape != p.shape:
+                shape = tuple(saved.shape) if isinstance(saved, torch.Tensor) else saved
+                raise MethodError(f"the saved tensor {key} has shape {shape}, this run's "
+                                  f"parameter has {tuple(p.shape)}; it was made with "
+                                  f"different {options}.")
+            pairs.append((p, saved))
     if wanted:
         raise MethodError(f"the saved state has {len(wanted)} tensors this run does not train "
                           f"(e.g. {next(iter(wanted))}); it was made with different {options}.")
+    for p, saved in pairs:
+        p.data.copy_(saved.to(p.device, p.dtype))

@@ -108,7 +108,9 @@ class LoraMethod:
 
     def load_trainable_state(self, bundle: ModelBundle,
                              state: dict[str, torch.Tensor]) -> None:
-        load_named_tensors(bundle, state, lambda name, p: ".lora_" in name, "network options")
+        load_named_tensors(bundle, state, lambda name, p: ".lora_" in name,
+                           "network options (network.rank, conv_rank, target or "
+                           "train_text_encoder?)")
 
     def export(self, config: TsuikaConfig, bundle: ModelBundle,
                dtype: torch.dtype) -> dict[str, torch.Tensor]:
