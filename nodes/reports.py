@@ -41,8 +41,8 @@ def dataset_report(scan, shown_as: str) -> tuple[str, str]:
     missing = scan.captions_missing
     lines.append(f"captions: {n - missing} present, {missing} missing or empty")
     if missing:
-        lines.append(f"warning: {_plural(missing, 'image')} train with an empty caption "
-                     "(add a caption file next to each)")
+        lines.append(f"warning: {_plural(missing, 'image')} train{'s' if missing == 1 else ''} "
+                     "with an empty caption (add a caption file next to each)")
     for s in scan.skipped:
         lines.append(f"skipped {_relative(s.path, scan.root)}: {s.reason}")
     for w in scan.warnings:
