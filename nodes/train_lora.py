@@ -30,6 +30,7 @@ from .options import (
 )
 from .reports import stopped_report, train_report, ui_report
 from .types import Dataset, Options
+from .validation import InputRefused
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +119,12 @@ def check_queued(kwargs: dict[str, Any]) -> None:
         known |= {o for _, _, s in OPTION_NODES for o in section_options(s)}
     if values.get("sample.every") == 0:
         values.pop("sample.prompts", None)
-    build_checked(values, known)
+    config = build_checked(values, known)
+    if kwargs.get("resume") and config is not None and "options" not in kwargs:
+        try:  # the name is known (the default): is there anything to resume?
+            _host.latest_state(config.output.name)
+        except ValueError as e:
+            raise InputRefused(str(e)) from None
 
 
 def preview_prompts(typed: str | None, trigger_word: str, dataset) -> str:

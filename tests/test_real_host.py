@@ -224,3 +224,43 @@ def test_dreambooth_checkpoint_loads_and_samples_in_comfyui(host_models, tmp_pat
     for complaint in ("unet missing", "unet unexpected", "clip missing", "missing vae keys",
                       "no clip/text encoder weights"):  # ComfyUI's warnings (comfy/sd.py)
         assert complaint not in log.lower(), f"ComfyUI: {complaint}\n" + log[-4000:]
+
+
+def test_node_schemas_as_comfyui_reads_them():
+    """Without a server: the schemas in ComfyUI's own python (V3 API)."""
+    import json
+
+    python = os.environ.get("COMFYUI_PYTHON", str(Path(COMFY).parent / "comfy-venv/bin/python"))
+    code = """
+import asyncio, json
+from tsuika.nodes import extension
+from tsuika.nodes.validation import InputRefused
+nodes = {n.define_schema().node_id: n for n in
+         asyncio.run(extension.TsuikaExtension().get_node_list())}
+out = {}
+for nid, n in nodes.items():
+    s = n.define_schema()
+    out[nid] = {"inputs": [i.id for i in s.inputs], "hidden": [h.value for h in s.hidden or []],
+                "max": {i.id: getattr(i, "max", None) for i in s.inputs}}
+simple = nodes["TsuikaTrainLoRA"]
+try:
+    simple.validate_inputs(steps=500, lr_warmup_steps=None, rank=16, resolution=32)
+    out["refused"] = None
+except InputRefused as e:
+    out["refused"] = str(e)
+print(json.dumps(out))
+"""
+    r = subprocess.run([python, "-c", code], capture_output=True, text=True, cwd="/",
+                       env={**os.environ, "PYTHONPATH": f"{COMFY}{os.pathsep}{ROOT.parent}"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    info = json.loads(r.stdout.strip().splitlines()[-1])
+    simple = info["TsuikaTrainLoRA"]
+    assert simple["inputs"][4:] == ["steps", "learning_rate", "rank", "trigger_word",
+                                    "training_seed", "resolution", "sample_prompt",
+                                    "sample_every", "resume"]  # released order, resume last
+    assert simple["max"]["rank"] == 1024  # the config's limit, not a copy
+    assert info["TsuikaTrainLoRAAdvanced"]["inputs"][:13] == simple["inputs"]
+    assert info["TsuikaTrainLoRAAdvanced"]["inputs"][-1] == "options"
+    assert len(info["TsuikaTrainLoRAAdvanced"]["inputs"]) <= len(simple["inputs"]) + 2
+    assert set(info["TsuikaSaveLoRA"]["hidden"]) == {"PROMPT", "EXTRA_PNGINFO"}
+    assert info["refused"].startswith("resolution = 32 is below bucket_step = 64")
