@@ -64,6 +64,17 @@ def test_workflows_and_examples_run_with_zero_unmatched_lora_keys(host_models, t
               str(ROOT / "example_workflows"), "--expect-nodes", *NODES])  # flags last: nargs
     assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-2000:]
     assert "RESULT: PASS" in r.stdout and report.is_file()
+    import json
+
+    runs = json.loads(report.read_text())["workflows"]
+    shown = {k: v for run in runs if run["workflow"].endswith("train_then_generate.json")
+             for k, v in (run.get("raw_outputs") or {}).items()}
+    texts = {k: v["tsuika_report"][0] for k, v in shown.items() if "tsuika_report" in v}
+    # The shared "Node reports" contract: dataset, train and Save LoRA reports on the node.
+    assert texts["2"].startswith("12 images used from examples/sample_data/heart"), texts
+    assert texts["3"].startswith("trained 20 steps, loss "), texts
+    assert texts["10"].startswith("saved tsuika_example_heart.safetensors in models/loras")
+    assert shown["3"]["tsuika_level"] == ["info"]
     requeued = r.stdout.split("== " + str(again))[1].split("\n")[1]
     seconds = float(requeued.split(" in ")[1].rstrip("s"))
     assert seconds < 2.0, f"an unchanged graph trained again: {requeued}"
@@ -76,8 +87,6 @@ def test_workflows_and_examples_run_with_zero_unmatched_lora_keys(host_models, t
         advanced.unlink(missing_ok=True)
     saved = LORAS / "tsuika_example_heart.safetensors"
     try:  # Save LoRA declares the hidden inputs, so ComfyUI gave it the editor's workflow
-        import json
-
         meta = _metadata(saved)
         workflow = json.loads(meta["workflow"])
         assert any(n["type"] == "TsuikaSaveLoRA" for n in workflow["nodes"]), meta["workflow"]
