@@ -142,7 +142,8 @@ def option_node_of(option: str) -> str | None:
 
 def widget_names() -> dict[str, str]:
     """``{"section.key": widget name}`` for every option a node shows."""
-    options = MAIN + PREVIEW + ADVANCED_MAIN + [o for _, _, s in OPTION_NODES for o in section_options(s)]
+    options = MAIN + PREVIEW + ADVANCED_MAIN + [o for _, _, section in OPTION_NODES
+                                                for o in section_options(section)]
     return {o: widget_name(o) for o in options}
 
 

@@ -146,6 +146,7 @@ def run_training(node_id, model, clip, vae, dataset, kwargs: dict[str, Any],
     from ..trainers.formats.safetensors_io import load_safetensors
     from ..trainers.loop import train
 
+    check_widgets([o for o in ON_NODE if widget_name(o) in kwargs], kwargs)  # linked values
     values = node_values(kwargs, options)
     every = values.get("sample.every", 0)
     prompts = preview_prompts(values.get("sample.prompts"), values.get("data.trigger_word", ""),
@@ -231,9 +232,10 @@ class TsuikaTrainLoRAAdvanced(io.ComfyNode):
             description="Train LoRA with every option of the backend: the Simple node's inputs, "
                         "plus options nodes (data, network, optimizer & schedule, saving, "
                         "sampling) chained into 'options'. Unconnected: the defaults.",
-            inputs=main_inputs() + [widget(o) for o in ADVANCED_MAIN] + [Options.Input(
-                "options", optional=True, tooltip="Chain options nodes (Tsuika/train/options) "
-                "here; options not set by any of them keep their defaults.")],
+            inputs=main_inputs() + [widget(o, optional=True) for o in ADVANCED_MAIN] + [
+                Options.Input("options", optional=True,
+                              tooltip="Chain options nodes (Tsuika/train/options) here; options "
+                                      "not set by any of them keep their defaults.")],
             outputs=COMMON_OUTPUTS, hidden=[io.Hidden.unique_id],
         )
 

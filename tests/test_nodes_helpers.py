@@ -7,7 +7,6 @@ import math
 import os
 
 import pytest
-
 from tsuika.nodes import options, paths, reports, validation
 from tsuika.nodes.validation import InputRefused
 from tsuika.trainers.config import SECTIONS, ConfigError, build_config, load_config
@@ -175,9 +174,8 @@ def test_resolution_below_the_bucket_step_is_refused():
 # ---------------------------------------------------------------------------------- reports
 
 def test_reports_follow_the_shared_contract(tmp_path):
-    from tsuika.trainers.data.folder import scan_folder
-
     from PIL import Image
+    from tsuika.trainers.data.folder import scan_folder
 
     Image.new("RGB", (64, 48)).save(tmp_path / "a.png")
     (tmp_path / "a.txt").write_text("a cat")
