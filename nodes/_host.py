@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import gc
 import logging
-import re
+import os
 from pathlib import Path
 
 import torch
@@ -91,12 +91,13 @@ def apply_lora(model, clip, lora: dict, strength_model: float, strength_clip: fl
 
 
 def run_dir(name: str) -> Path:
-    """A new folder for one training run under ComfyUI's output directory."""
+    """A new folder for one training run under ComfyUI's output directory (``name`` has been
+    checked to be a plain file name; it is never rewritten)."""
     import time
 
     import folder_paths
 
-    base = Path(folder_paths.get_output_directory()) / "tsuika" / safe_name(name)
+    base = Path(folder_paths.get_output_directory()) / "tsuika" / name
     return base / time.strftime("run_%Y%m%d-%H%M%S")
 
 
@@ -113,25 +114,61 @@ def latest_state(name: str) -> str:
 
     from ..trainers.state import find_latest_state
 
-    base = Path(folder_paths.get_output_directory()) / "tsuika" / safe_name(name)
+    base = Path(folder_paths.get_output_directory()) / "tsuika" / name
     for run in sorted(base.glob("run_*"), reverse=True):
         state = find_latest_state(run)
         if state is not None:
             return str(state)
-    raise ValueError(f"resume: no saved state for output name {name!r} under {base}; train "
-                     "once without resume first.")
+    raise ValueError(f"resume: there is no saved state of a training named {name!r} yet; "
+                     "turn 'resume' off to start one (a cancelled training saves one).")
 
 
-def safe_name(name: str) -> str:
-    """A file-name-safe version of ``name`` (no folders, no reserved characters)."""
-    cleaned = re.sub(r"[^\w\-. ]+", "_", name.strip()).strip(". ")
-    return cleaned[:120] or "tsuika_lora"
+def publish_partial(src: str | Path, name: str, step: int) -> str:
+    """Copy a cancelled run's LoRA into models/loras as ``<name>-partial-step<N>``, so Load
+    LoRA lists it; never over an existing file (``-2``, ``-3``... are tried). Returns the
+    file name. A copy rather than registering the run folder as a loras path: that would list
+    every intermediate save and every resumable state file in Load LoRA too."""
+    import shutil
+
+    folder = loras_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    stem = f"{name}-partial-step{step}"
+    tmp = folder / f".{stem}.{os.getpid()}.tmp"
+    shutil.copyfile(src, tmp)
+    try:
+        for i in range(1, 100):
+            target = folder / (f"{stem}.safetensors" if i == 1 else f"{stem}-{i}.safetensors")
+            try:
+                os.link(tmp, target)  # appears complete at once, and never replaces a file
+                return target.name
+            except FileExistsError:
+                continue
+        raise FileExistsError(f"{stem}.safetensors and 98 numbered copies exist in {folder}")
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def interrupted() -> None:
+    """End the node as ComfyUI's ordinary interruption (what its Cancel button does)."""
+    import comfy.model_management as mm
+
+    raise mm.InterruptProcessingException()
 
 
 def loras_dir() -> Path:
+    """The folder Save LoRA writes into: ComfyUI's first ``loras`` folder."""
     import folder_paths
 
     return Path(folder_paths.get_folder_paths("loras")[0])
+
+
+def metadata_allowed() -> bool:
+    """False when the server runs with ``--disable-metadata`` (no workflow in saved files)."""
+    try:
+        from comfy.cli_args import args
+    except ImportError:
+        return True
+    return not getattr(args, "disable_metadata", False)
 
 
 def emit(event: str, payload: dict) -> None:

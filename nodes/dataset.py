@@ -6,15 +6,25 @@ import hashlib
 import os
 from pathlib import Path
 
-from comfy_api.latest import io, ui
+from comfy_api.latest import io
 
-from ..trainers.data.folder import DatasetError, quick_fingerprint, quick_problem, scan_folder
+from ..trainers.config import ConfigError, DataConfig, option_help
+from ..trainers.data.folder import (
+    DatasetError,
+    quick_fingerprint,
+    quick_problem,
+    scan_folder,
+)
+from . import paths
+from .paths import PathRefused
+from .reports import dataset_report, ui_report
 from .types import Dataset
-
-PACK_ROOT = Path(__file__).resolve().parents[1]
-
+from .validation import InputRefused, refuse
 
 NO_SUBFOLDER = "(none: use the folder path)"
+HOW_FOLDER = ("The name of a folder inside ComfyUI's input folder (e.g. 'my_dataset' or "
+              "'people/alice'), or an absolute path inside a folder the server's owner allows "
+              "(TSUIKA_ALLOWED_DIRS). When set, it is used instead of input_folder.")
 
 
 def input_subfolders() -> list[str]:
@@ -34,36 +44,63 @@ def input_subfolders() -> list[str]:
     return [NO_SUBFOLDER, *found]
 
 
-def chosen_folder(folder: str | None, input_folder: str | None) -> str:
-    """The folder text the node works on: the typed path wins; else the picked sub-folder."""
+def chosen_folder(folder: str | None, input_folder: str | None) -> tuple[str, str]:
+    """(input name, text) the node works on: the typed path wins; else the picked sub-folder.
+
+    Raises:
+        PathRefused: neither is given, or ``input_folder`` is not one of its own choices
+            (ComfyUI does not check a list a node validates itself).
+    """
     if folder and folder.strip():
-        return folder
+        return "folder", folder
     if input_folder and input_folder != NO_SUBFOLDER:
-        return input_folder
-    return ""
+        if input_folder not in input_subfolders():
+            raise PathRefused(f"input_folder {input_folder!r} is not one of the sub-folders "
+                              "of ComfyUI's input folder; refresh the page and pick one from "
+                              "the list.")
+        return "input_folder", input_folder
+    raise PathRefused("no folder given: type a folder name in 'folder', or pick a sub-folder "
+                      "of ComfyUI's input folder in 'input_folder'")
 
 
-def resolve_folder(folder: str) -> Path:
-    """An absolute path as given; else a sub-folder of ComfyUI's input directory; else a
-    folder inside the pack (so the shipped ``examples/sample_data/heart`` works as is)."""
-    import folder_paths
-
-    p = Path(folder.strip()).expanduser()
-    if p.is_absolute():
-        return p
-    in_input = Path(folder_paths.get_input_directory()) / p
-    return in_input if in_input.is_dir() or not (PACK_ROOT / p).is_dir() else PACK_ROOT / p
+def dataset_root(folder: str | None, input_folder: str | None) -> tuple[Path, str]:
+    """(resolved folder, the text the user gave), confined to this server's allowed folders."""
+    name, text = chosen_folder(folder, input_folder)
+    return paths.dataset_folder(name, text), text.strip()
 
 
-def folder_problem(folder: str) -> str | None:
-    if not folder or not folder.strip():
-        return ("no folder given: type a path in 'folder', or pick a sub-folder of ComfyUI's "
-                "input folder in 'input_folder'")
-    p = resolve_folder(folder)
-    if not p.is_dir():
-        return (f"folder {folder!r} does not exist (looked at {p}); give an existing folder "
-                "of images, or a sub-folder name of ComfyUI's input folder")
-    return None
+def check_caption_extension(caption_extension: str) -> None:
+    try:
+        DataConfig(caption_extension=caption_extension)
+    except ConfigError as e:
+        raise InputRefused(str(e).replace("data.caption_extension", "caption_extension")) from e
+
+
+def unreadable_dataset(root: Path) -> str | None:
+    """Why no image of ``root`` can be used, found by decoding images only until the first
+    good one (cheap enough for ``/prompt``); None when one is readable or none is there."""
+    from ..trainers.data.images import IMAGE_EXTENSIONS, ImageLoadError, load_image_rgb
+
+    folders = [root] + sorted(d for d in root.iterdir() if d.is_dir()
+                              and not d.name.startswith("."))
+    reasons = []
+    for folder in folders:
+        for path in sorted(folder.iterdir()):
+            if path.name.startswith(".") or path.suffix.lower() not in IMAGE_EXTENSIONS:
+                continue
+            try:
+                load_image_rgb(path).close()
+                return None
+            except ImageLoadError as e:
+                reasons.append(f"{path.relative_to(root).as_posix()}: {e.reason}")
+            except OSError as e:
+                reasons.append(f"{path.relative_to(root).as_posix()}: cannot read file "
+                               f"({e.strerror or e})")
+    if not reasons:
+        return None
+    more = f" (and {len(reasons) - 3} more)" if len(reasons) > 3 else ""
+    return (f"no image in the dataset folder can be read: {'; '.join(reasons[:3])}{more}. "
+            "Replace or re-export these files.")
 
 
 class TsuikaLoadDataset(io.ComfyNode):
@@ -76,15 +113,13 @@ class TsuikaLoadDataset(io.ComfyNode):
                         "sub-folders repeat their images N times. Reports what was used and "
                         "what was skipped and why.",
             inputs=[
-                io.String.Input("folder", default="", tooltip="Absolute path, or the name of "
-                                "a sub-folder of ComfyUI's input folder. When set, it is used "
-                                "instead of input_folder."),
+                io.String.Input("folder", default="", tooltip=HOW_FOLDER),
                 io.Combo.Input("input_folder", options=input_subfolders(), default=NO_SUBFOLDER,
                                optional=True, tooltip="A sub-folder of ComfyUI's input folder, "
                                "used when 'folder' is empty (refresh the page to list new "
                                "folders)."),
                 io.String.Input("caption_extension", default=".txt",
-                                tooltip="Extension of the caption files next to the images."),
+                                tooltip=option_help("data.caption_extension")),
             ],
             outputs=[Dataset.Output(display_name="dataset"),
                      io.String.Output(display_name="report")],
@@ -94,33 +129,40 @@ class TsuikaLoadDataset(io.ComfyNode):
     def validate_inputs(cls, folder, caption_extension, input_folder=None):
         if folder is None:  # linked from another node: checked when it runs
             return True
-        folder = chosen_folder(folder, input_folder)
-        problem = folder_problem(folder) or quick_problem(resolve_folder(folder))
+        if caption_extension is not None:
+            check_caption_extension(caption_extension)
+        try:
+            root, _ = dataset_root(folder, input_folder)
+        except PathRefused as e:
+            refuse(str(e))
+        problem = quick_problem(root) or unreadable_dataset(root)
         if problem:
-            return problem
-        if caption_extension and not caption_extension.startswith("."):
-            return f"caption_extension {caption_extension!r} must start with a dot, e.g. '.txt'"
+            refuse(problem.replace(str(root), (folder or input_folder or "").strip()))
         return True
 
     @classmethod
     def fingerprint_inputs(cls, folder, caption_extension, input_folder=None):
-        folder = chosen_folder(folder, input_folder)
-        if folder_problem(folder):
+        try:
+            root, _ = dataset_root(folder, input_folder)
+        except PathRefused:
             return float("nan")
-        return quick_fingerprint(resolve_folder(folder)) + caption_extension
+        return quick_fingerprint(root) + str(caption_extension)
 
     @classmethod
     def execute(cls, folder, caption_extension, input_folder=None) -> io.NodeOutput:
-        folder = chosen_folder(folder, input_folder)
-        problem = folder_problem(folder)
-        if problem:
-            raise ValueError(problem)
+        check_caption_extension(caption_extension)
+        root, shown = dataset_root(folder, input_folder)
         try:
-            scan = scan_folder(resolve_folder(folder), caption_extension=caption_extension)
+            scan = scan_folder(root, caption_extension=caption_extension)
         except DatasetError as e:
-            raise ValueError(f"folder: {e}") from e
-        report = scan.summary()
-        return io.NodeOutput(scan, report, ui=ui.PreviewText(report))
+            raise ValueError(f"folder: {str(e).replace(str(root), shown)}") from e
+        outside = paths.files_outside([i.path for i in scan.items], paths.allowed_roots())
+        if outside:  # a link inside the folder pointing elsewhere on the server
+            raise ValueError(f"folder {shown!r}: {len(outside)} file(s) link outside the "
+                             f"allowed folders (e.g. {outside[0].name!r}); copy the images in "
+                             "instead of linking them.")
+        text, level = dataset_report(scan, shown)
+        return io.NodeOutput(scan, text, ui=ui_report(text, level))
 
 
 class TsuikaDatasetFromImages(io.ComfyNode):
@@ -170,8 +212,8 @@ class TsuikaDatasetFromImages(io.ComfyNode):
                 (tmp / f"{i:05d}.txt").write_text(text, encoding="utf-8")
             os.replace(tmp, root)
         scan = scan_folder(root)
-        report = scan.summary()
-        return io.NodeOutput(scan, report, ui=ui.PreviewText(report))
+        text, level = dataset_report(scan, f"{n} generated image{'s' if n != 1 else ''}")
+        return io.NodeOutput(scan, text, ui=ui_report(text, level))
 
 
 __all__ = ["TsuikaLoadDataset", "TsuikaDatasetFromImages"]

@@ -10,6 +10,7 @@ class TsuikaExtension(ComfyExtension):
         from .dataset import TsuikaDatasetFromImages, TsuikaLoadDataset
         from .lora import TsuikaApplyLoRA, TsuikaSaveLoRA
         from .train_lora import TsuikaTrainLoRA, TsuikaTrainLoRAAdvanced
+        from .train_options import OPTIONS_NODES
 
         return [TsuikaLoadDataset, TsuikaDatasetFromImages, TsuikaTrainLoRA,
-                TsuikaTrainLoRAAdvanced, TsuikaApplyLoRA, TsuikaSaveLoRA]
+                TsuikaTrainLoRAAdvanced, *OPTIONS_NODES, TsuikaApplyLoRA, TsuikaSaveLoRA]

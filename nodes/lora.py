@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 
-from comfy_api.latest import io, ui
+from comfy_api.latest import io
 
 from . import _host
+from .reports import ui_report
+from .validation import check_plain_name, refuse
 
 
 class TsuikaApplyLoRA(io.ComfyNode):
@@ -45,47 +47,48 @@ class TsuikaSaveLoRA(io.ComfyNode):
             inputs=[
                 io.LoraModel.Input("lora", tooltip="The LoRA to save."),
                 io.String.Input("filename", default="tsuika_lora",
-                                tooltip="File name without extension; unsafe characters are "
-                                        "replaced and folders are not allowed."),
+                                tooltip="A plain file name without extension (no folders, no "
+                                        "leading dot); it is used exactly as typed."),
                 io.Boolean.Input("overwrite", default=False,
                                  tooltip="Replace an existing file of the same name."),
             ],
             outputs=[io.String.Output(display_name="path")],
+            # ComfyUI fills these only when the schema asks for them: the workflow and the
+            # prompt go into the file's metadata, as ComfyUI's own save nodes do.
+            hidden=[io.Hidden.prompt, io.Hidden.extra_pnginfo],
             is_output_node=True,
         )
 
     @classmethod
     def validate_inputs(cls, filename, overwrite):
-        if filename is None:
+        if filename is None:  # linked from another node: checked when it runs
             return True
-        if not _host.safe_name(filename):
-            return f"filename {filename!r} is empty after removing unsafe characters"
+        check_plain_name("filename", filename)
         if not overwrite:
-            try:
-                target = _host.loras_dir() / f"{_host.safe_name(filename)}.safetensors"
-            except Exception:  # folder_paths unavailable: checked again when it runs
-                return True
+            target = _host.loras_dir() / f"{filename}.safetensors"
             if target.exists():
-                return (f"filename: {target.name} already exists in {target.parent}; choose "
-                        "another filename or turn on overwrite")
+                refuse(f"filename: {target.name} already exists in models/loras; choose "
+                       "another filename or turn on overwrite.")
         return True
 
     @classmethod
     def execute(cls, lora, filename, overwrite) -> io.NodeOutput:
         from ..trainers.formats.safetensors_io import save_safetensors
 
+        check_plain_name("filename", filename)
         folder = _host.loras_dir()
-        target = folder / f"{_host.safe_name(filename)}.safetensors"
-        if target.resolve().parent != folder.resolve():
-            raise ValueError(f"filename {filename!r} would write outside {folder}.")
+        target = folder / f"{filename}.safetensors"
         metadata = dict(getattr(lora, "metadata", {}) or {})
-        workflow = (cls.hidden.extra_pnginfo or {}).get("workflow")
-        if workflow is not None:
-            metadata["tsuika.workflow"] = json.dumps(workflow)
+        if _host.metadata_allowed():
+            if cls.hidden.prompt is not None:
+                metadata["prompt"] = json.dumps(cls.hidden.prompt)
+            for key, value in (cls.hidden.extra_pnginfo or {}).items():
+                metadata[key] = json.dumps(value)  # "workflow": what the editor sent
         try:
             save_safetensors(target, {k: v.detach().clone() for k, v in lora.items()},
                              metadata, overwrite=overwrite)
         except FileExistsError as e:
-            raise ValueError(f"filename: {target.name} already exists in {folder}; choose "
+            raise ValueError(f"filename: {target.name} already exists in models/loras; choose "
                              "another filename or turn on overwrite.") from e
-        return io.NodeOutput(str(target), ui=ui.PreviewText(f"saved {target}"))
+        text = f"saved {target.name} in models/loras (Load LoRA lists it)\n{target}"
+        return io.NodeOutput(str(target), ui=ui_report(text))

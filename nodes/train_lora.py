@@ -1,77 +1,68 @@
 """Train LoRA nodes (Simple and Advanced): train on the user's loaded model, return it patched.
 
-Advanced's inputs are generated from the backend config, so names, defaults, limits and
-tooltips are the config's own (``trainers/config.py``).
+Every widget is generated from its config field (name, default, limits, choices, help text;
+``nodes/options.py`` holds the naming rule). Values go to ``build_config(values=...)`` as the
+typed values the widgets hold. Advanced is Simple's inputs plus one ``options`` input fed by
+the options nodes (``nodes/train_options.py``), so it stays as short as Simple.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
+from typing import Any
 
 import torch
-
-from comfy_api.latest import io, ui
+from comfy_api.latest import io
 
 from ..trainers.callbacks import TrainingStopped
-from ..trainers.config import SECTIONS, ConfigError, build_config, option_help
 from . import _host
-from .types import Dataset
+from .options import (
+    ADVANCED_MAIN,
+    HIDDEN,
+    MAIN,
+    OPTION_NODES,
+    PREVIEW,
+    build_checked,
+    check_widgets,
+    section_options,
+    widget_name,
+    widget_spec,
+)
+from .reports import stopped_report, train_report, ui_report
+from .types import Dataset, Options
+from .validation import InputRefused
 
 log = logging.getLogger(__name__)
 
-# Options a node does not expose: the host decides them (paths, device) or Simple hides them.
-HOST_OWNED = {"model.path", "model.family", "data.dir", "data.cache_dir", "output.dir",
-              "train.device", "train.resume", "output.overwrite", "output.keep_last"}
-# Machine tuning, not a training choice: the nodes keep the default (and saved workflows keep
-# their widget order when such an option is added).
-ENGINE_ONLY = {"train.cpu_prepack_pixels"}
-# Not on the LoRA nodes yet: prior preservation (class images should come in as a second
-# dataset input, not a path) and full fine-tuning's engine options. Kept out rather than
-# shown half-working, and so saved workflows keep their widget order.
-NOT_ON_NODES_YET = {"data.class_dir", "data.class_prompt", "data.class_images",
-                    "train.prior_loss_weight", "train.trained_weights",
-                    "train.optimizer_in_backward"}
-# These nodes train and return a LoRA; DreamBooth needs a node that returns a MODEL.
-NODE_CHOICES = {"network.method": ("lora",)}
-NODE_DEFAULTS = {"train.steps": 500, "output.save_every": 0}
+PREVIEW_TIPS = {
+    "sample.prompts": "Prompts of the previews shown on this node while it trains (fixed "
+                      "seed), one per line. Empty: the trigger word and the dataset's first "
+                      "caption.",
+    "sample.every": "Show a preview every N steps (and before and after training); 0 = no "
+                    "previews, which trains fastest.",
+}
+RESUME_TIP = ("Continue the newest saved state of this training (after a cancel): turn on and "
+              "queue again with the same settings.")
 
 
-def _advanced_fields():
-    """(input id, 'section.key', dataclass field) for every option Advanced exposes."""
-    fields = [(s, f) for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)
-              if f"{s}.{f.name}" not in HOST_OWNED | ENGINE_ONLY | NOT_ON_NODES_YET]
-    counts: dict[str, int] = {}
-    for _, f in fields:
-        counts[f.name] = counts.get(f.name, 0) + 1
-    return [(f.name if counts[f.name] == 1 else f"{s}_{f.name}", f"{s}.{f.name}", f)
-            for s, f in fields]
-
-
-def _widget(input_id: str, name: str, f: dataclasses.Field):
-    meta, tip = f.metadata, option_help(name)
-    default = NODE_DEFAULTS.get(name, f.default if f.default is not dataclasses.MISSING
-                                else f.default_factory())
-    kind = f.type if isinstance(f.type, type) else {"bool": bool, "int": int, "float": float,
-                                                     "str": str, "list": list}[f.type]
-    lo, hi = meta.get("min"), meta.get("max")
-    if meta.get("choices"):
-        return io.Combo.Input(input_id, options=list(NODE_CHOICES.get(name, meta["choices"])),
-                              default=default,
-                              tooltip=tip)
-    if kind is bool:
-        return io.Boolean.Input(input_id, default=default, tooltip=tip)
-    if kind is int:
-        return io.Int.Input(input_id, default=default, min=int(lo if lo is not None else 0),
-                            max=int(hi if hi is not None else 2**31 - 1), tooltip=tip)
-    if kind is float:
-        return io.Float.Input(input_id, default=default, min=float(lo if lo is not None else 0),
-                              max=float(hi if hi is not None else 1e9), step=1e-6, round=False,
-                              tooltip=tip)
-    if kind is list:
-        return io.String.Input(input_id, multiline=True, default="\n".join(default),
-                               tooltip=tip + " One per line.")
-    return io.String.Input(input_id, default=default, tooltip=tip)
+def widget(option: str, optional: bool = False, tooltip: str | None = None):
+    """The ComfyUI input of one config option (see ``options.widget_spec``)."""
+    spec = widget_spec(option)
+    tip = tooltip or spec["tooltip"]
+    common = {"tooltip": tip, "optional": optional}
+    if spec["choices"]:
+        return io.Combo.Input(spec["id"], options=list(spec["choices"]), default=spec["default"],
+                              **common)
+    if spec["kind"] == "bool":
+        return io.Boolean.Input(spec["id"], default=spec["default"], **common)
+    if spec["kind"] == "int":
+        return io.Int.Input(spec["id"], default=spec["default"], min=int(spec["min"]),
+                            max=int(spec["max"]), step=spec["step"] or 1, **common)
+    if spec["kind"] == "float":
+        return io.Float.Input(spec["id"], default=spec["default"], min=float(spec["min"]),
+                              max=float(spec["max"]), step=1e-6, round=False, **common)
+    return io.String.Input(spec["id"], default=spec["default"],
+                           multiline=spec["kind"] == "list", **common)
 
 
 COMMON_INPUTS = [
@@ -81,6 +72,15 @@ COMMON_INPUTS = [
     io.Vae.Input("vae", tooltip="The VAE of the same checkpoint (encodes the images once)."),
     Dataset.Input("dataset", tooltip="From Load Training Dataset or Dataset From Images."),
 ]
+
+
+def main_inputs() -> list:
+    """Simple's inputs in their released order; new ones are appended (widget order)."""
+    return (COMMON_INPUTS + [widget(o) for o in MAIN]
+            + [widget(o, optional=True, tooltip=PREVIEW_TIPS[o]) for o in PREVIEW]
+            + [io.Boolean.Input("resume", default=False, optional=True, tooltip=RESUME_TIP)])
+
+
 COMMON_OUTPUTS = [
     io.Model.Output(display_name="model", tooltip="The model with the trained LoRA applied."),
     io.Clip.Output(display_name="clip", tooltip="The CLIP with the trained LoRA applied."),
@@ -92,27 +92,75 @@ COMMON_OUTPUTS = [
 ]
 
 
-def run_training(node_id, model, clip, vae, dataset, options: dict, resume: bool = False
-                 ) -> io.NodeOutput:
-    """Shared body of both train nodes: options are ``{"section.key": value}``."""
+ON_NODE = MAIN + PREVIEW + ADVANCED_MAIN  # every option a train node may show itself
+
+
+def node_values(kwargs: dict[str, Any], extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``{"section.key": value}`` from the node's widgets (typed, as ComfyUI gives them) and
+    an options node's values; values not given (or linked, at /prompt) are left out."""
+    values = {o: kwargs[widget_name(o)] for o in ON_NODE
+              if kwargs.get(widget_name(o)) is not None}
+    values.update(extra or {})
+    return values
+
+
+def check_queued(kwargs: dict[str, Any]) -> None:
+    """Everything the train node can check when the prompt is queued, in widget names.
+
+    An options node's values are not known yet when it is connected (ComfyUI passes linked
+    values only at run time): rules between them and this node's widgets are checked when
+    the node starts, before any work.
+    """
+    check_widgets([o for o in ON_NODE if widget_name(o) in kwargs], kwargs)
+    values = node_values(kwargs)
+    # Known: the values given, and the defaults of options nobody can set here.
+    known = set(values) | HIDDEN | {o for o in ADVANCED_MAIN if widget_name(o) not in kwargs}
+    if "options" not in kwargs:  # no options node connected: those are defaults too
+        known |= {o for _, _, s in OPTION_NODES for o in section_options(s)}
+    if values.get("sample.every") == 0:
+        values.pop("sample.prompts", None)
+    config = build_checked(values, known)
+    if kwargs.get("resume") and config is not None and "options" not in kwargs:
+        try:  # the name is known (the default): is there anything to resume?
+            _host.latest_state(config.output.name)
+        except ValueError as e:
+            raise InputRefused(str(e)) from None
+
+
+def preview_prompts(typed: str | None, trigger_word: str, dataset) -> str:
+    """The node's preview prompts: as typed, else the dataset's first caption as training
+    sees it (trigger word first)."""
+    import random
+
+    from ..trainers.data.captions import CaptionAugment
+
+    if typed and typed.strip():
+        return typed
+    first = next((item.caption for item in dataset.items if item.caption), "")
+    return CaptionAugment(trigger_word=trigger_word).apply(first, random.Random(0))
+
+
+def run_training(node_id, model, clip, vae, dataset, kwargs: dict[str, Any],
+                 options: dict[str, Any] | None = None) -> io.NodeOutput:
+    """Shared body of both train nodes."""
     from ..trainers.formats.safetensors_io import load_safetensors
     from ..trainers.loop import train
 
+    check_widgets([o for o in ON_NODE if widget_name(o) in kwargs], kwargs)  # linked values
+    values = node_values(kwargs, options)
+    every = values.get("sample.every", 0)
+    prompts = preview_prompts(values.get("sample.prompts"), values.get("data.trigger_word", ""),
+                              dataset) if every else ""
+    values["sample.prompts"] = prompts
+    values.setdefault("sample.seed", values.get("train.seed", 0))  # previews follow the seed
+    config = build_checked(values)  # the whole config, before any work; widget names
+    name = config.output.name
+    config.data.dir = str(dataset.root)
+    config.output.dir = str(_host.run_dir(name))
+    config.data.cache_dir = str(_host.cache_dir())
+    if kwargs.get("resume"):
+        config.train.resume = _host.latest_state(name)
     _host.comfy_family(model)  # refuse an unsupported family before any work
-    name = str(options.get("output.name", "tsuika_lora"))
-    values = {f"{k}": v for k, v in options.items()}
-    values.update({"output.dir": _host.run_dir(name), "data.dir": dataset.root,
-                   "data.cache_dir": _host.cache_dir()})
-    if resume:
-        values["train.resume"] = _host.latest_state(name)
-    try:
-        config = build_config(overrides=[f"{k}={v}" for k, v in values.items()
-                                         if not isinstance(v, list)])
-        prompts = options.get("sample.prompts")
-        if prompts:
-            config.sample.prompts = list(prompts)
-    except ConfigError as e:
-        raise ValueError(str(e)) from e
     bundle = _host.bundle_from_comfy(model, clip, vae)
     progress = _host.ComfyProgress(node_id, config.train.steps)
     try:
@@ -120,35 +168,37 @@ def run_training(node_id, model, clip, vae, dataset, options: dict, resume: bool
         with torch.inference_mode(False), torch.enable_grad():
             result = train(config, progress, bundle=bundle, scan=dataset)
     except TrainingStopped as e:
-        raise RuntimeError(f"Training cancelled. {e} In Train LoRA (Advanced), turn on "
-                           "'resume' with the same output_name to continue.") from None
+        stopped(node_id, e, config.train.steps, name, options is not None)
     finally:
         del bundle
         _host.free_host_memory()
     tensors, metadata = load_safetensors(result.file_path)
     lora = _host.LoraDict(tensors, metadata)
     model_out, clip_out = _host.apply_lora(model, clip, lora, 1.0, 1.0)
-    buckets = ", ".join(f"{size}: {n}" for size, n in
-                        progress.start_info.get("buckets", {}).items())
-    report = (f"trained {result.steps} steps, loss {result.losses[0]:.4f} -> "
-              f"{result.losses[-1]:.4f}\nbuckets (size: images): {buckets or '-'}\n"
-              f"LoRA: {result.file_path}\nrun folder: {result.file_path.parent}")
+    text = train_report(result.steps, list(result.losses), result.file_path,
+                        progress.start_info.get("buckets", {}))
     return io.NodeOutput(model_out, clip_out, lora, {"loss": list(result.losses)},
-                         _host.images_to_tensor(result.samples_after),
-                         ui=ui.PreviewText(report))
+                         _host.images_to_tensor(result.samples_after), ui=ui_report(text))
 
 
-def preview_prompt(typed: str, trigger_word: str, dataset) -> str:
-    """The Simple node's preview prompt: as typed, else the dataset's first caption as
-    training sees it (trigger word first)."""
-    import random
-
-    from ..trainers.data.captions import CaptionAugment
-
-    if typed and typed.strip():
-        return typed.strip()
-    first = next((item.caption for item in dataset.items if item.caption), "")
-    return CaptionAugment(trigger_word=trigger_word).apply(first, random.Random(0))
+def stopped(node_id, e: TrainingStopped, total: int, name: str, advanced: bool) -> None:
+    """A cancel: keep what was trained where Load LoRA lists it, say so on the node, then
+    end as ComfyUI's ordinary interruption (no error dialog, no failed node)."""
+    info = e.save
+    listed = None
+    if info.file_path:
+        try:
+            listed = _host.publish_partial(info.file_path, name, info.step)
+        except OSError as err:  # the run folder still holds it; say where
+            log.warning("could not copy the partial LoRA into models/loras: %s", err)
+    how = ("to continue: turn on 'resume' on this node and queue again"
+           + (" with the same name" if advanced else "") + f" (it starts at step {info.step})")
+    if listed is None and info.file_path:
+        how = f"LoRA so far: {info.file_path}\n{how}"
+    text = stopped_report(info.step, total, listed, info.state_dir, how)
+    log.warning("Tsuika training cancelled:\n%s", text)
+    _host.emit("tsuika.stopped", {"node": node_id, "text": text})
+    _host.interrupted()
 
 
 class TsuikaTrainLoRA(io.ComfyNode):
@@ -158,68 +208,43 @@ class TsuikaTrainLoRA(io.ComfyNode):
             node_id="TsuikaTrainLoRA", display_name="Train LoRA (Tsuika)",
             category="Tsuika/train",
             description="Train a LoRA on the loaded model and dataset, then use the returned "
-                        "MODEL and CLIP right away. Cancel saves what was trained.",
-            inputs=COMMON_INPUTS + [
-                io.Int.Input("steps", default=500, min=1, max=100000,
-                             tooltip=option_help("train.steps")),
-                io.Float.Input("learning_rate", default=1e-4, min=0.0, max=1.0, step=1e-6,
-                               round=False, tooltip=option_help("train.learning_rate")),
-                io.Int.Input("rank", default=16, min=1, max=256,
-                             tooltip=option_help("network.rank")),
-                io.String.Input("trigger_word", default="",
-                                tooltip=option_help("data.trigger_word")),
-                # Not "seed": the frontend gives inputs of that name a "randomize after each
-                # queue" widget, and a training seed that changes retrains on every queue.
-                io.Int.Input("training_seed", default=0, min=0, max=2**31 - 1,
-                             tooltip=option_help("train.seed")),
-                io.Int.Input("resolution", default=512, min=64, max=2048, step=64,
-                             tooltip=option_help("data.resolution")),
-                io.String.Input("sample_prompt", default="", optional=True,
-                                tooltip="Prompt of the preview shown on this node while it "
-                                "trains (fixed seed). Empty: the trigger word and the "
-                                "dataset's first caption."),
-                io.Int.Input("sample_every", default=100, min=0, max=100000, optional=True,
-                             tooltip="Show a preview every N steps (and before and after "
-                             "training); 0 = no previews, which trains fastest."),
-            ],
-            outputs=COMMON_OUTPUTS, hidden=[io.Hidden.unique_id],
+                        "MODEL and CLIP right away. Cancel keeps what was trained; 'resume' "
+                        "continues it.",
+            inputs=main_inputs(), outputs=COMMON_OUTPUTS, hidden=[io.Hidden.unique_id],
         )
 
     @classmethod
-    def execute(cls, model, clip, vae, dataset, steps, learning_rate, rank, trigger_word,
-                training_seed, resolution, sample_prompt="", sample_every=100) -> io.NodeOutput:
-        options = {"train.steps": steps, "train.learning_rate": learning_rate,
-                   "network.rank": rank, "network.alpha": max(1, rank // 2),
-                   "data.trigger_word": trigger_word, "train.seed": training_seed,
-                   "data.resolution": resolution}
-        prompt = preview_prompt(sample_prompt, trigger_word, dataset)
-        if sample_every > 0 and prompt:
-            options.update({"sample.prompts": [prompt], "sample.every": sample_every,
-                            "sample.seed": training_seed})
-        return run_training(cls.hidden.unique_id, model, clip, vae, dataset, options)
+    def validate_inputs(cls, **kwargs) -> bool:
+        check_queued(kwargs)
+        return True
+
+    @classmethod
+    def execute(cls, model, clip, vae, dataset, **kwargs) -> io.NodeOutput:
+        return run_training(cls.hidden.unique_id, model, clip, vae, dataset, kwargs)
 
 
 class TsuikaTrainLoRAAdvanced(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        inputs = COMMON_INPUTS + [_widget(i, n, f) for i, n, f in _advanced_fields()] + [
-            io.Boolean.Input("resume", default=False, tooltip="Continue from the newest saved "
-                             "state of runs with this output name (after a cancel).")]
         return io.Schema(
             node_id="TsuikaTrainLoRAAdvanced", display_name="Train LoRA Advanced (Tsuika)",
             category="Tsuika/train",
-            description="Every training option of the backend, with the same names and help "
-                        "as the CLI's config.",
-            inputs=inputs, outputs=COMMON_OUTPUTS, hidden=[io.Hidden.unique_id],
+            description="Train LoRA with every option of the backend: the Simple node's inputs, "
+                        "plus options nodes (data, network, optimizer & schedule, saving, "
+                        "sampling) chained into 'options'. Unconnected: the defaults.",
+            inputs=main_inputs() + [widget(o, optional=True) for o in ADVANCED_MAIN] + [
+                Options.Input("options", optional=True,
+                              tooltip="Chain options nodes (Tsuika/train/options) here; options "
+                                      "not set by any of them keep their defaults.")],
+            outputs=COMMON_OUTPUTS, hidden=[io.Hidden.unique_id],
         )
 
     @classmethod
-    def execute(cls, model, clip, vae, dataset, resume=False, **kwargs) -> io.NodeOutput:
-        options = {}
-        for input_id, name, _field in _advanced_fields():
-            if input_id in kwargs:
-                value = kwargs[input_id]
-                if name == "sample.prompts":
-                    value = [line.strip() for line in str(value).splitlines() if line.strip()]
-                options[name] = value
-        return run_training(cls.hidden.unique_id, model, clip, vae, dataset, options, resume)
+    def validate_inputs(cls, **kwargs) -> bool:
+        check_queued(kwargs)
+        return True
+
+    @classmethod
+    def execute(cls, model, clip, vae, dataset, options=None, **kwargs) -> io.NodeOutput:
+        return run_training(cls.hidden.unique_id, model, clip, vae, dataset, kwargs,
+                            dict(options or {}))

@@ -4,3 +4,6 @@ from comfy_api.latest import io
 
 # A scanned dataset folder (trainers.data.folder.DatasetScan).
 Dataset = io.Custom("TSUIKA_DATASET")
+
+# Training options set by the options nodes: {"section.key": value} (nodes/options.py).
+Options = io.Custom("TSUIKA_OPTIONS")

@@ -133,6 +133,10 @@ class DataConfig(_Section):
         if self.caption_extension and not self.caption_extension.startswith("."):
             raise ConfigError(f"data.caption_extension = {self.caption_extension!r} must start "
                               "with a dot, e.g. '.txt'.")
+        if self.buckets and self.resolution < self.bucket_step:
+            raise ConfigError(f"data.resolution = {self.resolution} is below data.bucket_step = "
+                              f"{self.bucket_step} (no bucket fits); raise data.resolution to at "
+                              f"least {self.bucket_step} or lower data.bucket_step.")
 
 
 @dataclass
@@ -142,8 +146,8 @@ class NetworkConfig(_Section):
                       "'dreambooth' fine-tunes the UNet's own weights (a whole checkpoint).",
                       choices=("lora", "dreambooth"))
     rank: int = opt(16, "LoRA rank (dim) of attention/linear layers.", min=1, max=1024)
-    alpha: float = opt(8.0, "LoRA alpha; the update is scaled by alpha / rank.",
-                       min=0.0001, max=4096)
+    alpha: float = opt(0.0, "LoRA alpha; the update is scaled by alpha / rank. 0 = auto: half "
+                            "the rank (rounded down, at least 1).", min=0.0, max=4096)
     target: str = opt("transformer", "Layers the LoRA adapts: 'transformer' = every linear layer "
                                      "of the UNet's transformer blocks plus proj_in/proj_out "
                                      "(kohya's default); 'attention' = to_q/to_k/to_v/to_out only.",
@@ -152,6 +156,20 @@ class NetworkConfig(_Section):
     conv_alpha: float = opt(1.0, "Alpha of the convolution LoRA.", min=0.0001, max=4096)
     dropout: float = opt(0.0, "Dropout on the LoRA input.", min=0.0, max=1.0)
     train_text_encoder: bool = opt(False, "Also train a LoRA on the text encoder.")
+
+    def validate(self) -> None:
+        # The one place the "alpha = rank / 2" policy lives (CLI, nodes and tests alike).
+        if self.alpha == 0:
+            self.alpha = auto_alpha(self.rank)
+
+
+def auto_alpha(rank: int) -> float:
+    """The alpha ``network.alpha = 0`` stands for: half the rank, rounded down, at least 1.
+
+    Args:
+        rank: the LoRA rank.
+    """
+    return float(max(1, rank // 2))
 
 
 @dataclass
@@ -335,14 +353,40 @@ def _coerce(name: str, f: dataclasses.Field, value: Any) -> Any:
             except ValueError:
                 pass
     elif kind is list:
-        if isinstance(value, list):
-            return [str(v) for v in value]
-        if isinstance(value, str):
-            return [p for p in (s.strip() for s in value.split("|")) if p]
+        if isinstance(value, (list, str)):
+            return parse_list(name, value)
     elif kind is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
     raise ConfigError(f"{name} = {value!r} is not a valid {kind.__name__}.")
+
+
+LIST_SEPARATORS = ("\n", "|")
+
+
+def parse_list(name: str, value: Any) -> list[str]:
+    """A list option (``sample.prompts``) from a TOML list or from text: the one syntax every
+    path uses. Text holds one item per line, or items separated by ``|`` (what fits on a
+    command line); items are stripped and empty ones dropped.
+
+    Args:
+        name: the option's ``section.key`` (named in errors).
+        value: a list of strings, or text.
+    """
+    if isinstance(value, str):
+        for sep in LIST_SEPARATORS[1:]:
+            value = value.replace(sep, LIST_SEPARATORS[0])
+        value = value.split(LIST_SEPARATORS[0])
+    if not isinstance(value, list):
+        raise ConfigError(f"{name} = {value!r} is not a list; give one item per line or "
+                          "separate them with '|'.")
+    items = []
+    for item in value:
+        if not isinstance(item, str):
+            raise ConfigError(f"{name}: item {item!r} is not text; quote it.")
+        if item.strip():
+            items.append(item.strip())
+    return items
 
 
 def build_config(values: dict[str, dict[str, Any]] | None = None,
