@@ -12,6 +12,7 @@ import logging
 from typing import Any
 
 import torch
+
 from comfy_api.latest import io
 
 from ..trainers.callbacks import TrainingStopped

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+
 from tsuika.trainers.config import (
     MAX_NAME_BYTES,
     MAX_SEED,

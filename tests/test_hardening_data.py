@@ -12,6 +12,7 @@ import textwrap
 import pytest
 from conftest import make_images, tiny_overrides
 from PIL import Image
+
 from tsuika.trainers import cli
 from tsuika.trainers.data.folder import quick_fingerprint, scan_folder
 
@@ -47,6 +48,7 @@ def test_an_extreme_strip_is_fitted_in_bounded_memory_and_time(tmp_path, size):
 
 def test_crop_before_resize_gives_the_same_pixels_as_resize_then_crop():
     import numpy as np
+
     from tsuika.trainers.data.buckets import resize_and_crop
 
     rng = np.random.default_rng(0)

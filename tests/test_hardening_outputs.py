@@ -14,6 +14,7 @@ import time
 import pytest
 import torch
 from conftest import make_images, tiny_overrides
+
 from tsuika.trainers import cli
 from tsuika.trainers.config import build_config
 from tsuika.trainers.formats.metadata import training_metadata

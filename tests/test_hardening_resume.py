@@ -12,6 +12,7 @@ import shutil
 import pytest
 import torch
 from conftest import make_images, tiny_overrides
+
 from tsuika.trainers.callbacks import Callbacks
 from tsuika.trainers.config import build_config
 from tsuika.trainers.formats.safetensors_io import load_safetensors, save_safetensors
@@ -200,7 +201,7 @@ class _PoisonAt(Callbacks):
     def on_step(self, info):
         if info.step == self.at:
             for module in self.bundle.components.values():
-                for name, p in module.named_parameters():
+                for p in module.parameters():
                     if p.requires_grad:
                         with torch.no_grad():
                             p.view(-1)[0] = float("nan")

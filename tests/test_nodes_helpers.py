@@ -7,6 +7,7 @@ import math
 import os
 
 import pytest
+
 from tsuika.nodes import options, paths, reports, validation
 from tsuika.nodes.validation import InputRefused
 from tsuika.trainers.config import SECTIONS, ConfigError, build_config, load_config
@@ -175,6 +176,7 @@ def test_resolution_below_the_bucket_step_is_refused():
 
 def test_reports_follow_the_shared_contract(tmp_path):
     from PIL import Image
+
     from tsuika.trainers.data.folder import scan_folder
 
     Image.new("RGB", (64, 48)).save(tmp_path / "a.png")
