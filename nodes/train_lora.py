@@ -113,18 +113,16 @@ def run_training(node_id, model, clip, vae, dataset, options: dict, resume: bool
             config.sample.prompts = list(prompts)
     except ConfigError as e:
         raise ValueError(str(e)) from e
-    bundle = _host.bundle_from_comfy(model, clip, vae)
     progress = _host.ComfyProgress(node_id, config.train.steps)
-    try:
-        # ComfyUI runs nodes under inference_mode; training needs autograd back.
-        with torch.inference_mode(False), torch.enable_grad():
-            result = train(config, progress, bundle=bundle, scan=dataset)
-    except TrainingStopped as e:
-        raise RuntimeError(f"Training cancelled. {e} In Train LoRA (Advanced), turn on "
-                           "'resume' with the same output_name to continue.") from None
-    finally:
-        del bundle
-        _host.free_host_memory()
+    with _host.leave_host_as_found():
+        try:
+            # ComfyUI runs nodes under inference_mode; training needs autograd back.
+            with torch.inference_mode(False), torch.enable_grad():
+                result = train(config, progress, scan=dataset,
+                               bundle=_host.bundle_from_comfy(model, clip, vae))
+        except TrainingStopped as e:
+            raise RuntimeError(f"Training cancelled. {e} In Train LoRA (Advanced), turn on "
+                               "'resume' with the same output_name to continue.") from None
     tensors, metadata = load_safetensors(result.lora_path)
     lora = _host.LoraDict(tensors, metadata)
     model_out, clip_out = _host.apply_lora(model, clip, lora, 1.0, 1.0)
