@@ -17,10 +17,9 @@ import sys
 import threading
 import time
 
+import comfy.model_management as mm
 import torch
 from aiohttp import web
-
-import comfy.model_management as mm
 from server import PromptServer
 
 NODE_CLASS_MAPPINGS: dict = {}

@@ -166,7 +166,7 @@ class ComfySession:
         self.server = None
         self.object_info: dict = {}
 
-    def __enter__(self) -> "ComfySession":
+    def __enter__(self):
         saved = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
         os.environ.update(OMP_NUM_THREADS=str(self.threads), MKL_NUM_THREADS=str(self.threads))
         try:
@@ -329,29 +329,35 @@ def summarize(outcomes: list[Outcome], command: str, startup_rss: float) -> tupl
            "left_peft_modules_max": max((o.probe.get("peft_modules", 0) for o in outcomes
                                          if o.probe), default=None)}
     lines = [f"Command: `{command}`", "",
-             "| # | prompt | outcome | seconds | server RSS MiB | peak RSS so far MiB | "
-             "left behind: live tensors MiB | torch modules (peft) | threads |",
+             ("| # | prompt | outcome | seconds | server RSS MiB | peak RSS so far MiB | "
+              "left behind: live tensors MiB | torch modules (peft) | threads |"),
              "| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
-             f"| 0 | (server started, nothing queued) | - | - | {startup_rss:.0f} | - | - | - "
-             "| - |"]
+             (f"| 0 | (server started, nothing queued) | - | - | {startup_rss:.0f} | - | - | - "
+              "| - |")]
     for i, o in enumerate(outcomes, 1):
         pr = o.probe
         live = f"{pr['tensor_mib']:.0f}" if pr else "-"
         mods = f"{pr['modules']} ({pr['peft_modules']})" if pr else "-"
         lines.append(f"| {i} | {o.label} | {o.status} | {o.seconds:.1f} | {o.rss_mib:.0f} | "
                      f"{o.peak_mib:.0f} | {live} | {mods} | {pr.get('threads', '-')} |")
-    lines += ["", f"Successful trainings: {fig['runs']}; server RSS after the first "
-              f"{fig['after_first_mib']:.0f} MiB, after the last {fig['last_mib']:.0f} MiB: "
-              f"growth **{fig['growth_mib']:+.0f} MiB**, least-squares slope "
-              f"**{fig['slope_mib_per_run']:+.1f} MiB per training** (runs 2..{fig['runs']}), "
-              f"highest after a prompt {fig['max_mib']:.0f} MiB, peak while training "
-              f"{fig['peak_mib']:.0f} MiB."]
+    lines += ["", (f"Successful trainings: {fig['runs']}; server RSS after the first "
+                   f"{fig['after_first_mib']:.0f} MiB, after the last {fig['last_mib']:.0f} "
+                   f"MiB: growth **{fig['growth_mib']:+.0f} MiB**, least-squares slope "
+                   f"**{fig['slope_mib_per_run']:+.1f} MiB per training** (runs "
+                   f"2..{fig['runs']}), highest after a prompt {fig['max_mib']:.0f} MiB, peak "
+                   f"while training {fig['peak_mib']:.0f} MiB.")]
     if left:
-        lines += ["", "Server RSS is read once ComfyUI has collected garbage after the prompt; "
-                  "\"left behind\" is what was alive just before that collection (the probe "
-                  "in `benchmarks/_server_probe.py`): live tensor memory "
-                  f"{min(left):.0f}-{max(left):.0f} MiB (the checkpoint ComfyUI caches), "
-                  f"at most {fig['left_peft_modules_max']} adapter (peft) modules."]
+        rngs = {o.probe.get("rng_sha") for o in outcomes if o.probe}
+        rng = "the same" if len(rngs) == 1 else f"{len(rngs)} different states"
+        threads = sorted({o.probe.get("threads") for o in outcomes if o.probe})
+        fig.update(rng_states=len(rngs), threads=threads)
+        lines += ["", ("Server RSS is read once ComfyUI has collected garbage after the prompt; "
+                       "\"left behind\" is what was alive just before that collection (the "
+                       "probe in `benchmarks/_server_probe.py`): live tensor memory "
+                       f"{min(left):.0f}-{max(left):.0f} MiB (the checkpoint ComfyUI caches), "
+                       f"at most {fig['left_peft_modules_max']} adapter (peft) modules; "
+                       f"torch's global RNG state after every prompt: {rng}; server threads "
+                       f"{'-'.join(str(t) for t in threads)}.")]
     return "\n".join(lines), fig
 
 

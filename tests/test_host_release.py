@@ -44,9 +44,9 @@ def test_a_failed_run_frees_what_its_frames_held_while_the_error_is_kept(host):
     refs = []
     gc.disable()  # the point is to not depend on a collection
     try:
-        with pytest.raises(ValueError) as kept:  # pytest holds the error, as ComfyUI does
-            with _host.leave_host_as_found():
-                _train_and_fail(refs, ValueError("train.optimizer: bad"))
+        # pytest holds the error, as ComfyUI does
+        with pytest.raises(ValueError) as kept, _host.leave_host_as_found():
+            _train_and_fail(refs, ValueError("train.optimizer: bad"))
         assert refs[0]() is None, "the failed run's frame still holds its model copy"
         # the error dialog's traceback text is still there
         assert "_train_and_fail" in "".join(traceback.format_tb(kept.value.__traceback__))
@@ -60,12 +60,11 @@ def test_a_cancel_turned_into_another_error_frees_the_original_frames(host):
     refs = []
     gc.disable()
     try:
-        with pytest.raises(RuntimeError) as kept:
-            with _host.leave_host_as_found():
-                try:
-                    _train_and_fail(refs, KeyboardInterrupt())
-                except KeyboardInterrupt:
-                    raise RuntimeError("Training cancelled.") from None
+        with pytest.raises(RuntimeError) as kept, _host.leave_host_as_found():
+            try:
+                _train_and_fail(refs, KeyboardInterrupt())
+            except KeyboardInterrupt:
+                raise RuntimeError("Training cancelled.") from None
         assert isinstance(kept.value.__context__, KeyboardInterrupt)
         assert refs[0]() is None, "the cancelled run's frame still holds its model copy"
     finally:

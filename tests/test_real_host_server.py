@@ -13,6 +13,7 @@ default <COMFYUI_DIR>/../comfy-venv/bin/python); skipped, visibly, otherwise.
 
 import importlib.util
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -35,6 +36,7 @@ def _bench():
     spec = importlib.util.spec_from_file_location(
         "tsuika_server_memory", ROOT / "benchmarks" / "server_memory.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
