@@ -226,6 +226,12 @@ class ComfySession:
                     return int(line.split()[1]) / 1024
         raise RuntimeError("no VmHWM line")
 
+    def probe_now(self) -> dict:
+        """What the probe custom node sees now (no collection first); empty without it."""
+        st, body = self.rh.http("GET", self.server.base + "/tsuika_probe?collect=0",
+                                timeout=120)
+        return body["now"] if st == 200 and isinstance(body, dict) else {}
+
     def probe(self, after_ms: float = 0, wait: float = 15.0) -> dict:
         """What the probe custom node saw when ComfyUI's worker collected garbage after the
         prompt that ended at ``after_ms`` (what that prompt left behind); the state now when

@@ -80,6 +80,7 @@ def test_failed_and_cancelled_trainings_leave_the_server_as_found(bench, models,
     fresh_tensors = load_file(fresh_lora)
 
     with _session(bench, models, tmp_path / "used") as used:
+        found = used.probe_now()
         failed = used.queue("failed", bench.failing_graphs(used.object_info, SEED)[
             "failed: adamw8bit on CPU"])
         assert failed.status == "error" and "adamw8bit" in failed.message, failed
@@ -101,5 +102,7 @@ def test_failed_and_cancelled_trainings_leave_the_server_as_found(bench, models,
         assert o.probe["tensor_mib"] <= after.probe["tensor_mib"] + LIVE_TOLERANCE_MIB, (
             o.label, o.probe, after.probe)
     assert after.probe["tensor_mib"] <= good.probe["tensor_mib"] + LIVE_TOLERANCE_MIB
-    assert after.probe["rng_sha"] == good.probe["rng_sha"]
-    assert after.probe["threads"] <= good.probe["threads"]
+    # torch's global RNG (each server process starts from its own) and the thread count are
+    # what this server had before the failed and the cancelled run.
+    assert after.probe["rng_sha"] == found["rng_sha"]
+    assert after.probe["threads"] <= max(found["threads"], good.probe["threads"])
