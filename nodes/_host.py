@@ -61,10 +61,11 @@ def free_host_memory() -> None:
 def _drop_frame_locals(exc: BaseException | None) -> None:
     """Release what the frames of a failed run hold (the model copy, adapters, optimizer).
 
-    ComfyUI keeps the exception of a failed node until its next prompt, and its
-    ``sys.exc_info()`` local makes a reference cycle with the traceback that only a garbage
-    collection breaks: without this, a failed or cancelled training keeps its whole model copy
-    alive into the next run. The traceback's file/line text stays for the error dialog."""
+    ComfyUI's executor catches a failed node's error with a ``sys.exc_info()`` local: a
+    reference cycle with the traceback that only a garbage collection breaks, and ComfyUI
+    collects at most every 10 s after a prompt. Without this, a failed or cancelled training
+    keeps its whole model copy alive until then, into the next run if one is queued. The
+    traceback's file/line text stays for the error dialog."""
     seen: set[int] = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))

@@ -1,6 +1,6 @@
 """A long-lived ComfyUI server: a failed and a cancelled training leave it as they found it.
 
-Two real servers (``benchmarks/server_memory.py``'s session, CPU, loopback, each with a base
+Two real servers (``benchmarks/_comfy_server.py``'s session, CPU, loopback, each with a base
 directory of its own): a fresh one trains once; the other first runs a training that fails
 after the model was copied and the adapters attached, then one cancelled while it trains, then
 the same training as the fresh server. The LoRA must be the same tensors, bit for bit, and
