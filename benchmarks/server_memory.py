@@ -151,14 +151,17 @@ def summarize(outcomes: list[Outcome], command: str, startup_rss: float) -> tupl
         rngs = {o.probe.get("rng_sha") for o in outcomes if o.probe}
         rng = "the same" if len(rngs) == 1 else f"{len(rngs)} different states"
         threads = sorted({o.probe.get("threads") for o in outcomes if o.probe})
-        fig.update(rng_states=len(rngs), threads=threads)
+        objs = [o.probe["gc_objects"] for o in outcomes if o.probe]
+        fig.update(rng_states=len(rngs), threads=threads, gc_objects=[objs[0], objs[-1]])
         lines += ["", ("Server RSS is read once ComfyUI has collected garbage after the prompt; "
                        "\"left behind\" is what was alive just before that collection (the "
                        "probe in `benchmarks/_server_probe.py`): live tensor memory "
                        f"{min(left):.0f}-{max(left):.0f} MiB (the checkpoint ComfyUI caches), "
                        f"at most {fig['left_peft_modules_max']} adapter (peft) modules; "
                        f"torch's global RNG state after every prompt: {rng}; server threads "
-                       f"{'-'.join(str(t) for t in threads)}.")]
+                       f"{'-'.join(str(t) for t in threads)}; objects the Python collector "
+                       f"tracks {objs[0]} after the first prompt, {objs[-1]} after the last "
+                       f"({(objs[-1] - objs[0]) / max(1, len(objs) - 1):+.0f} per prompt).")]
     return "\n".join(lines), fig
 
 
