@@ -8,9 +8,11 @@ thin callers of this and of ``trainers/``.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import os
+import traceback
 from pathlib import Path
 
 import torch
@@ -58,9 +60,40 @@ def free_host_memory() -> None:
     """Unload every model ComfyUI holds (also un-patching LoRAs baked into shared weights)."""
     import comfy.model_management as mm
 
+    from ..trainers.device.host_memory import give_back_freed_memory
+
     mm.unload_all_models()
     gc.collect()
     mm.soft_empty_cache()
+    give_back_freed_memory()  # freed heap pages back to the OS: the server's RSS shrinks too
+
+
+def _drop_frame_locals(exc: BaseException | None) -> None:
+    """Release what the frames of a failed run hold (the model copy, adapters, optimizer).
+
+    ComfyUI's executor catches a failed node's error with a ``sys.exc_info()`` local: a
+    reference cycle with the traceback that only a garbage collection breaks, and ComfyUI
+    collects at most every 10 s after a prompt. Without this, a failed or cancelled training
+    keeps its whole model copy alive until then, into the next run if one is queued. The
+    traceback's file/line text stays for the error dialog."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        traceback.clear_frames(exc.__traceback__)  # skips frames still running (this one's)
+        exc = exc.__cause__ or exc.__context__
+
+
+@contextlib.contextmanager
+def leave_host_as_found():
+    """Around one training in the server: whether it ends, fails or is cancelled, nothing of
+    the run stays alive afterwards and the memory goes back to the host."""
+    try:
+        yield
+    except BaseException as e:
+        _drop_frame_locals(e)
+        raise
+    finally:
+        free_host_memory()
 
 
 def bundle_from_comfy(model, clip, vae) -> ModelBundle:

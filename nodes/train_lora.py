@@ -162,17 +162,15 @@ def run_training(node_id, model, clip, vae, dataset, kwargs: dict[str, Any],
     if kwargs.get("resume"):
         config.train.resume = _host.latest_state(name)
     _host.comfy_family(model)  # refuse an unsupported family before any work
-    bundle = _host.bundle_from_comfy(model, clip, vae)
     progress = _host.ComfyProgress(node_id, config.train.steps)
-    try:
-        # ComfyUI runs nodes under inference_mode; training needs autograd back.
-        with torch.inference_mode(False), torch.enable_grad():
-            result = train(config, progress, bundle=bundle, scan=dataset)
-    except TrainingStopped as e:
-        stopped(node_id, e, config.train.steps, name, options is not None)
-    finally:
-        del bundle
-        _host.free_host_memory()
+    with _host.leave_host_as_found():  # a failed or cancelled run leaves nothing alive
+        try:
+            # ComfyUI runs nodes under inference_mode; training needs autograd back.
+            with torch.inference_mode(False), torch.enable_grad():
+                result = train(config, progress, scan=dataset,
+                               bundle=_host.bundle_from_comfy(model, clip, vae))
+        except TrainingStopped as e:
+            stopped(node_id, e, config.train.steps, name, options is not None)
     tensors, metadata = load_safetensors(result.file_path)
     lora = _host.LoraDict(tensors, metadata)
     model_out, clip_out = _host.apply_lora(model, clip, lora, 1.0, 1.0)
