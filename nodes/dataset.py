@@ -6,7 +6,7 @@ import hashlib
 import os
 from pathlib import Path
 
-from comfy_api.latest import io, ui
+from comfy_api.latest import io
 
 from ..trainers.data.folder import DatasetError, quick_fingerprint, quick_problem, scan_folder
 from .types import Dataset
@@ -121,7 +121,7 @@ class TsuikaLoadDataset(io.ComfyNode):
         except DatasetError as e:
             raise ValueError(f"folder: {e}") from e
         report = scan.summary()
-        return io.NodeOutput(scan, report, ui=ui.PreviewText(report))
+        return io.NodeOutput(scan, report, ui={"tsuika_report": [report]})
 
 
 class TsuikaDatasetFromImages(io.ComfyNode):
@@ -171,7 +171,7 @@ class TsuikaDatasetFromImages(io.ComfyNode):
             os.replace(tmp, root)
         scan = scan_folder(root)
         report = scan.summary()
-        return io.NodeOutput(scan, report, ui=ui.PreviewText(report))
+        return io.NodeOutput(scan, report, ui={"tsuika_report": [report]})
 
 
 __all__ = ["TsuikaLoadDataset", "TsuikaDatasetFromImages"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from comfy_api.latest import io, ui
+from comfy_api.latest import io
 
 from . import _host
 
@@ -88,4 +88,4 @@ class TsuikaSaveLoRA(io.ComfyNode):
         except FileExistsError as e:
             raise ValueError(f"filename: {target.name} already exists in {folder}; choose "
                              "another filename or turn on overwrite.") from e
-        return io.NodeOutput(str(target), ui=ui.PreviewText(f"saved {target}"))
+        return io.NodeOutput(str(target), ui={"tsuika_report": [f"saved {target.name}\nin {folder}"]})

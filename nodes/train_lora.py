@@ -11,7 +11,7 @@ import logging
 
 import torch
 
-from comfy_api.latest import io, ui
+from comfy_api.latest import io
 
 from ..trainers.callbacks import TrainingStopped
 from ..trainers.config import SECTIONS, ConfigError, build_config, option_help
@@ -120,8 +120,15 @@ def run_training(node_id, model, clip, vae, dataset, options: dict, resume: bool
         with torch.inference_mode(False), torch.enable_grad():
             result = train(config, progress, bundle=bundle, scan=dataset)
     except TrainingStopped as e:
-        raise RuntimeError(f"Training cancelled. {e} In Train LoRA (Advanced), turn on "
-                           "'resume' with the same output_name to continue.") from None
+        # Stand-in for the `nodes` branch's cancel (issue 18): say what was kept on the node
+        # ("tsuika.stopped"), then end the run as ComfyUI's ordinary interruption.
+        import comfy.model_management as mm
+
+        _host.emit("tsuika.stopped", {"node": node_id, "text": (
+            f"Training cancelled at step {e.save.step}.\nkept: {e.save.lora_path}\n"
+            f"resumable state: {e.save.state_dir}\nto continue: turn on 'resume' and queue again "
+            "with the same output name.")})
+        raise mm.InterruptProcessingException() from None
     finally:
         del bundle
         _host.free_host_memory()
@@ -135,7 +142,7 @@ def run_training(node_id, model, clip, vae, dataset, options: dict, resume: bool
               f"LoRA: {result.lora_path}\nrun folder: {result.lora_path.parent}")
     return io.NodeOutput(model_out, clip_out, lora, {"loss": list(result.losses)},
                          _host.images_to_tensor(result.samples_after),
-                         ui=ui.PreviewText(report))
+                         ui={"tsuika_report": [report]})
 
 
 def preview_prompt(typed: str, trigger_word: str, dataset) -> str:
