@@ -42,4 +42,4 @@ def test_node_report_layout_and_extension(tmp_path):
     r = subprocess.run([NODE, str(stubs / "node_report_test.mjs"), tmp_path.as_uri()],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
-    assert "# fail 0" in r.stdout and "# pass 9" in r.stdout, r.stdout[-2000:]
+    assert "# fail 0" in r.stdout and "# pass 10" in r.stdout, r.stdout[-2000:]

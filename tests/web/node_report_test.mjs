@@ -155,7 +155,10 @@ test("the extension draws the report on Tsuika nodes, clears it on a new run, an
   assert.deepEqual(widgetsValues(node), savedBefore);
   assert.ok(node.size[0] >= 340, node.size);
   const reportH = widget.computeSize()[1];
-  assert.ok(reportH > 100 && node.size[1] >= 120 + reportH - 1, [reportH, node.size]);
+  // grown to fit: the node's slots and widgets (88 px here) plus the report
+  assert.ok(reportH > 100, reportH);
+  assert.equal(node.size[1], node.computeSize()[1]);
+  assert.equal(node.size[1], 88 + reportH + 4);
   const calls = drawn(node);
   // the headline wraps at the node's width (6.5 px a glyph here), in the headline colour
   assert.equal(calls.slice(0, 2).map((c) => c.text).join(" "),
@@ -169,11 +172,10 @@ test("the extension draws the report on Tsuika nodes, clears it on a new run, an
   assert.deepEqual(drawn(node), calls); // a redraw draws the same
 
   // the node runs again: the old report goes, the node shrinks back
-  const grown = node.size[1];
   listeners.executing({ detail: "4" });
   assert.equal(node.tsuikaReport, null);
   assert.equal(node.widgets.length, 2);
-  assert.ok(node.size[1] <= grown - reportH + 1e-6, [node.size, grown, reportH]);
+  assert.equal(node.size[1], 120); // back to the height it had
   listeners.executing({ detail: null }); // the prompt finished: nothing to do
 
   // a cancelled training: the node says what was kept, in the calm colour
@@ -183,6 +185,25 @@ test("the extension draws the report on Tsuika nodes, clears it on a new run, an
   assert.equal(stop[0].colour, T.COLOURS.cancelled);
   assert.equal(stop[1].colour, T.COLOURS.text);
   assert.equal(node.widgets.filter((w) => w.name === R.WIDGET_NAME).length, 1);
+
+  // a short report fits in room the node already had: no growth, and none given back
+  listeners.executing({ detail: "4" });
+  node.setSize([400, 400]);
+  node.onExecuted({ tsuika_report: ["saved x.safetensors"] });
+  assert.deepEqual(node.size, [400, 400]);
+  listeners.executing({ detail: "4" });
+  assert.deepEqual(node.size, [400, 400]);
+});
+
+test("the report goes above the frontend's image preview, which paints to the node's bottom", async () => {
+  const ext = exts.find((e) => e.name === "tsuika.nodereport");
+  const { Proto, init } = makeNode("TsuikaTrainLoRA", 9);
+  await ext.beforeRegisterNodeDef(Proto, { name: "TsuikaTrainLoRA" });
+  const node = init(new Proto());
+  node.widgets.push({ name: "$$canvas-image-preview", serialize: false, computeLayoutSize: () => ({ minHeight: 220 }) });
+  node.onExecuted({ tsuika_report: ["trained 20 steps"] });
+  assert.deepEqual(node.widgets.map((w) => w.name),
+                   ["folder", "caption_extension", R.WIDGET_NAME, "$$canvas-image-preview"]);
 });
 
 test("execution ids inside subgraphs find the inner node", () => {

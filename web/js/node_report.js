@@ -63,23 +63,39 @@ function reportWidget(node) {
   return node.widgets?.find((w) => w.name === WIDGET_NAME);
 }
 
-// Grow (or shrink) the node by what the report adds, so room the user or an image preview
-// took is kept; never below what the node's slots and widgets need.
-function resizeBy(node, delta) {
-  const min = node.computeSize?.() ?? node.size;
-  const width = Math.max(node.size[0], min[0]);
-  const height = Math.max(min[1], node.size[1] + delta);
+function setSize(node, width, height) {
   if (node.setSize) node.setSize([width, height]);
   else node.size = [width, height];
 }
 
+// Fit the node to what it now shows. The node grows only as far as the report needs beyond
+// the room it already had (a node the user made tall keeps its height), and gives exactly
+// that growth back when the report goes.
+function fit(node) {
+  const base = node.size[1] - (node.tsuikaGrowth || 0);
+  const need = node.computeSize?.()[1] ?? base;
+  const height = Math.max(base, need);
+  node.tsuikaGrowth = height - base;
+  setSize(node, node.size[0], height);
+}
+
+// The frontend's image preview ("$$canvas-image-preview": sample images during training)
+// paints everything below its top, so the report goes before it, not after.
+function placeBeforePreviews(node, widget) {
+  const at = node.widgets.findIndex((w) => w !== widget && String(w.name).startsWith("$$"));
+  const from = node.widgets.indexOf(widget);
+  if (at >= 0 && at < from) {
+    node.widgets.splice(from, 1);
+    node.widgets.splice(at, 0, widget);
+  }
+}
+
 /** Show ``text`` on ``node`` (level: "info" | "warning" | "cancelled"). */
 export function showReport(node, text, level = "info") {
-  const before = reportWidget(node) ? reportLayout(node).height : 0;
-  if (node.size[0] < MIN_WIDTH) node.size[0] = MIN_WIDTH;
+  if (node.size[0] < MIN_WIDTH) setSize(node, MIN_WIDTH, node.size[1]);
   node.tsuikaReport = { text: String(text), level };
   if (!reportWidget(node)) {
-    node.addCustomWidget({
+    const widget = node.addCustomWidget({
       name: WIDGET_NAME,
       type: "tsuika.report",
       // not part of the saved workflow nor of the prompt: widgets_values keep their order
@@ -89,20 +105,20 @@ export function showReport(node, text, level = "info") {
       computeSize() { return [node.size[0], reportLayout(node).height]; },
       serializeValue() { return undefined; },
     });
+    placeBeforePreviews(node, widget ?? reportWidget(node));
   }
-  resizeBy(node, reportLayout(node).height - before);
+  fit(node);
   node.setDirtyCanvas?.(true, true);
 }
 
 /** Remove the report from ``node`` (it runs again). */
 export function clearReport(node) {
   const widget = reportWidget(node);
-  const height = widget ? reportLayout(node).height : 0;
   node.tsuikaReport = null;
   if (widget) {
     if (node.removeWidget) node.removeWidget(widget);
     else node.widgets.splice(node.widgets.indexOf(widget), 1);
-    resizeBy(node, -height);
+    fit(node);
   }
   node.setDirtyCanvas?.(true, true);
 }
