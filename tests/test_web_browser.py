@@ -251,6 +251,10 @@ def _fills(node: dict, text: str) -> list[str]:
 def _assert_drawn(node: dict) -> None:
     """Every line the extension laid out was drawn on the canvas, in its kind's colour."""
     assert node["hasWidget"] and node["report"], node
+    # the frontend's sample preview paints to the node's bottom: the report must come first
+    if "$$canvas-image-preview" in node["widgets"]:
+        names = node["widgets"]
+        assert names.index("tsuika_report") < names.index("$$canvas-image-preview"), names
     for line in node["report"]["lines"]:
         assert _fills(node, line["text"]), (line, node["drawn"][:50])
 

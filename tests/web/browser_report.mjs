@@ -119,6 +119,7 @@ try {
         report: report ? { text: report.text, level: report.level,
                            lines: (report.layout?.lines || []).map((l) => ({ text: l.text, kind: l.kind })) } : null,
         hasWidget: !!node.widgets?.find((w) => w.name === "tsuika_report"),
+        widgets: (node.widgets || []).map((w) => String(w.name)),
         drawn: window.__tsuikaTexts,
         clip: { x: r.left + (node.pos[0] + ox) * s, y: r.top + (node.pos[1] - titleH + oy) * s,
                 width: node.size[0] * s, height: (node.size[1] + titleH) * s, dpr },
