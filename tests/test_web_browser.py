@@ -4,7 +4,10 @@ Starts ComfyUI (CPU, loopback) with the pack linked into custom_nodes, opens the
 headless Chromium (tests/web/browser_chart.mjs, playwright-core), loads
 tests/workflows/train_then_generate.json, queues it from the page so the "tsuika.loss" events
 go to that client, and checks the chart drawn on the training node: its points, its
-"step N/M  loss" text and pixels of its line colour. Interrupts and stops everything after.
+"step N/M  loss" text and pixels of its line colour. tests/web/browser_report.mjs runs a
+workflow to its end (or presses Cancel during training) and records, per Tsuika node, the
+report web/js/node_report.js laid out and the lines the canvas drew with their colours.
+Interrupts and stops everything after.
 
 Needs: COMFYUI_DIR (ComfyUI checkout; COMFYUI_PYTHON its venv's python, default
 <COMFYUI_DIR>/../comfy-venv/bin/python), Chromium (CHROMIUM, default chromium on PATH),
