@@ -88,4 +88,5 @@ class TsuikaSaveLoRA(io.ComfyNode):
         except FileExistsError as e:
             raise ValueError(f"filename: {target.name} already exists in {folder}; choose "
                              "another filename or turn on overwrite.") from e
-        return io.NodeOutput(str(target), ui={"tsuika_report": [f"saved {target.name}\nin {folder}"]})
+        report = f"saved {target.name}\nin {folder}"
+        return io.NodeOutput(str(target), ui={"tsuika_report": [report]})
