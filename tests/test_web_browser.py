@@ -314,8 +314,10 @@ def test_cancel_is_an_interruption_and_the_node_says_what_was_kept(comfy_server,
     _assert_drawn(train)
     report = train["report"]
     assert report["level"] == "cancelled", report
-    assert "kept: " in report["text"] and "resume" in report["text"], report
+    assert "resume" in report["text"].lower(), report  # how to continue
     assert _fills(train, report["lines"][0]["text"]) == [CANCELLED], train["drawn"]
-    kept = report["text"].split("kept: ", 1)[1].split("\n", 1)[0]
-    assert kept.endswith(".safetensors") and Path(kept).is_file(), kept
+    # what was kept: a file that exists, named on the node (whatever the node's wording)
+    files = [*(tmp_path / "output").rglob("*.safetensors"),
+             *(Path(COMFY) / "models" / "loras").glob("*.safetensors")]
+    assert [f for f in files if f.name in report["text"]], report["text"]
     assert (Path(res["shots"]) / "cancel_TsuikaTrainLoRA.png").stat().st_size > 1000
