@@ -66,3 +66,17 @@ def test_the_demo_has_its_own_entry_point_and_tsuika_demo_points_to_it():
     demo = subprocess.run([sys.executable, "-m", "tsuika.reference.demo", "--help"],
                           capture_output=True, text=True, timeout=120)
     assert demo.returncode == 0 and "tsuika-demo" in demo.stdout, demo.stderr
+
+
+def test_fixture_single_file_writes_only_what_load_checkpoint_should_list(tmp_path):
+    """For ComfyUI's models/checkpoints: one file, nothing Load Checkpoint would list besides."""
+    ckpts = tmp_path / "checkpoints"
+    ckpts.mkdir()
+    (ckpts / "put_checkpoints_here").write_text("")
+    r = _cli("fixture", "sd15-tiny", str(ckpts), "--single-file", "--dtype", "fp16")
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in ckpts.iterdir()) == ["put_checkpoints_here",
+                                                       "sd15-tiny.safetensors"]
+    assert "diffusers" not in r.stdout and "sd15-tiny.safetensors" in r.stdout
+    again = _cli("fixture", "sd15-tiny", str(ckpts), "--single-file")
+    assert again.returncode == 2 and "already exists" in again.stderr

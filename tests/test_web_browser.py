@@ -4,7 +4,10 @@ Starts ComfyUI (CPU, loopback) with the pack linked into custom_nodes, opens the
 headless Chromium (tests/web/browser_chart.mjs, playwright-core), loads
 tests/workflows/train_then_generate.json, queues it from the page so the "tsuika.loss" events
 go to that client, and checks the chart drawn on the training node: its points, its
-"step N/M  loss" text and pixels of its line colour. Interrupts and stops everything after.
+"step N/M  loss" text and pixels of its line colour. tests/web/browser_report.mjs runs a
+workflow to its end (or presses Cancel during training) and records, per Tsuika node, the
+report web/js/node_report.js laid out and the lines the canvas drew with their colours.
+Interrupts and stops everything after.
 
 Needs: COMFYUI_DIR (ComfyUI checkout; COMFYUI_PYTHON its venv's python, default
 <COMFYUI_DIR>/../comfy-venv/bin/python), Chromium (CHROMIUM, default chromium on PATH),
@@ -15,6 +18,7 @@ BROWSER_SHOTS=<dir> keeps the screenshots there.
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -208,3 +212,116 @@ def test_the_example_workflows_load_and_queue_in_the_real_frontend(comfy_server,
     assert "promptError" not in res, res["promptError"] + where
     assert "error" not in res, res["error"] + where
     assert len(res["events"]) >= 3 and all(str(e["node"]) == train for e in res["events"])
+
+
+REPORT_DRIVER = ROOT / "tests/web/browser_report.mjs"
+HEADLINE, WARNING, CANCELLED = "#f0f0f0", "#f2b84b", "#8cc8e8"  # web/js/common/report_text.js
+
+
+def _drive_report(url: str, server_log: Path, workflow: dict, tmp_path: Path, mode: str,
+                  settings: dict) -> tuple[dict, str]:
+    """Run tests/web/browser_report.mjs; returns (its RESULT, a log excerpt for errors)."""
+    wf_path = tmp_path / f"{mode}_workflow.json"
+    wf_path.write_text(json.dumps(workflow))
+    shots = Path(os.environ.get("BROWSER_SHOTS") or tempfile.mkdtemp(dir=tmp_path))
+    shots.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, **THREADS, "PLAYWRIGHT_CORE": PLAYWRIGHT, "CHROMIUM": CHROMIUM,
+           "END_TIMEOUT_MS": "300000"}
+    driver = subprocess.Popen([NODE, str(REPORT_DRIVER), url, str(wf_path), str(shots), mode,
+                               json.dumps(settings)],
+                              cwd=REPORT_DRIVER.parent, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    try:
+        out, err = driver.communicate(timeout=420)
+    except subprocess.TimeoutExpired:
+        os.killpg(driver.pid, signal.SIGKILL)
+        out, err = driver.communicate()
+    _post(f"{url}/interrupt")
+    where = f"\ndriver log:\n{err[-3000:]}\nserver log:\n{server_log.read_text()[-3000:]}"
+    assert "RESULT " in out, out[-2000:] + where
+    res = json.loads(out.split("RESULT ", 1)[1])
+    res["shots"] = str(shots)
+    print("screenshots:", shots, "\nbrowser console:", *res["console"], sep="\n  ")
+    assert "promptError" not in res, res["promptError"] + where
+    assert "error" not in res, res["error"] + where
+    assert res["extensionLoaded"], "tsuika.nodereport was not registered in the page" + where
+    ours = [e for e in res["pageErrors"] if "tsuika" in e.lower() or "report" in e]
+    assert not ours and not res["tsuikaConsole"], (ours, res["tsuikaConsole"])
+    return res, where
+
+
+def _fills(node: dict, text: str) -> list[str]:
+    """The colours the canvas drew ``text`` in (once per time it was drawn)."""
+    return [d["fill"].lower() for d in node["drawn"] if d["text"] == text]
+
+
+def _assert_drawn(node: dict) -> None:
+    """Every line the extension laid out was drawn on the canvas, in its kind's colour."""
+    assert node["hasWidget"] and node["report"], node
+    # the frontend's sample preview paints to the node's bottom: the report must come first
+    if "$$canvas-image-preview" in node["widgets"]:
+        names = node["widgets"]
+        assert names.index("tsuika_report") < names.index("$$canvas-image-preview"), names
+    for line in node["report"]["lines"]:
+        assert _fills(node, line["text"]), (line, node["drawn"][:50])
+
+
+def test_reports_are_drawn_on_the_nodes(comfy_server, tmp_path):
+    """The example as a user runs it, on a folder with one broken file: the dataset report
+    (with the skipped file, in the warning colour), the training summary and Save LoRA's file
+    name are drawn on their nodes; the saved workflow's widget values are unchanged."""
+    url, server_log, lora_name = comfy_server
+    folder = tmp_path / "input" / "heart_plus_broken"
+    shutil.copytree(ROOT / "examples/sample_data/heart", folder)
+    (folder / "broken.png").write_text("not an image")
+    workflow = json.loads((ROOT / "example_workflows/tsuika_train_lora_then_generate.json")
+                          .read_text())
+    res, where = _drive_report(url, server_log, workflow, tmp_path, "run", {
+        "TsuikaLoadDataset": {"folder": folder.name},
+        "TsuikaSaveLoRA": {"filename": lora_name}})
+    assert res["end"]["end"] == "execution_success", res["end"] + where
+    assert res["savedAfter"] == res["savedBefore"], (res["savedBefore"], res["savedAfter"])
+    assert not res["dialogs"], res["dialogs"]
+
+    data = res["nodes"]["TsuikaLoadDataset"]
+    _assert_drawn(data)
+    text = data["report"]["text"]
+    assert text.startswith("12 images used from "), text
+    assert "1 skipped" in text and "broken.png" in text, text
+    headline = data["report"]["lines"][0]["text"]
+    assert _fills(data, headline) == [HEADLINE], data["drawn"]
+    broken = [ln["text"] for ln in data["report"]["lines"] if "broken.png" in ln["text"]]
+    assert broken and all(_fills(data, t) == [WARNING] for t in broken), data["drawn"]
+
+    train = res["nodes"]["TsuikaTrainLoRA"]
+    _assert_drawn(train)
+    assert train["report"]["text"].startswith("trained 20 steps, loss "), train["report"]
+    assert "LoRA: " in train["report"]["text"], train["report"]
+    save = res["nodes"]["TsuikaSaveLoRA"]
+    _assert_drawn(save)
+    assert save["report"]["text"].startswith(f"saved {lora_name}.safetensors"), save["report"]
+    for node in ("TsuikaLoadDataset", "TsuikaTrainLoRA", "TsuikaSaveLoRA"):
+        assert (Path(res["shots"]) / f"run_{node}.png").stat().st_size > 1000
+
+
+def test_cancel_is_an_interruption_and_the_node_says_what_was_kept(comfy_server, tmp_path):
+    url, server_log, lora_name = comfy_server
+    workflow = json.loads((ROOT / "tests/workflows_negative/train_until_cancelled.json")
+                          .read_text())
+    res, where = _drive_report(url, server_log, workflow, tmp_path, "cancel",
+                               {"TsuikaSaveLoRA": {"filename": lora_name}})
+    assert res["end"]["end"] == "execution_interrupted", json.dumps(res["end"])[:2000] + where
+    assert res["lossEvents"] >= 3
+    assert not [d for d in res["dialogs"] if re.search(r"error|help fix|find issues|traceback",
+                                                         d, re.IGNORECASE)], res["dialogs"]
+    train = res["nodes"]["TsuikaTrainLoRA"]
+    _assert_drawn(train)
+    report = train["report"]
+    assert report["level"] == "cancelled", report
+    assert "resume" in report["text"].lower(), report  # how to continue
+    assert _fills(train, report["lines"][0]["text"]) == [CANCELLED], train["drawn"]
+    # what was kept: a file that exists, named on the node (whatever the node's wording)
+    files = [*(tmp_path / "output").rglob("*.safetensors"),
+             *(Path(COMFY) / "models" / "loras").glob("*.safetensors")]
+    assert [f for f in files if f.name in report["text"]], report["text"]
+    assert (Path(res["shots"]) / "cancel_TsuikaTrainLoRA.png").stat().st_size > 1000

@@ -72,6 +72,9 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32")
     f.add_argument("--overwrite", action="store_true")
+    f.add_argument("--single-file", action="store_true",
+                   help="write only OUT_DIR/NAME.safetensors, no diffusers/ folder (use it when "
+                        "OUT_DIR is ComfyUI's models/checkpoints)")
     sub.add_parser("options", help="list every option with its default and help")
     # Kept so that `tsuika demo` still points somewhere; the demo lives in reference/.
     d = sub.add_parser("demo", help="moved: run `tsuika-demo` (or `python3 run.py demo`)")
@@ -148,7 +151,7 @@ def _main(argv: list[str] | None) -> int:
             from .fixtures import write_fixture
 
             paths = write_fixture(args.name, args.out_dir, seed=args.seed, dtype=args.dtype,
-                                  overwrite=args.overwrite)
+                                  overwrite=args.overwrite, single_file_only=args.single_file)
             for kind, path in paths.items():
                 print(f"{kind}: {path}")
             return 0

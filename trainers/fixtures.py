@@ -37,7 +37,7 @@ def build_modules(config_name: str, seed: int = 0):
 
 
 def write_fixture(name: str, out_dir: str | Path, seed: int = 0, dtype: str = "fp32",
-                  overwrite: bool = False) -> dict[str, Path]:
+                  overwrite: bool = False, single_file_only: bool = False) -> dict[str, Path]:
     """Write ``<out>/diffusers/`` and ``<out>/<name>.safetensors``.
 
     Args:
@@ -45,22 +45,29 @@ def write_fixture(name: str, out_dir: str | Path, seed: int = 0, dtype: str = "f
         out_dir: destination folder (created).
         dtype: ``fp32`` or ``fp16`` for the single-file checkpoint.
         overwrite: replace existing files of the same names.
+        single_file_only: write only ``<name>.safetensors``, e.g. straight into ComfyUI's
+            ``models/checkpoints``, where Load Checkpoint would list a diffusers folder's
+            three weight files as three more checkpoints.
     """
     if name not in FIXTURES:
         raise ValueError(f"fixture {name!r} is unknown; choose one of: {', '.join(FIXTURES)}.")
     out = Path(out_dir)
     folder, single = out / "diffusers", out / f"{name}.safetensors"
-    for p in (folder, single):
+    written = (single,) if single_file_only else (folder, single)
+    for p in written:
         if p.exists() and not overwrite:
             raise FileExistsError(f"{p} already exists; remove it or pass --overwrite.")
     out.mkdir(parents=True, exist_ok=True)
     unet, vae, te, cfg = build_modules(FIXTURES[name], seed)
-    if folder.exists():
-        shutil.rmtree(folder)
-    write_diffusers_folder(folder, unet, vae, te, cfg)
+    if not single_file_only:
+        if folder.exists():
+            shutil.rmtree(folder)
+        write_diffusers_folder(folder, unet, vae, te, cfg)
     write_single_file(single, unet, vae, te, cfg, dtype=dtype, overwrite=overwrite,
                       metadata={"tsuika.fixture": name})
-    log.info("wrote fixture %s: %s and %s", name, folder, single)
+    log.info("wrote fixture %s: %s", name, ", ".join(map(str, written)))
+    if single_file_only:
+        return {"single_file": single}
     return {"diffusers": folder, "single_file": single}
 
 

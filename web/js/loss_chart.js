@@ -57,6 +57,9 @@ app.registerExtension({
       this.addCustomWidget({
         name: "tsuika_loss_chart",
         type: "tsuika.losschart",
+        // not part of the saved workflow nor of the prompt: widgets_values keep their order
+        serialize: false,
+        options: { serialize: false },
         draw(ctx, node, width, y) { drawChart(ctx, node, width, y); },
         computeSize(width) { return [width, HEIGHT]; },
         serializeValue() { return undefined; },
