@@ -15,7 +15,8 @@ from ...config import ConfigError, NetworkConfig
 from .base import LayerTarget
 from .lora import LoraAlgorithm, matching
 
-UNET_CONV = re.compile(r".*(resnets\.\d+\.(conv1|conv2)|downsamplers\.0\.conv|upsamplers\.0\.conv)$")
+UNET_CONV = re.compile(
+    r".*(resnets\.\d+\.(conv1|conv2)|downsamplers\.0\.conv|upsamplers\.0\.conv)$")
 
 
 class LoConAlgorithm(LoraAlgorithm):
