@@ -144,15 +144,15 @@ def test_step_in_backward_on_says_what_stands_in_its_way(tiny_model, image_folde
 
 
 def test_stochastic_rounding_keeps_updates_a_bf16_weight_cannot_hold():
-    from tsuika.trainers.optimizers import AdamWBf16, stochastic_round_bf16
+    from tsuika.trainers.optimizers import AdamWBf16, round_in_place
 
     x = torch.full((100_000,), 1.0 + 2 ** -10)  # a quarter of a bf16 step above 1.0
-    rounded = stochastic_round_bf16(x.clone(), salt=123)
-    assert rounded.dtype == torch.bfloat16 and set(rounded.float().unique().tolist()) == {
-        1.0, 1.0 + 2 ** -7}
-    assert abs(float(rounded.float().mean()) - (1.0 + 2 ** -10)) < 2e-4  # unbiased
+    rounded = round_in_place(x.clone(), salt=123)  # what AdamWBf16 does to every update
+    assert torch.equal(rounded.bfloat16().float(), rounded), "not exactly a bf16 value"
+    assert set(rounded.unique().tolist()) == {1.0, 1.0 + 2 ** -7}
+    assert abs(float(rounded.mean()) - (1.0 + 2 ** -10)) < 2e-4  # unbiased
     exact = torch.tensor([0.5, -3.0, 1.0 + 2 ** -7])
-    assert torch.equal(stochastic_round_bf16(exact.clone(), 7).float(), exact)
+    assert torch.equal(round_in_place(exact.clone(), 7), exact)
 
     # 100 AdamW steps of ~1e-4 each: far below half a bf16 step at 1.0 (2e-3).
     w = torch.nn.Parameter(torch.ones(50_000, dtype=torch.bfloat16))
