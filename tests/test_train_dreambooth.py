@@ -1,5 +1,6 @@
 """DreamBooth (full fine-tuning) on the tiny model: trains the UNet itself, writes a checkpoint
-our loader (and CheckpointLoaderSimple's layout) reads, keeps what it did not train, resumes."""
+our loader (and CheckpointLoaderSimple's layout) reads, keeps what it did not train; bf16
+weights with stochastic rounding. The checks every method gets are in test_train_matrix.py."""
 
 from __future__ import annotations
 
@@ -67,35 +68,6 @@ def test_dreambooth_can_train_the_text_encoder_too(tiny_model, image_folder, tmp
     original, _ = load_safetensors(tiny_model["single_file"])
     te = [k for k in saved if k.startswith("cond_stage_model.") and "layers" in k]
     assert any(not torch.equal(saved[k], original[k].float()) for k in te)
-
-
-def test_dreambooth_lowers_the_loss_on_one_image(tiny_model, tmp_path):
-    from conftest import make_images
-
-    data = tmp_path / "one"
-    make_images(data, n=1)
-    res = _train(tiny_model, data, tmp_path / "out", steps=30,
-                 **{"train.learning_rate": 3e-4})
-    first, last = sum(res.losses[:6]) / 6, sum(res.losses[-6:]) / 6
-    assert last < first * 0.9, (first, last)
-
-
-def test_dreambooth_resume_gives_the_same_weights_as_one_run(tiny_model, image_folder,
-                                                             tmp_path):
-    from tsuika.trainers.callbacks import TrainingStopped
-
-    full = _train(tiny_model, image_folder, tmp_path / "full", steps=4)
-    extra = {"network.method": "dreambooth", "output.save_dtype": "fp32"}
-    cfg = build_config(overrides=tiny_overrides(tiny_model["single_file"], image_folder,
-                                                tmp_path / "cut", 4, **extra))
-    with pytest.raises(TrainingStopped):
-        train(cfg, StopAt2())
-    resumed = _train(tiny_model, image_folder, tmp_path / "cut", steps=4,
-                     **{"train.resume": "latest"})
-    a, _ = load_safetensors(full.lora_path)
-    b, _ = load_safetensors(resumed.lora_path)
-    assert resumed.steps == 4 and resumed.losses[:2] == full.losses[:2]
-    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_dreambooth_refuses_a_model_it_cannot_write(tiny_model, image_folder, tmp_path,
