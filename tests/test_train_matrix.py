@@ -21,7 +21,7 @@ import torch
 from conftest import make_images, tiny_overrides
 
 from tsuika.trainers.callbacks import Callbacks, TrainingStopped
-from tsuika.trainers.config import NetworkConfig, build_config
+from tsuika.trainers.config import NetworkConfig, build_config, option_help
 from tsuika.trainers.families import load_model
 from tsuika.trainers.formats.lora_keys import ModuleIndex
 from tsuika.trainers.formats.lora_layouts import read_lora
@@ -109,6 +109,7 @@ class DummyOutMethod:
     """Trains the UNet's output convolution and writes it as it is: a method from outside."""
 
     name = "dummy_out"
+    summary = "trains conv_out (a test's method)"
     trains_base_weights = False
 
     def validate(self, config, bundle):
@@ -182,6 +183,7 @@ def test_a_registered_method_is_a_choice_of_the_config(registered_dummy):
     method = next(f for f in dataclasses.fields(NetworkConfig) if f.name == "method")
     assert "dummy_out" in list(method.metadata["choices"])  # what the nodes' combo lists
     assert build_config(overrides=["network.method=dummy_out"]).network.method == "dummy_out"
+    assert "'dummy_out': trains conv_out" in option_help("network.method")  # tooltip, CLI help
 
 
 def test_short_run_has_a_finite_falling_loss_and_a_file_we_read_back(row, tiny_model, tmp_path):

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .registry import ALGORITHMS, FAMILIES, METHODS
+from .registry import ALGORITHMS, FAMILIES, METHODS, Choices
 
 CONFIG_VERSION = 1
 
@@ -130,8 +130,7 @@ class DataConfig(_Section):
 @dataclass
 class NetworkConfig(_Section):
     SECTION = "network"
-    method: str = opt("lora", "Training method: 'lora' trains small adapters (a LoRA file); "
-                      "'dreambooth' fine-tunes the UNet's own weights (a whole checkpoint).",
+    method: str = opt("lora", "Training method: what trains and what file it writes.",
                       choices=METHODS.choices())
     rank: int = opt(16, "LoRA rank (dim) of attention/linear layers.", min=1, max=1024)
     alpha: float = opt(8.0, "LoRA alpha; the update is scaled by alpha / rank.",
@@ -145,10 +144,8 @@ class NetworkConfig(_Section):
     conv_alpha: float = opt(1.0, "Alpha of the convolution LoRA.", min=0.0001, max=4096)
     dropout: float = opt(0.0, "Dropout on the LoRA input.", min=0.0, max=1.0)
     train_text_encoder: bool = opt(False, "Also train a LoRA on the text encoder.")
-    algorithm: str = opt("lora", "LoRA-family algorithm of network.method = 'lora': 'lora' = "
-                         "low-rank adapters on linear layers; 'locon' = also on the UNet's 3x3 "
-                         "convolutions (network.conv_rank / conv_alpha).",
-                         choices=ALGORITHMS.choices())
+    algorithm: str = opt("lora", "LoRA-family algorithm of network.method = 'lora': how a "
+                         "layer is adapted and which layers.", choices=ALGORITHMS.choices())
 
     def validate(self) -> None:
         # Algorithm options are the algorithm's to judge, and only for methods built on them.
@@ -284,7 +281,11 @@ def option_names() -> list[str]:
 def option_help(name: str) -> str:
     """The help text of ``section.key`` (node tooltips and CLI help read this)."""
     section, key = name.split(".", 1)
-    return _field(section, key).metadata["help"]
+    meta = _field(section, key).metadata
+    choices = meta.get("choices")
+    # A registry's choices describe themselves, so a new entry needs no edit here.
+    described = choices.describe() if isinstance(choices, Choices) else ""
+    return f"{meta['help']} {described}" if described else meta["help"]
 
 
 def _field(section: str, key: str) -> dataclasses.Field:

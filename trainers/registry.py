@@ -145,6 +145,12 @@ class Choices:
     def __repr__(self) -> str:
         return f"Choices({', '.join(self)})"
 
+    def describe(self) -> str:
+        """``'lora': <summary>; ...`` from the entries that have a ``summary`` (help text)."""
+        parts = [f"'{name}': {entry.summary}" for name, entry in self.registry.items()
+                 if getattr(entry, "summary", "")]
+        return "; ".join(parts) + "." if parts else ""
+
 
 METHODS = Registry("method", "network.method", home=".methods", required=(
     "trains_base_weights", "validate", "prepare", "trains_text_encoder", "trainable_state",

@@ -25,6 +25,7 @@ class LoraMethod:
     """Adapters on the UNet (and optionally the text encoders), as ``network.algorithm`` says."""
 
     name = "lora"
+    summary = "trains small adapters (a LoRA file; network.algorithm says which kind)"
     trains_base_weights = False
     uses_algorithms = True  # network.algorithm's options are checked at config validation
 

@@ -23,6 +23,7 @@ class LoConAlgorithm(LoraAlgorithm):
     """LoRA whose UNet targets include the 3x3 convolutions."""
 
     name = "locon"
+    summary = "LoRA on the UNet's 3x3 convolutions too (network.conv_rank / conv_alpha)"
 
     def check_options(self, net: NetworkConfig) -> None:
         if not net.conv_rank:

@@ -34,6 +34,7 @@ class LoraAlgorithm:
     """Low-rank adapters on linear layers."""
 
     name = "lora"
+    summary = "low-rank adapters on linear layers"
     # Conv2d too: SD1.x's proj_in / proj_out are 1x1 convolutions (a LoRA on them is the
     # same kohya down/up pair).
     layer_types = (torch.nn.Linear, torch.nn.Conv2d)
