@@ -46,8 +46,14 @@ NOT_YET = ("DreamBooth with prior preservation (class images)", "Textual Inversi
 
 def run(args) -> dict:
     from tsuika.reference.concepts import HELD_OUT
-    from tsuika.reference.quality import (Sampling, finetune, load_reference, score,
-                                          score_trained_file, vae_ceiling)
+    from tsuika.reference.quality import (
+        Sampling,
+        finetune,
+        load_reference,
+        score,
+        score_trained_file,
+        vae_ceiling,
+    )
 
     sampling = Sampling(images=args.images_per_prompt, steps=args.sample_steps)
     concepts = args.concepts.split(",")

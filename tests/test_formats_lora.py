@@ -15,9 +15,14 @@ import torch
 
 from tsuika.trainers.formats import lora_layouts as L
 from tsuika.trainers.formats.kohya import kohya_tensors, lora_module_tensors
-from tsuika.trainers.formats.lora_keys import (LoraKeyError, ModuleIndex, flat_index,
-                                               kohya_name, module_path_from_kohya,
-                                               module_paths_of)
+from tsuika.trainers.formats.lora_keys import (
+    LoraKeyError,
+    ModuleIndex,
+    flat_index,
+    kohya_name,
+    module_path_from_kohya,
+    module_paths_of,
+)
 from tsuika.trainers.formats.safetensors_io import load_safetensors, save_safetensors
 from tsuika.trainers.methods.algorithms import get_algorithm
 from tsuika.trainers.methods.algorithms.base import export_kohya

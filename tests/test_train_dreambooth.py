@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import tiny_overrides
+
 from tsuika.trainers.callbacks import Callbacks
 from tsuika.trainers.config import build_config
 from tsuika.trainers.families import load_model

@@ -5,8 +5,15 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 
 from .lora_keys import LoraKeyError, ModuleIndex, canonical_path
-from .lora_state import (KeyPool, LoraFormatError, LoraStateDict, assemble,
-                         normalise_ldm_map, refuse_unsupported, split_key)
+from .lora_state import (
+    KeyPool,
+    LoraFormatError,
+    LoraStateDict,
+    assemble,
+    normalise_ldm_map,
+    refuse_unsupported,
+    split_key,
+)
 
 COMFY_TEXT_ENCODERS = {"clip_l": "text_encoder"}  # SDXL: clip_l -> text_encoder_1, clip_g -> _2
 

@@ -12,9 +12,17 @@ from typing import Any
 
 import torch
 
-from .ldm_unet_keys import (CLIP_PREFIX, UNET_PREFIX, VAE_ATTENTION_LEAVES, VAE_PREFIX,
-                            LdmCheckpointError, check_text_keys, indices, unet_module_map,
-                            vae_module_map)
+from .ldm_unet_keys import (
+    CLIP_PREFIX,
+    UNET_PREFIX,
+    VAE_ATTENTION_LEAVES,
+    VAE_PREFIX,
+    LdmCheckpointError,
+    check_text_keys,
+    indices,
+    unet_module_map,
+    vae_module_map,
+)
 
 
 def _translate(out: dict, state_dict: Mapping[str, torch.Tensor], module_map: dict[str, str],

@@ -12,8 +12,15 @@ from collections.abc import Iterable, Mapping
 import torch
 
 from .lora_keys import ModuleIndex, component_of_kohya_name, flat_index, kohya_name
-from .lora_state import (KeyPool, LoraFormatError, LoraStateDict, assemble,
-                         normalise_ldm_map, refuse_unsupported, split_key)
+from .lora_state import (
+    KeyPool,
+    LoraFormatError,
+    LoraStateDict,
+    assemble,
+    normalise_ldm_map,
+    refuse_unsupported,
+    split_key,
+)
 
 # kohya suffix -> role of a LoRA / LoCon module's tensors.
 LORA_SUFFIXES = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}

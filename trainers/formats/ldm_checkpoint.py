@@ -22,8 +22,13 @@ this module keeps the one import path callers use.
 from .diffusers_to_ldm import diffusers_to_ldm
 from .ldm_config import SdConfigs, infer_sd_configs
 from .ldm_to_diffusers import LdmConversion, ldm_to_diffusers
-from .ldm_unet_keys import (LdmCheckpointError, config_metadata_hints, detect, unet_module_map,
-                            vae_module_map)
+from .ldm_unet_keys import (
+                            LdmCheckpointError,
+                            config_metadata_hints,
+                            detect,
+                            unet_module_map,
+                            vae_module_map,
+)
 
 __all__ = ["LdmCheckpointError", "LdmConversion", "SdConfigs", "config_metadata_hints", "detect",
            "diffusers_to_ldm", "infer_sd_configs", "ldm_to_diffusers", "unet_module_map",

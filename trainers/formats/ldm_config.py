@@ -15,11 +15,24 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .ldm_unet_keys import (CLIP_OLD_PREFIX, META_PREDICTION, META_TE_HEADS, META_UNET_GROUPS,
-                            META_UNET_HEADS, META_UNET_SAMPLE_SIZE, META_VAE_GROUPS,
-                            OPEN_CLIP_PREFIX, SUPPORTED_LAYOUTS, UNET_PREFIX, VAE_PREFIX,
-                            LdmCheckpointError, check_supported_layout, indices, read_hint,
-                            strip_prefix)
+from .ldm_unet_keys import (
+    CLIP_OLD_PREFIX,
+    META_PREDICTION,
+    META_TE_HEADS,
+    META_UNET_GROUPS,
+    META_UNET_HEADS,
+    META_UNET_SAMPLE_SIZE,
+    META_VAE_GROUPS,
+    OPEN_CLIP_PREFIX,
+    SUPPORTED_LAYOUTS,
+    UNET_PREFIX,
+    VAE_PREFIX,
+    LdmCheckpointError,
+    check_supported_layout,
+    indices,
+    read_hint,
+    strip_prefix,
+)
 
 log = logging.getLogger(__name__)
 

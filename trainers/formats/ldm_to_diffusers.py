@@ -15,9 +15,18 @@ from typing import NamedTuple
 import torch
 
 from .ldm_config import OPEN_CLIP_EXTRAS, SdConfigs, hf_clip_part, infer_sd_configs
-from .ldm_unet_keys import (CLIP_OLD_PREFIX, CLIP_PREFIX, OPEN_CLIP_PREFIX, UNET_PREFIX,
-                            VAE_PREFIX, LdmCheckpointError, check_text_keys, strip_prefix,
-                            unet_module_map, vae_module_map)
+from .ldm_unet_keys import (
+    CLIP_OLD_PREFIX,
+    CLIP_PREFIX,
+    OPEN_CLIP_PREFIX,
+    UNET_PREFIX,
+    VAE_PREFIX,
+    LdmCheckpointError,
+    check_text_keys,
+    strip_prefix,
+    unet_module_map,
+    vae_module_map,
+)
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +65,10 @@ def _check_against_map(converted: dict, part: dict, module_map: dict, what: str)
 
 def _convert_text_encoder(checkpoint, cfg: SdConfigs) -> tuple[dict, set[str]]:
     """The ``CLIPTextModel`` state dict and the checkpoint keys it was made from."""
-    from diffusers.loaders.single_file_utils import (convert_ldm_clip_checkpoint,
-                                                     convert_open_clip_checkpoint)
+    from diffusers.loaders.single_file_utils import (
+        convert_ldm_clip_checkpoint,
+        convert_open_clip_checkpoint,
+    )
 
     layers = cfg.text_encoder["num_hidden_layers"]
     if cfg.text_encoder_layout == "hf_clip":
@@ -109,8 +120,10 @@ def ldm_to_diffusers(checkpoint: Mapping[str, torch.Tensor],
     Raises:
         LdmCheckpointError: unsupported layout or keys that do not fit the inferred model.
     """
-    from diffusers.loaders.single_file_utils import (convert_ldm_unet_checkpoint,
-                                                     convert_ldm_vae_checkpoint)
+    from diffusers.loaders.single_file_utils import (
+        convert_ldm_unet_checkpoint,
+        convert_ldm_vae_checkpoint,
+    )
 
     cfg = infer_sd_configs(checkpoint, metadata)
     unet_part = {k: v for k, v in checkpoint.items() if k.startswith(UNET_PREFIX)}

@@ -12,8 +12,14 @@ import re
 from collections.abc import Iterable, Mapping
 
 from .lora_keys import COMPONENTS, ModuleIndex, canonical_path, component_of_kohya_name
-from .lora_state import (KeyPool, LoraFormatError, LoraStateDict, assemble, refuse_unsupported,
-                         split_key)
+from .lora_state import (
+    KeyPool,
+    LoraFormatError,
+    LoraStateDict,
+    assemble,
+    refuse_unsupported,
+    split_key,
+)
 
 ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # diffusers' JSON LoraConfig per component
 PEFT_PREFIXES = {"unet": "unet.", "text_encoder": "text_encoder."}  # SDXL: text_encoder_2.
