@@ -1,10 +1,11 @@
-"""The training matrix: every registered method and LoRA algorithm passes the same checks.
+"""The training matrix: every registered method, LoRA algorithm and family passes the same checks.
 
 One row per method / algorithm (peft's ``TEST_CASES`` idea: the rows are data, the checks are
 shared): a short run on the tiny model has a finite, falling loss and writes a file our own
 readers read back; a fixed seed reproduces a run exactly; a run stopped and resumed ends with
-the weights of one uninterrupted run. Adding a method or an algorithm is adding a row here;
-:func:`test_every_registered_method_and_algorithm_has_a_row` fails until it is added.
+the weights of one uninterrupted run. Adding a method or an algorithm is adding a row here,
+a family is adding its tiny fixture to ``FAMILY_FIXTURES``; the coverage tests fail until
+they are added.
 What is particular to one method (kohya names, checkpoint layout) stays in its own test file.
 """
 
@@ -23,12 +24,16 @@ from conftest import make_images, tiny_overrides
 from tsuika.trainers.callbacks import Callbacks, TrainingStopped
 from tsuika.trainers.config import NetworkConfig, build_config, option_help
 from tsuika.trainers.families import load_model
+from tsuika.trainers.fixtures import write_fixture
 from tsuika.trainers.formats.lora_keys import ModuleIndex
 from tsuika.trainers.formats.lora_layouts import read_lora
 from tsuika.trainers.formats.safetensors_io import load_safetensors
 from tsuika.trainers.loop import train
 from tsuika.trainers.methods.base import load_named_tensors
-from tsuika.trainers.registry import ALGORITHMS, METHODS
+from tsuika.trainers.registry import ALGORITHMS, FAMILIES, METHODS
+
+# family -> its tiny fixture in trainers/fixtures.py; every row runs on every family.
+FAMILY_FIXTURES = {"sd15": "sd15-tiny"}
 
 
 # -- how each kind of file is read back ---------------------------------------------------------
@@ -51,7 +56,7 @@ def _read_locon(path: Path, tiny: dict) -> int:
 def _read_checkpoint(path: Path, tiny: dict) -> int:
     """A whole checkpoint through our single-file loader."""
     bundle = load_model(path)
-    assert bundle.family == "sd15"
+    assert bundle.family == tiny["family"]
     return sum(1 for _ in bundle.unet.parameters())
 
 
@@ -146,6 +151,15 @@ def registered_dummy():
         METHODS.unregister("dummy_out")
 
 
+@pytest.fixture(scope="session", params=sorted(FAMILY_FIXTURES))
+def tiny(request, tmp_path_factory, tiny_model) -> dict:
+    """``{"diffusers", "single_file", "family"}`` of one family's tiny model."""
+    name = FAMILY_FIXTURES[request.param]
+    paths = tiny_model if name == "sd15-tiny" else write_fixture(
+        name, tmp_path_factory.mktemp(name), seed=0)
+    return {**paths, "family": request.param}
+
+
 @pytest.fixture(params=ROWS, ids=[r.id for r in ROWS])
 def row(request):
     if request.param.method == "dummy_out":
@@ -171,6 +185,10 @@ class StopAt(Callbacks):
 
 
 # -- the checks every row gets -------------------------------------------------------------------
+def test_every_registered_family_has_a_tiny_fixture():
+    assert set(FAMILIES.names()) <= set(FAMILY_FIXTURES), "add the family's tiny fixture"
+
+
 def test_every_registered_method_and_algorithm_has_a_row():
     methods = {r.method for r in ROWS}
     assert set(METHODS.names()) <= methods, "add a ROWS entry for the new method"
@@ -186,33 +204,33 @@ def test_a_registered_method_is_a_choice_of_the_config(registered_dummy):
     assert "'dummy_out': trains conv_out" in option_help("network.method")  # tooltip, CLI help
 
 
-def test_short_run_has_a_finite_falling_loss_and_a_file_we_read_back(row, tiny_model, tmp_path):
+def test_short_run_has_a_finite_falling_loss_and_a_file_we_read_back(row, tiny, tmp_path):
     data = tmp_path / "one"
     make_images(data, n=1)
-    res = _run(row, tiny_model, data, tmp_path / "out", row.learn_steps, **row.learn)
+    res = _run(row, tiny, data, tmp_path / "out", row.learn_steps, **row.learn)
     assert res.steps == row.learn_steps and all(math.isfinite(v) for v in res.losses)
     window = max(4, row.learn_steps // 5)
     first, last = sum(res.losses[:window]) / window, sum(res.losses[-window:]) / window
     assert last < first * 0.9, (first, last)
-    assert res.lora_path.is_file() and row.read_back(res.lora_path, tiny_model) > 0
+    assert res.lora_path.is_file() and row.read_back(res.lora_path, tiny) > 0
 
 
-def test_a_fixed_seed_reproduces_the_run(row, tiny_model, image_folder, tmp_path):
-    a = _run(row, tiny_model, image_folder, tmp_path / "a", 3)
-    b = _run(row, tiny_model, image_folder, tmp_path / "b", 3)
+def test_a_fixed_seed_reproduces_the_run(row, tiny, image_folder, tmp_path):
+    a = _run(row, tiny, image_folder, tmp_path / "a", 3)
+    b = _run(row, tiny, image_folder, tmp_path / "b", 3)
     ta, tb = load_safetensors(a.lora_path)[0], load_safetensors(b.lora_path)[0]
     assert a.losses == b.losses
     assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
 
 
-def test_resume_ends_with_the_weights_of_one_run(row, tiny_model, image_folder, tmp_path):
+def test_resume_ends_with_the_weights_of_one_run(row, tiny, image_folder, tmp_path):
     extra = {"output.save_every": 2, "train.lr_scheduler": "cosine"}
-    full = _run(row, tiny_model, image_folder, tmp_path / "full", 4, **extra)
+    full = _run(row, tiny, image_folder, tmp_path / "full", 4, **extra)
     with pytest.raises(TrainingStopped) as stopped:
-        _run(row, tiny_model, image_folder, tmp_path / "cut", 4, StopAt(3), **extra)
+        _run(row, tiny, image_folder, tmp_path / "cut", 4, StopAt(3), **extra)
     msg = str(stopped.value)
     assert "step 3/4" in msg and "resume" in msg and stopped.value.save.state_dir in msg
-    resumed = _run(row, tiny_model, image_folder, tmp_path / "cut", 4,
+    resumed = _run(row, tiny, image_folder, tmp_path / "cut", 4,
                    **extra, **{"train.resume": "latest"})
     assert resumed.steps == 4 and resumed.losses == full.losses
     a, b = load_safetensors(full.lora_path)[0], load_safetensors(resumed.lora_path)[0]
