@@ -306,7 +306,6 @@ def infer_sd_configs(checkpoint: Mapping[str, torch.Tensor],
     return SdConfigs(family, layout, unet, vae, te, pred, why, "ztsnr" in checkpoint, rules)
 
 
-
 def hf_clip_part(checkpoint) -> dict:
     """SD1 text-encoder tensors named as in ``CLIPTextModel`` (no ``text_model.``)."""
     part = strip_prefix(checkpoint, CLIP_OLD_PREFIX)

@@ -15,13 +15,13 @@ from dataclasses import dataclass, field
 
 import torch
 
+# Key fragments (after the module path) of adapter types the readers refuse, by name.
 UNSUPPORTED_PARTS = {
     ".lora_mid.": "LoCon/LyCORIS Tucker-decomposed convolution (lora_mid)",
     ".hada_": "LoHa (hada_*)", ".lokr_": "LoKr (lokr_*)", ".dora_scale": "DoRA (dora_scale)",
     ".lora_magnitude_vector": "DoRA (lora_magnitude_vector)", ".oft_": "OFT (oft_*)",
     ".lora_embedding_": "LoRA on embeddings (lora_embedding_*)",
 }
-
 
 
 class LoraFormatError(ValueError):
@@ -103,7 +103,6 @@ class LoraStateDict:
         self.modules[(component, path)] = weights
 
 
-
 class KeyPool:
     """The keys a reader has not consumed yet; leftovers are an error."""
 
@@ -164,7 +163,6 @@ def assemble(pool: KeyPool, groups: Mapping[tuple[str, str], Mapping[str, str]],
             alpha = float(down.shape[0])  # the loaders' rule for a missing alpha: scale 1
         check_lora_weights(down, up, alpha, where)
         lsd.add(component, path, LoraWeights(down, up, alpha), where)
-
 
 
 def normalise_ldm_map(ldm_map: Mapping[str, str] | None) -> dict[str, str] | None:
