@@ -32,7 +32,8 @@ BEGIN, END = "<!-- quality:begin -->", "<!-- quality:end -->"
 # name -> config overrides on top of the shared budget. Add a row when a method lands.
 METHODS: dict[str, tuple[str, ...]] = {
     "LoRA (UNet linears)": (),
-    "LoCon (UNet linears + 3x3 convs)": ("network.conv_rank=8", "network.conv_alpha=8"),
+    "LoCon (UNet linears + 3x3 convs)": ("network.algorithm=locon", "network.conv_rank=8",
+                                         "network.conv_alpha=8"),
     "LoRA (UNet + text encoder)": ("network.train_text_encoder=true",
                                    "train.text_encoder_lr=5e-4"),
     # Every weight moves, so a tenth of the adapters' rate (the model was pretrained at 5e-4).

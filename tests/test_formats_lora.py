@@ -1,5 +1,6 @@
-"""LoRA layouts: kohya names and alphas from a peft-trained tiny model, round trips through every
-layout, diffusers' own loader accepting our files, and loud failures on anything unexpected."""
+"""LoRA layouts: kohya names and alphas as the training export writes them (the LoRA algorithm on
+a peft-adapted tiny model), read back through every layout, diffusers' own loader and writer
+agreeing with us, and loud failures on anything unexpected."""
 
 from __future__ import annotations
 
@@ -7,11 +8,13 @@ import copy
 import json
 import logging
 import warnings
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from tsuika.trainers.formats import lora_layouts as L
+from tsuika.trainers.formats.kohya import kohya_tensors, lora_module_tensors
 from tsuika.trainers.formats.lora_keys import (
     LoraKeyError,
     ModuleIndex,
@@ -21,6 +24,8 @@ from tsuika.trainers.formats.lora_keys import (
     module_paths_of,
 )
 from tsuika.trainers.formats.safetensors_io import load_safetensors, save_safetensors
+from tsuika.trainers.methods.algorithms import get_algorithm
+from tsuika.trainers.methods.algorithms.base import export_kohya
 
 RANK, ALPHA = 4, 2.0  # alpha != rank on purpose: a writer assuming alpha = rank fails
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "ff.net.0.proj", "conv1"]
@@ -61,23 +66,27 @@ def _adapt(unet, te, alpha_pattern=None):
     return unet, te
 
 
-def _lsd_from_peft(unet, te) -> L.LoraStateDict:
-    from peft import get_peft_model_state_dict
+def _export(unet, te, dtype=torch.float32) -> dict[str, torch.Tensor]:
+    """What training writes for peft-adapted models: the LoRA algorithm's export."""
+    return export_kohya(get_algorithm("lora"), {"unet": unet, "text_encoder": te}, dtype)
 
-    lsd = L.from_peft_state_dict("unet", get_peft_model_state_dict(unet), L.peft_alphas(unet))
-    te_lsd = L.from_peft_state_dict("text_encoder", get_peft_model_state_dict(te),
-                                    L.peft_alphas(te))
-    lsd.modules.update(te_lsd.modules)
-    return lsd
+
+def _kohya(lsd: L.LoraStateDict) -> dict[str, torch.Tensor]:
+    """``lsd`` in kohya layout, through the same writer the training export uses."""
+    return kohya_tensors({key: lora_module_tensors(w.down, w.up, w.alpha)
+                          for key, w in lsd.modules.items()})
 
 
 @pytest.fixture(scope="module")
 def trained():
-    """(base unet, base te, lsd from a peft-adapted copy, module index)."""
+    """Base models, a peft-adapted copy, its export (``tensors``), the export read back
+    (``lsd``) and the base models' module index."""
     unet, te = _base_models()
     index = ModuleIndex.from_models({"unet": unet, "text_encoder": te})
     a_unet, a_te = _adapt(copy.deepcopy(unet), copy.deepcopy(te))
-    return unet, te, _lsd_from_peft(a_unet, a_te), index
+    tensors = _export(a_unet, a_te)
+    return SimpleNamespace(unet=unet, te=te, a_unet=a_unet, a_te=a_te, tensors=tensors,
+                           lsd=L.read_lora(tensors, index), index=index)
 
 
 def _assert_same(a: L.LoraStateDict, b: L.LoraStateDict):
@@ -115,8 +124,7 @@ def _te_out(te):
 
 # -- names and alphas ------------------------------------------------------------------------
 def test_module_paths_ignore_peft_wrappers_and_te_has_no_text_model_level(trained):
-    unet, te, _, index = trained
-    a_unet, a_te = _adapt(copy.deepcopy(unet), copy.deepcopy(te))
+    a_unet, a_te, index = trained.a_unet, trained.a_te, trained.index
     assert set(module_paths_of(a_unet)) == index.paths("unet")
     assert set(module_paths_of(a_te)) == index.paths("text_encoder")
     assert "encoder.layers.0.self_attn.q_proj" in index.paths("text_encoder")
@@ -124,8 +132,7 @@ def test_module_paths_ignore_peft_wrappers_and_te_has_no_text_model_level(traine
 
 
 def test_kohya_export_has_the_exact_names_loaders_expect(trained):
-    *_, lsd, _ = trained
-    tensors, _ = L.to_kohya(lsd)
+    lsd, tensors = trained.lsd, trained.tensors
     expected = {
         "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight",
         "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_out_0.lora_up.weight",
@@ -145,27 +152,26 @@ def test_kohya_export_has_the_exact_names_loaders_expect(trained):
 
 
 def test_kohya_alphas_are_the_trained_alpha_not_the_rank(trained):
-    *_, lsd, _ = trained
-    tensors, _ = L.to_kohya(lsd)
+    tensors = trained.tensors
     alphas = {k: v for k, v in tensors.items() if k.endswith(".alpha")}
     assert alphas and all(v.ndim == 0 for v in alphas.values())
     assert {float(v) for v in alphas.values()} == {ALPHA}
-    half, _ = L.to_kohya(lsd, dtype=torch.float16)  # saving in fp16 never rounds the alpha
+    half = _export(trained.a_unet, trained.a_te, torch.float16)  # fp16 never rounds the alpha
     assert {v.dtype for k, v in half.items() if not k.endswith(".alpha")} == {torch.float16}
     assert {v.dtype for k, v in half.items() if k.endswith(".alpha")} == {torch.float32}
 
 
 def test_per_module_alpha_pattern_survives_export(trained):
-    unet, te, _, index = trained
-    a_unet, a_te = _adapt(copy.deepcopy(unet), copy.deepcopy(te), alpha_pattern={"to_q": 7.0})
-    tensors, _ = L.to_kohya(_lsd_from_peft(a_unet, a_te))
+    a_unet, a_te = _adapt(copy.deepcopy(trained.unet), copy.deepcopy(trained.te),
+                          alpha_pattern={"to_q": 7.0})
+    tensors = _export(a_unet, a_te)
     for key, value in tensors.items():
         if key.endswith(".alpha") and key.startswith("lora_unet_"):
             assert float(value) == (7.0 if key.endswith("to_q.alpha") else ALPHA), key
 
 
 def test_flat_index_inverts_kohya_names(trained):
-    *_, index = trained
+    index = trained.index
     paths = sorted(index.paths("text_encoder"))
     flat = flat_index("text_encoder", paths)
     name = kohya_name("text_encoder", "encoder.layers.1.self_attn.out_proj")
@@ -182,60 +188,52 @@ def test_flat_index_inverts_kohya_names(trained):
 
 # -- round trips -----------------------------------------------------------------------------
 def test_kohya_file_round_trip_keeps_tensors_alpha_and_metadata(trained, tmp_path):
-    *_, lsd, index = trained
+    lsd, index = trained.lsd, trained.index
     lsd = L.LoraStateDict(lsd.modules, {"ss_network_alpha": str(ALPHA), "ss_output_name": "x"})
-    tensors, meta = L.to_kohya(lsd)
-    path = save_safetensors(tmp_path / "k.safetensors", tensors, meta)
+    path = save_safetensors(tmp_path / "k.safetensors", _kohya(lsd), lsd.metadata)
     back = L.read_lora(path, index)
     _assert_same(lsd, back)
     assert back.metadata == lsd.metadata
     assert L.detect_format(load_safetensors(path)[0]).name == "kohya"
 
 
-def test_peft_kohya_peft_round_trip_restores_the_adapted_model(trained):
-    from peft import (
-        LoraConfig,
-        get_peft_model_state_dict,
-        inject_adapter_in_model,
-        set_peft_model_state_dict,
-    )
+def test_the_export_read_back_and_merged_gives_the_adapted_model(trained):
+    from tsuika.trainers.ops.merge import merge_lora
 
-    unet, te, lsd, index = trained
-    a_unet, _ = _adapt(copy.deepcopy(unet), copy.deepcopy(te), alpha_pattern={"to_k": 5.0})
-    original = L.from_peft_state_dict("unet", get_peft_model_state_dict(a_unet),
-                                      L.peft_alphas(a_unet))
-    again = L.read_lora(L.to_kohya(original)[0], index)
-    _assert_same(original, again)
-    sd = L.to_peft_state_dict(again, "unet")
-    assert sd.keys() == get_peft_model_state_dict(a_unet).keys()
-    # resume: a fresh model configured from the file gets the same adapted output
-    kwargs = L.peft_config_kwargs(again, "unet")
-    fresh = inject_adapter_in_model(LoraConfig(**kwargs), copy.deepcopy(unet))
-    result = set_peft_model_state_dict(fresh, sd)
-    assert not result.unexpected_keys
-    assert L.peft_alphas(fresh) == L.peft_alphas(a_unet)
-    assert torch.allclose(_unet_out(fresh), _unet_out(a_unet), atol=1e-6)
-    assert not torch.allclose(_unet_out(fresh), _unet_out(unet), atol=1e-4)
+    a_unet, _ = _adapt(copy.deepcopy(trained.unet), copy.deepcopy(trained.te),
+                       alpha_pattern={"to_k": 5.0})
+    unet_only = ModuleIndex({"unet": trained.index.paths("unet")})
+    back = L.read_lora(export_kohya(get_algorithm("lora"), {"unet": a_unet}, torch.float32),
+                       unet_only)
+    assert {w.alpha for (_, p), w in back.modules.items() if p.endswith("to_k")} == {5.0}
+    _assert_same(back, L.read_lora(_kohya(back), unet_only))  # the writer loses nothing
+    merged = copy.deepcopy(trained.unet)
+    assert merge_lora({"unet": merged}, back) == len(back.modules)
+    assert torch.allclose(_unet_out(merged), _unet_out(a_unet), atol=1e-5)
+    assert not torch.allclose(_unet_out(merged), _unet_out(trained.unet), atol=1e-4)
 
 
-def test_peft_layout_round_trip_with_adapter_metadata(trained):
-    *_, lsd, index = trained
-    lsd = L.LoraStateDict(dict(lsd.modules), {})
-    first = next(iter(lsd.modules))
-    w = lsd.modules[first]
-    lsd.modules[first] = L.LoraWeights(w.down, w.up, 0.5)  # one module with its own alpha
-    tensors, meta = L.write_lora(lsd, "peft")
-    assert any(k.startswith("unet.") and k.endswith(".lora_A.weight") for k in tensors)
-    assert any(k.startswith("text_encoder.text_model.encoder.layers.0") for k in tensors)
-    config = json.loads(meta[L.ADAPTER_METADATA_KEY])
-    assert config["unet.lora_alpha"] == ALPHA and config["unet.r"] == RANK
-    assert L.detect_format(tensors).name == "peft"
-    _assert_same(lsd, L.read_lora(tensors, index, metadata=meta))
-    _assert_same(lsd, L.read_lora(tensors, None, metadata=meta))  # paths are explicit
+def test_peft_layout_written_by_diffusers_reads_with_its_alphas(trained, tmp_path):
+    from diffusers import StableDiffusionPipeline
+    from peft import get_peft_model_state_dict
+
+    a_unet, a_te = _adapt(copy.deepcopy(trained.unet), copy.deepcopy(trained.te),
+                          alpha_pattern={"to_q": 0.5})
+    StableDiffusionPipeline.save_lora_weights(
+        tmp_path, unet_lora_layers=get_peft_model_state_dict(a_unet),
+        text_encoder_lora_layers=get_peft_model_state_dict(a_te),
+        unet_lora_adapter_metadata=a_unet.peft_config["default"].to_dict(),
+        text_encoder_lora_adapter_metadata=a_te.peft_config["default"].to_dict())
+    path = tmp_path / "pytorch_lora_weights.safetensors"
+    tensors, meta = load_safetensors(path)
+    assert L.detect_format(tensors).name == "peft" and L.ADAPTER_METADATA_KEY in meta
+    expected = L.read_lora(_export(a_unet, a_te), trained.index)
+    _assert_same(expected, L.read_lora(path, trained.index))
+    _assert_same(expected, L.read_lora(path))  # diffusers' prefixes name the components
 
 
 def test_peft_without_alpha_metadata_means_scale_one_and_old_spellings(trained):
-    *_, lsd, index = trained
+    lsd, index = trained.lsd, trained.index
     (comp, path), w = next((k, v) for k, v in lsd.modules.items() if k[0] == "text_encoder")
     old = {f"text_encoder.text_model.{path}.lora.down.weight": w.down,
            f"text_encoder.text_model.{path}.lora.up.weight": w.up}
@@ -256,7 +254,7 @@ def test_peft_without_alpha_metadata_means_scale_one_and_old_spellings(trained):
 
 
 def test_comfy_native_file_reads_through_an_ldm_map(trained):
-    *_, lsd, index = trained
+    lsd, index = trained.lsd, trained.index
     ldm_map = {  # hand-written: LDM module path -> diffusers module path
         "input_blocks.1.1.transformer_blocks.0.attn1.to_q":
             "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q",
@@ -334,9 +332,8 @@ class _Records(logging.Handler):
 def test_diffusers_load_lora_weights_takes_every_key_with_our_alphas(trained, tmp_path):
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    unet, te, lsd, _ = trained
-    tensors, meta = L.to_kohya(lsd)
-    path = save_safetensors(tmp_path / "ours.safetensors", tensors, meta)
+    unet, te, lsd = trained.unet, trained.te, trained.lsd
+    path = save_safetensors(tmp_path / "ours.safetensors", trained.tensors, {})
     pipe = _tiny_pipeline(tmp_path, copy.deepcopy(unet), copy.deepcopy(te))
     before = _unet_out(pipe.unet)
     handler = _Records()
@@ -365,22 +362,9 @@ def test_diffusers_load_lora_weights_takes_every_key_with_our_alphas(trained, tm
                           atol=1e-5)
 
 
-def test_diffusers_loads_our_peft_layout_too(trained, tmp_path):
-    unet, te, lsd, _ = trained
-    tensors, meta = L.write_lora(lsd, "peft")
-    path = save_safetensors(tmp_path / "peft.safetensors", tensors, meta)
-    pipe = _tiny_pipeline(tmp_path, copy.deepcopy(unet), copy.deepcopy(te))
-    pipe.load_lora_weights(str(path))
-    assert torch.allclose(_unet_out(pipe.unet), _unet_out(_merged(unet, lsd, "unet")),
-                          atol=1e-5)
-    assert torch.allclose(_te_out(pipe.text_encoder), _te_out(_merged(te, lsd, "text_encoder")),
-                          atol=1e-5)
-
-
 # -- loud failures ---------------------------------------------------------------------------
 def test_leftover_keys_are_listed(trained):
-    *_, lsd, index = trained
-    tensors, _ = L.to_kohya(lsd)
+    tensors, index = trained.tensors, trained.index
     extra = {f"lora_unet_mystery_{i}.weird": torch.zeros(1) for i in range(12)}
     with pytest.raises(L.LoraFormatError) as err:
         L.read_lora({**tensors, **extra}, index)
@@ -399,8 +383,7 @@ def test_unknown_and_ambiguous_formats_list_the_known_ones(trained):
 
 
 def test_unsupported_parts_and_bad_shapes_are_refused(trained):
-    *_, lsd, index = trained
-    tensors, _ = L.to_kohya(lsd)
+    tensors, index = trained.tensors, trained.index
     name = "lora_unet_down_blocks_0_resnets_0_conv1"
     with pytest.raises(L.LoraFormatError, match="lora_mid"):
         L.read_lora({**tensors, f"{name}.lora_mid.weight": torch.zeros(RANK, RANK, 3, 3)}, index)
@@ -429,18 +412,15 @@ def test_unsupported_parts_and_bad_shapes_are_refused(trained):
 
 
 def test_lora_for_another_model_names_the_module(trained):
-    *_, lsd, index = trained
-    tensors, _ = L.to_kohya(lsd)
+    tensors, index = dict(trained.tensors), trained.index
     tensors["lora_unet_down_blocks_9_attentions_0_proj_in.lora_down.weight"] = torch.zeros(4, 8)
     tensors["lora_unet_down_blocks_9_attentions_0_proj_in.lora_up.weight"] = torch.zeros(8, 4)
     with pytest.raises(LoraKeyError, match="down_blocks_9"):
         L.read_lora(tensors, index)
 
 
-def test_kohya_writer_drops_diffusers_adapter_config(trained):
-    *_, lsd, _ = trained
-    lsd = L.LoraStateDict(lsd.modules, {L.ADAPTER_METADATA_KEY: "{}", "ss_seed": "1"})
-    _, meta = L.to_kohya(lsd)
-    assert meta == {"ss_seed": "1"}
-    with pytest.raises(L.LoraFormatError, match="writable: kohya, peft"):
-        L.write_lora(lsd, "comfy")
+def test_the_kohya_writer_refuses_two_modules_with_one_name(trained):
+    w = next(iter(trained.lsd.modules.values()))
+    parts = lora_module_tensors(w.down, w.up, w.alpha)
+    with pytest.raises(L.LoraFormatError, match="both get the kohya name 'lora_unet_a_b_c'"):
+        kohya_tensors({("unet", "a_b.c"): parts, ("unet", "a.b_c"): parts})

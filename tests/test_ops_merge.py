@@ -4,9 +4,12 @@ import copy
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
+from peft import LoraConfig, inject_adapter_in_model
 
-from tsuika.trainers.formats.lora_layouts import LoraStateDict, LoraWeights, from_peft_state_dict
+from tsuika.trainers.formats.lora_keys import ModuleIndex
+from tsuika.trainers.formats.lora_layouts import LoraStateDict, LoraWeights, read_lora
+from tsuika.trainers.methods.algorithms import get_algorithm
+from tsuika.trainers.methods.algorithms.base import export_kohya
 from tsuika.trainers.ops.merge import MergeError, merge_lora
 
 
@@ -36,7 +39,10 @@ def _adapted(alpha: float, rank: int = 2):
 @pytest.mark.parametrize("strength", [1.0, 0.5])
 def test_merged_weights_match_the_adapter(strength):
     base, adapted = _adapted(alpha=4.0)
-    lsd = from_peft_state_dict("unet", get_peft_model_state_dict(adapted), alpha=4.0)
+    # as training writes it and the quality scoring reads it back
+    lsd = read_lora(export_kohya(get_algorithm("lora"), {"unet": adapted}, torch.float32),
+                    ModuleIndex.from_models({"unet": base}))
+    assert {w.alpha for w in lsd.modules.values()} == {4.0}
     x = torch.randn(2, 3, 6, 6)
     with torch.no_grad():
         before = base(x)

@@ -8,7 +8,7 @@ a resumable state, then raise :class:`TrainingStopped` naming where they are.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 
@@ -63,33 +63,3 @@ class Callbacks:
     def should_stop(self) -> bool:
         """Polled once per step; True stops the run gracefully (weights and state saved)."""
         return False
-
-
-@dataclass
-class CallbackList(Callbacks):
-    """Fans every hook out to several listeners; stops when any of them asks to."""
-
-    listeners: list[Callbacks] = field(default_factory=list)
-
-    def on_start(self, info):
-        for c in self.listeners:
-            c.on_start(info)
-
-    def on_step(self, info):
-        for c in self.listeners:
-            c.on_step(info)
-
-    def on_sample(self, step, images, prompts):
-        for c in self.listeners:
-            c.on_sample(step, images, prompts)
-
-    def on_save(self, info):
-        for c in self.listeners:
-            c.on_save(info)
-
-    def on_message(self, text):
-        for c in self.listeners:
-            c.on_message(text)
-
-    def should_stop(self):
-        return any(c.should_stop() for c in self.listeners)

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .registry import ALGORITHMS, FAMILIES, METHODS, Choices
+
 CONFIG_VERSION = 1
 # The largest train.seed: the loop derives per-micro-batch seeds as seed * 1_000_003 + index
 # (+ 2**40 for class images), and torch.Generator.manual_seed takes at most 2**64 - 1; with
@@ -34,7 +36,10 @@ class ConfigError(ValueError):
 
 def opt(default: Any, help: str, *, choices: tuple | None = None, min: float | None = None,
         max: float | None = None, factory: Any = None) -> Any:
-    """A config field with its help text and limits (read by validation, CLI help, nodes)."""
+    """A config field with its help text and limits (read by validation, CLI help, nodes).
+
+    ``choices`` is a tuple, or a registry's ``choices()`` (read when validating, so the
+    registry is the one list of methods, algorithms and families)."""
     meta = {"help": help, "choices": choices, "min": min, "max": max}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
@@ -81,7 +86,7 @@ class ModelConfig(_Section):
     path: str = opt("", "Base model: a diffusers folder or a single-file .safetensors "
                         "checkpoint (original layout, as kept in ComfyUI's models/checkpoints).")
     family: str = opt("auto", "Model family; 'auto' detects it from the weights.",
-                      choices=("auto", "sd15"))
+                      choices=FAMILIES.choices("auto"))
     prediction_type: str = opt("auto", "What the UNet predicts; 'auto' reads it from the model "
                                        "(scheduler config or checkpoint), never guesses.",
                                choices=("auto", "epsilon", "v_prediction"))
@@ -142,9 +147,8 @@ class DataConfig(_Section):
 @dataclass
 class NetworkConfig(_Section):
     SECTION = "network"
-    method: str = opt("lora", "Training method: 'lora' trains small adapters (a LoRA file); "
-                      "'dreambooth' fine-tunes the UNet's own weights (a whole checkpoint).",
-                      choices=("lora", "dreambooth"))
+    method: str = opt("lora", "Training method: what trains and what file it writes.",
+                      choices=METHODS.choices())
     rank: int = opt(16, "LoRA rank (dim) of attention/linear layers.", min=1, max=1024)
     alpha: float = opt(0.0, "LoRA alpha; the update is scaled by alpha / rank. 0 = auto: half "
                             "the rank (rounded down, at least 1).", min=0.0, max=4096)
@@ -152,15 +156,21 @@ class NetworkConfig(_Section):
                                      "of the UNet's transformer blocks plus proj_in/proj_out "
                                      "(kohya's default); 'attention' = to_q/to_k/to_v/to_out only.",
                       choices=("transformer", "attention"))
-    conv_rank: int = opt(0, "Rank of LoRA on 3x3 convolutions (LoCon); 0 = off.", min=0, max=1024)
+    conv_rank: int = opt(0, "Rank of the adapters on 3x3 convolutions (network.algorithm = "
+                            "'locon'); 0 = no convolutions.", min=0, max=1024)
     conv_alpha: float = opt(1.0, "Alpha of the convolution LoRA.", min=0.0001, max=4096)
     dropout: float = opt(0.0, "Dropout on the LoRA input.", min=0.0, max=1.0)
     train_text_encoder: bool = opt(False, "Also train a LoRA on the text encoder.")
+    algorithm: str = opt("lora", "LoRA-family algorithm of network.method = 'lora': how a "
+                         "layer is adapted and which layers.", choices=ALGORITHMS.choices())
 
     def validate(self) -> None:
         # The one place the "alpha = rank / 2" policy lives (CLI, nodes and tests alike).
         if self.alpha == 0:
             self.alpha = auto_alpha(self.rank)
+        # Algorithm options are the algorithm's to judge, and only for methods built on them.
+        if getattr(METHODS.get(self.method), "uses_algorithms", False):
+            ALGORITHMS.get(self.algorithm).check_options(self)
 
 
 def auto_alpha(rank: int) -> float:
@@ -314,7 +324,11 @@ def option_names() -> list[str]:
 def option_help(name: str) -> str:
     """The help text of ``section.key`` (node tooltips and CLI help read this)."""
     section, key = name.split(".", 1)
-    return _field(section, key).metadata["help"]
+    meta = _field(section, key).metadata
+    choices = meta.get("choices")
+    # A registry's choices describe themselves, so a new entry needs no edit here.
+    described = choices.describe() if isinstance(choices, Choices) else ""
+    return f"{meta['help']} {described}" if described else meta["help"]
 
 
 def _field(section: str, key: str) -> dataclasses.Field:

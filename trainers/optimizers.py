@@ -213,8 +213,3 @@ def round_in_place(x: torch.Tensor, salt: int) -> torch.Tensor:
     bits = x.view(torch.int32)
     bits.add_(_noise_window(x.numel(), salt, x.device)).bitwise_and_(-65536)
     return x
-
-
-def stochastic_round_bf16(x: torch.Tensor, salt: int) -> torch.Tensor:
-    """``x`` (1-d fp32, overwritten) stochastically rounded, as bf16 (see ``round_in_place``)."""
-    return round_in_place(x, salt).to(torch.bfloat16)

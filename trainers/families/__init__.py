@@ -3,7 +3,8 @@
 A family knows how to load its models (diffusers folder or single-file checkpoint), encode
 captions into the UNet's conditioning, and which components a LoRA can target. The loop and
 the methods only talk to this interface, so a new family (SDXL: two text encoders, pooled
-embeddings, time ids) is one new module plus one line in ``FAMILIES``.
+embeddings, time ids) is one new module plus one ``FAMILIES.register`` line here;
+``model.family``'s choices read the registry.
 """
 
 from __future__ import annotations
@@ -13,18 +14,19 @@ from pathlib import Path
 import torch
 
 from ..device.host_memory import give_back_freed_memory
+from ..registry import FAMILIES, RegistryError
 from .base import Family, FamilyFacts, ModelBundle, ModelLoadError
 from .sd15 import Sd15Family
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (Sd15Family(),)}
+FAMILIES.register(Sd15Family())
 
 
 def get_family(name: str) -> Family:
     """The family registered as ``name``; a clear error lists the known ones."""
-    if name not in FAMILIES:
-        raise ModelLoadError(f"model.family = {name!r} is not supported; known families: "
-                             f"{', '.join(FAMILIES)}.")
-    return FAMILIES[name]
+    try:
+        return FAMILIES.get(name)
+    except RegistryError as e:
+        raise ModelLoadError(str(e)) from None
 
 
 def family_facts(name: str) -> FamilyFacts:

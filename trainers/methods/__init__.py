@@ -1,24 +1,28 @@
 """Training methods: one module each, one small protocol (see ``base.Method``).
 
-The UI's method choices come from ``METHODS``; adding a method (Textual Inversion,
-DreamBooth, Hypernetwork, a LoRA variant) is one module plus one line here.
+Adding a method (Textual Inversion, Hypernetwork, ...) is one module plus one
+``METHODS.register`` line here; ``network.method``'s choices, the nodes' combos and the
+training test matrix read the registry. LoRA-family algorithms (LoRA, LoCon, later LoHa /
+LoKr / DoRA) are not methods: they sit behind the LoRA method in ``methods.algorithms``.
 """
 
 from __future__ import annotations
 
+from ..registry import METHODS, RegistryError
 from .base import Method, MethodError
 from .dreambooth import DreamBoothMethod
 from .lora import LoraMethod
 
-METHODS: dict[str, Method] = {m.name: m for m in (LoraMethod(), DreamBoothMethod())}
+METHODS.register(LoraMethod())
+METHODS.register(DreamBoothMethod())
 
 
 def get_method(name: str) -> Method:
     """The method registered as ``name``; a clear error lists the known ones."""
-    if name not in METHODS:
-        raise MethodError(f"network.method = {name!r} is not supported; known methods: "
-                          f"{', '.join(METHODS)}.")
-    return METHODS[name]
+    try:
+        return METHODS.get(name)
+    except RegistryError as e:
+        raise MethodError(str(e)) from None
 
 
 __all__ = ["METHODS", "Method", "MethodError", "get_method"]

@@ -30,6 +30,7 @@ class DreamBoothMethod:
     """Full fine-tuning of the UNet (and the text encoder with network.train_text_encoder)."""
 
     name = "dreambooth"
+    summary = "fine-tunes the UNet's own weights (a whole checkpoint)"
     trains_base_weights = True
 
     def trains_text_encoder(self, config: TsuikaConfig) -> bool:

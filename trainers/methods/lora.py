@@ -1,61 +1,44 @@
-"""LoRA (and LoCon on convolutions) through peft, exported with kohya key names."""
+"""LoRA-family adapters (LoRA, LoCon, ...) through peft, exported with kohya / LyCORIS names.
+
+What differs between LoRA-family algorithms (which layers, which peft config, which file
+tensors) is the algorithm's (``network.algorithm``, ``methods.algorithms``); this method does
+what they share: inject per component, train the adapters in fp32, keep them in resumable
+states, and write one kohya-named file through the one writer.
+"""
 
 from __future__ import annotations
 
 import logging
-import re
 
 import torch
 
 from ..config import TsuikaConfig
 from ..families.base import ModelBundle
-from ..formats.lora_keys import kohya_name
+from .algorithms import get_algorithm
+from .algorithms.base import export_kohya, inject
 from .base import MethodError, load_named_tensors
 
 log = logging.getLogger(__name__)
 
-ADAPTER = "default"
-
-# Which layers a LoRA adapts. UNet: every linear layer of the transformer blocks plus their
-# proj_in/proj_out (what kohya's LoRA targets, so files look like the ones users know);
-# text encoder: attention and MLP projections.
-UNET_LINEAR = re.compile(
-    r".*attentions\.\d+\.(proj_in|proj_out|transformer_blocks\.\d+\.(attn[12]\.(to_q|to_k|to_v|"
-    r"to_out\.0)|ff\.net\.(0\.proj|2)))$")
-UNET_ATTENTION = re.compile(r".*transformer_blocks\.\d+\.attn[12]\.(to_q|to_k|to_v|to_out\.0)$")
-# LoCon: the 3x3 convolutions of the resnets and the down/up samplers.
-UNET_CONV = re.compile(
-    r".*(resnets\.\d+\.(conv1|conv2)|downsamplers\.0\.conv|upsamplers\.0\.conv)$")
-TEXT_LINEAR = re.compile(
-    r".*layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|out_proj)|mlp\.(fc1|fc2))$")
-
-
-def _targets(module: torch.nn.Module, pattern: re.Pattern) -> list[str]:
-    return [n for n, m in module.named_modules()
-            if pattern.match(n) and isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
-
-
-def _lora_layers(module: torch.nn.Module):
-    """(module path, peft LoRA layer) for every adapted layer of ``module``."""
-    for name, m in module.named_modules():
-        if hasattr(m, "lora_A") and ADAPTER in getattr(m, "lora_A", {}):
-            yield name, m
-
 
 class LoraMethod:
-    """Low-rank adapters on the UNet (and optionally the text encoder)."""
+    """Adapters on the UNet (and optionally the text encoders), as ``network.algorithm`` says."""
 
     name = "lora"
+    summary = "trains small adapters (a LoRA file; network.algorithm says which kind)"
     trains_base_weights = False
+    uses_algorithms = True  # network.algorithm's options are checked at config validation
 
     def trains_text_encoder(self, config: TsuikaConfig) -> bool:
         return config.network.train_text_encoder
 
     def validate(self, config: TsuikaConfig, bundle: ModelBundle) -> None:
         net = config.network
-        smallest = min((min(m.in_features, m.out_features) for n, m in
-                        bundle.unet.named_modules() if isinstance(m, torch.nn.Linear)
-                        and UNET_LINEAR.match(n)), default=None)
+        algorithm = get_algorithm(net.algorithm)
+        targets = algorithm.targets("unet", bundle.unet, net)
+        linear = [bundle.unet.get_submodule(p) for p in targets]
+        smallest = min((min(m.in_features, m.out_features) for m in linear
+                        if isinstance(m, torch.nn.Linear)), default=None)
         if smallest is None:
             raise MethodError("the UNet has no attention layers a LoRA could adapt.")
         if net.rank > smallest:
@@ -63,38 +46,25 @@ class LoraMethod:
                               f"layer ({smallest} features); use network.rank <= {smallest}.")
 
     def prepare(self, config: TsuikaConfig, bundle: ModelBundle) -> list[dict]:
-        from peft import LoraConfig, inject_adapter_in_model
-
         net, tr = config.network, config.train
+        algorithm = get_algorithm(net.algorithm)
         groups = []
-        unet_targets = _targets(bundle.unet, UNET_ATTENTION if net.target == "attention"
-                                else UNET_LINEAR)
-        conv_targets = _targets(bundle.unet, UNET_CONV) if net.conv_rank else []
-        unet_cfg = LoraConfig(
-            r=net.rank, lora_alpha=net.alpha, lora_dropout=net.dropout,
-            target_modules=unet_targets + conv_targets, init_lora_weights=True,
-            rank_pattern={re.escape(t): net.conv_rank for t in conv_targets},
-            alpha_pattern={re.escape(t): net.conv_alpha for t in conv_targets})
-        inject_adapter_in_model(unet_cfg, bundle.unet, adapter_name=ADAPTER)
-        groups.append({"params": self._trainable(bundle.unet), "lr": tr.learning_rate,
-                       "name": "unet"})
-        if net.train_text_encoder:
-            for te in bundle.text_encoders:
-                te_cfg = LoraConfig(r=net.rank, lora_alpha=net.alpha, lora_dropout=net.dropout,
-                                    target_modules=_targets(te, TEXT_LINEAR),
-                                    init_lora_weights=True)
-                inject_adapter_in_model(te_cfg, te, adapter_name=ADAPTER)
-                groups.append({"params": self._trainable(te), "lr": tr.text_encoder_lr,
-                               "name": "text_encoder"})
+        for comp, module in bundle.components.items():
+            if comp != "unet" and not net.train_text_encoder:
+                continue
+            inject(algorithm, comp, module, net)
+            groups.append({"params": self._trainable(module, algorithm),
+                           "lr": tr.learning_rate if comp == "unet" else tr.text_encoder_lr,
+                           "name": "unet" if comp == "unet" else "text_encoder"})
         n = sum(p.numel() for g in groups for p in g["params"])
-        log.info("LoRA: %d trainable parameters in %d groups", n, len(groups))
+        log.info("%s: %d trainable parameters in %d groups", algorithm.name, n, len(groups))
         return groups
 
     @staticmethod
-    def _trainable(module: torch.nn.Module) -> list[torch.nn.Parameter]:
+    def _trainable(module: torch.nn.Module, algorithm) -> list[torch.nn.Parameter]:
         params = []
         for name, p in module.named_parameters():
-            if ".lora_" in name:
+            if algorithm.is_trained(name):
                 # Adapters train in fp32 even when the frozen weights are bf16/fp16.
                 p.data = p.data.float()
                 p.requires_grad_(True)
@@ -102,32 +72,20 @@ class LoraMethod:
         return params
 
     def trainable_state(self, bundle: ModelBundle) -> dict[str, torch.Tensor]:
+        # Adapter parameters are exactly the ones that require grad: the base stays frozen.
         return {f"{comp}::{name}": p.detach().to("cpu").clone()
                 for comp, module in bundle.components.items()
-                for name, p in module.named_parameters() if ".lora_" in name}
+                for name, p in module.named_parameters() if p.requires_grad}
 
     def load_trainable_state(self, bundle: ModelBundle,
                              state: dict[str, torch.Tensor]) -> None:
-        load_named_tensors(bundle, state, lambda name, p: ".lora_" in name,
-                           "network options (network.rank, conv_rank, target or "
-                           "train_text_encoder?)")
+        load_named_tensors(bundle, state, lambda name, p: p.requires_grad, "network options")
 
     def export(self, config: TsuikaConfig, bundle: ModelBundle,
                dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        """Kohya-named tensors: ``<name>.lora_down.weight``, ``.lora_up.weight``, ``.alpha``."""
-        out: dict[str, torch.Tensor] = {}
-        for comp, module in bundle.components.items():
-            for path, layer in _lora_layers(module):
-                name = kohya_name(comp, path)
-                down = layer.lora_A[ADAPTER].weight.detach()
-                up = layer.lora_B[ADAPTER].weight.detach()
-                rank = down.shape[0]
-                # peft keeps scaling = alpha / r; recover the alpha that was trained with.
-                alpha = float(layer.scaling[ADAPTER]) * rank
-                out[f"{name}.lora_down.weight"] = down.to("cpu", dtype).contiguous()
-                out[f"{name}.lora_up.weight"] = up.to("cpu", dtype).contiguous()
-                out[f"{name}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
-        return out
+        """Kohya-named tensors of every adapted layer (``<name>.lora_down.weight``,
+        ``.lora_up.weight``, ``.alpha`` for LoRA / LoCon), through the one kohya writer."""
+        return export_kohya(get_algorithm(config.network.algorithm), bundle.components, dtype)
 
     def file_metadata(self, config: TsuikaConfig, bundle: ModelBundle,
                       metadata: dict[str, str]) -> dict[str, str]:
