@@ -79,7 +79,9 @@ class LoraMethod:
 
     def load_trainable_state(self, bundle: ModelBundle,
                              state: dict[str, torch.Tensor]) -> None:
-        load_named_tensors(bundle, state, lambda name, p: p.requires_grad, "network options")
+        load_named_tensors(bundle, state, lambda name, p: p.requires_grad,
+                           "network options (network.rank, conv_rank, algorithm, target or "
+                           "train_text_encoder?)")
 
     def export(self, config: TsuikaConfig, bundle: ModelBundle,
                dtype: torch.dtype) -> dict[str, torch.Tensor]:
