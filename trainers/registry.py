@@ -159,6 +159,7 @@ ALGORITHMS = Registry("LoRA algorithm", "network.algorithm", home=".methods.algo
                       required=("layer_types", "check_options", "targets", "peft_config",
                                 "is_trained", "adapted_layers", "module_tensors"))
 FAMILIES = Registry("family", "model.family", home=".families", plural="families",
-                    required=("detect", "load", "encode_text", "predict"))
+                    required=("detect", "load", "encode_text", "predict", "facts",
+                              "bundle_from_ldm"))
 
 __all__ = ["ALGORITHMS", "FAMILIES", "METHODS", "Choices", "Registry", "RegistryError"]
