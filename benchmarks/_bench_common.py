@@ -111,3 +111,15 @@ def matmul_rate(device: str, n: int = 2048, repeat: int = 10) -> tuple[float, fl
             torch.cuda.synchronize()
         rates.append(2 * n**3 * repeat / (time.perf_counter() - t0))
     return rates[0], rates[1]
+
+
+def replace_docs_section(docs: Path, begin: str, end: str, text: str) -> None:
+    """Put ``text`` between the ``begin`` and ``end`` markers of ``docs`` (atomically)."""
+    doc = docs.read_text(encoding="utf-8")
+    if begin not in doc or end not in doc:
+        raise SystemExit(f"{docs} has no {begin} ... {end} section to replace.")
+    head, rest = doc.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    tmp = docs.with_suffix(".md.tmp")
+    tmp.write_text(f"{head}{begin}\n{text}\n{end}{tail}", encoding="utf-8")
+    tmp.replace(docs)

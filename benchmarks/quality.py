@@ -25,6 +25,10 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _bench_common import replace_docs_section  # noqa: E402
+
 REPO = Path(__file__).resolve().parent.parent
 DOCS = REPO / "docs" / "BENCHMARKS.md"
 BEGIN, END = "<!-- quality:begin -->", "<!-- quality:end -->"
@@ -120,14 +124,7 @@ def table(result: dict, command: str) -> str:
 
 
 def write_docs(text: str) -> None:
-    doc = DOCS.read_text(encoding="utf-8")
-    if BEGIN not in doc or END not in doc:
-        raise SystemExit(f"{DOCS} has no {BEGIN} ... {END} section to replace.")
-    head, rest = doc.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    tmp = DOCS.with_suffix(".md.tmp")
-    tmp.write_text(f"{head}{BEGIN}\n{text}\n{END}{tail}", encoding="utf-8")
-    tmp.replace(DOCS)
+    replace_docs_section(DOCS, BEGIN, END, text)
 
 
 def main(argv: list[str] | None = None) -> int:

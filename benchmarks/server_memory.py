@@ -30,6 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _bench_common import replace_docs_section  # noqa: E402
 from _comfy_server import CKPT, ROOT, ComfySession, Outcome, write_models  # noqa: E402
 
 DOCS = ROOT / "docs" / "BENCHMARKS.md"
@@ -198,14 +199,7 @@ def check(outcomes: list[Outcome]) -> list[str]:
 
 
 def write_docs(text: str) -> None:
-    doc = DOCS.read_text(encoding="utf-8")
-    if BEGIN not in doc or END not in doc:
-        raise SystemExit(f"{DOCS} has no {BEGIN} ... {END} section to replace.")
-    head, rest = doc.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    tmp = DOCS.with_suffix(".md.tmp")
-    tmp.write_text(f"{head}{BEGIN}\n{text}\n{END}{tail}", encoding="utf-8")
-    tmp.replace(DOCS)
+    replace_docs_section(DOCS, BEGIN, END, text)
 
 
 def main(argv: list[str] | None = None) -> int:

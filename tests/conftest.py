@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import random
+import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -53,3 +55,18 @@ def tiny_overrides(model: Path, data: Path, out: Path, steps: int = 4, **extra) 
               "train.mixed_precision": "no", "train.device": "cpu"}
     values.update(extra)
     return [f"{k}={v}" for k, v in values.items()]
+
+
+@pytest.fixture
+def fake_comfy(monkeypatch) -> list[str]:
+    """A stand-in for ``comfy.model_management`` that records what the host bridge asked of
+    it (the calls, in order), so ``nodes/_host.py`` is testable without a ComfyUI."""
+    calls: list[str] = []
+    mm = types.ModuleType("comfy.model_management")
+    mm.unload_all_models = lambda: calls.append("unload_all_models")
+    mm.soft_empty_cache = lambda: calls.append("soft_empty_cache")
+    comfy = types.ModuleType("comfy")
+    comfy.model_management = mm
+    monkeypatch.setitem(sys.modules, "comfy", comfy)
+    monkeypatch.setitem(sys.modules, "comfy.model_management", mm)
+    return calls

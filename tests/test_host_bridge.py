@@ -1,7 +1,6 @@
 """The host bridge knows no family: it finds one through the families' facts and lets the
 family's own hook build the bundle from what ComfyUI holds (an original-layout state dict)."""
 
-import sys
 import types
 
 import pytest
@@ -21,20 +20,6 @@ class _FakeComfyModel:
         self.model = types.SimpleNamespace(
             model_config=config_cls(), model_type=model_type,
             state_dict_for_saving=lambda clip_sd, vae_sd: dict(ldm))
-
-
-@pytest.fixture
-def fake_comfy(monkeypatch):
-    """A stand-in for comfy.model_management that records what the bridge asked of it."""
-    calls = []
-    mm = types.ModuleType("comfy.model_management")
-    mm.unload_all_models = lambda: calls.append("unload_all_models")
-    mm.soft_empty_cache = lambda: calls.append("soft_empty_cache")
-    comfy = types.ModuleType("comfy")
-    comfy.model_management = mm
-    monkeypatch.setitem(sys.modules, "comfy", comfy)
-    monkeypatch.setitem(sys.modules, "comfy.model_management", mm)
-    return calls
 
 
 def test_the_host_model_table_comes_from_the_families():

@@ -6,9 +6,7 @@ small stand-in for ``comfy.model_management`` records what the guard asks of the
 """
 
 import gc
-import sys
 import traceback
-import types
 import weakref
 
 import pytest
@@ -19,18 +17,10 @@ class _Held:
 
 
 @pytest.fixture
-def host(monkeypatch):
-    calls = []
-    mm = types.ModuleType("comfy.model_management")
-    mm.unload_all_models = lambda: calls.append("unload_all_models")
-    mm.soft_empty_cache = lambda: calls.append("soft_empty_cache")
-    comfy = types.ModuleType("comfy")
-    comfy.model_management = mm
-    monkeypatch.setitem(sys.modules, "comfy", comfy)
-    monkeypatch.setitem(sys.modules, "comfy.model_management", mm)
+def host(fake_comfy):
     from tsuika.nodes import _host
 
-    return _host, calls
+    return _host, fake_comfy
 
 
 def _train_and_fail(refs, error):
