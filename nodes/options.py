@@ -167,6 +167,8 @@ def check_widgets(options: list[str], values: dict[str, Any]) -> None:
     for option in options:
         spec = widget_spec(option)
         value = values.get(spec["id"])
+        if value is None:  # left out of the prompt (options nodes): the config's default, so
+            continue       # a field added later breaks no saved or API-built workflow
         if spec["choices"]:
             check_choice(spec["id"], value, spec["choices"])
         elif spec["kind"] in ("int", "float"):

@@ -42,7 +42,7 @@ def make_options_node(node_id: str, display_name: str, section: str) -> type[io.
                             "nodes together and connect the last one to its 'options' input.",
                 inputs=[Options.Input("options", optional=True, tooltip="Options from another "
                                       "options node (chain them in any order).")]
-                + [widget(o) for o in section_options(section)],
+                + [widget(o, optional=True) for o in section_options(section)],
                 outputs=[Options.Output(display_name="options",
                                         tooltip="To Train LoRA Advanced's 'options', or to the "
                                                 "next options node.")],

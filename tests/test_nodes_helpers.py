@@ -141,6 +141,18 @@ def test_non_finite_numbers_are_refused_by_widget_name(value):
         options.check_widgets(["train.learning_rate"], {"learning_rate": value})
 
 
+def test_an_options_widget_left_out_of_a_prompt_takes_the_config_default():
+    # A workflow saved before network.algorithm existed has no such widget: still valid, and
+    # the run gets the config's default; a value that is given is still checked.
+    network = options.section_options("network")
+    assert "network.algorithm" in network
+    options.check_widgets(network, {"rank": 4})
+    config = options.build_checked({"network.rank": 4})
+    assert config.network.algorithm == "lora"
+    with pytest.raises(validation.InputRefused, match="algorithm"):
+        options.check_widgets(network, {"algorithm": "nope"})
+
+
 def test_combo_values_are_checked_against_their_own_choices():
     with pytest.raises(InputRefused, match="optimizer = 'sgd' is not one of its choices"):
         options.check_widgets(["train.optimizer"], {"optimizer": "sgd"})
