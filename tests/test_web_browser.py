@@ -288,14 +288,17 @@ def test_reports_are_drawn_on_the_nodes(comfy_server, tmp_path):
     text = data["report"]["text"]
     assert text.startswith("12 images used from "), text
     assert "1 skipped" in text and "broken.png" in text, text
+    # a skipped file makes the report a warning: its headline is drawn in the warning colour
+    assert data["report"]["level"] == "warning", data["report"]
     headline = data["report"]["lines"][0]["text"]
-    assert _fills(data, headline) == [HEADLINE], data["drawn"]
+    assert _fills(data, headline) == [WARNING], data["drawn"]
     broken = [ln["text"] for ln in data["report"]["lines"] if "broken.png" in ln["text"]]
     assert broken and all(_fills(data, t) == [WARNING] for t in broken), data["drawn"]
 
     train = res["nodes"]["TsuikaTrainLoRA"]
     _assert_drawn(train)
     assert train["report"]["text"].startswith("trained 20 steps, loss "), train["report"]
+    assert _fills(train, train["report"]["lines"][0]["text"]) == [HEADLINE], train["drawn"]
     assert "LoRA: " in train["report"]["text"], train["report"]
     save = res["nodes"]["TsuikaSaveLoRA"]
     _assert_drawn(save)
