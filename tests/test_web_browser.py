@@ -143,23 +143,24 @@ def comfy_server(tmp_path):
         (comfy / "models" / "loras" / f"{lora_name}.safetensors").unlink(missing_ok=True)
 
 
-def _drive(url: str, server_log: Path, workflow: dict, tmp_path: Path) -> tuple[dict, str]:
-    """Run the browser driver on ``workflow``; returns (its RESULT, a log excerpt for errors)."""
-    wf_path = tmp_path / "workflow.json"
+def _run_driver(driver: Path, args: list[str], url: str, server_log: Path, workflow: dict,
+                tmp_path: Path, stem: str, env: dict, timeout: int) -> tuple[dict, str]:
+    """Run a browser driver (node) on ``workflow``: ``node DRIVER URL WORKFLOW SHOTS *args``;
+    returns (its RESULT, a log excerpt for errors)."""
+    wf_path = tmp_path / f"{stem}.json"
     wf_path.write_text(json.dumps(workflow))
     shots = Path(os.environ.get("BROWSER_SHOTS") or tempfile.mkdtemp(dir=tmp_path))
     shots.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, **THREADS, "PLAYWRIGHT_CORE": PLAYWRIGHT, "CHROMIUM": CHROMIUM,
-           "EVENT_TIMEOUT_MS": "180000"}
+    env = {**os.environ, **THREADS, "PLAYWRIGHT_CORE": PLAYWRIGHT, "CHROMIUM": CHROMIUM, **env}
     # the driver closes its browser itself; on a timeout its whole process group is killed
-    driver = subprocess.Popen([NODE, str(DRIVER), url, str(wf_path), str(shots), "3"],
-                              cwd=DRIVER.parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True, env=env, start_new_session=True)
+    proc = subprocess.Popen([NODE, str(driver), url, str(wf_path), str(shots), *args],
+                            cwd=driver.parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env, start_new_session=True)
     try:
-        out, err = driver.communicate(timeout=270)
+        out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(driver.pid, signal.SIGKILL)
-        out, err = driver.communicate()
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
     _post(f"{url}/interrupt")
     where = f"\ndriver log:\n{err[-3000:]}\nserver log:\n{server_log.read_text()[-3000:]}"
     assert "RESULT " in out, out[-2000:] + where
@@ -167,6 +168,12 @@ def _drive(url: str, server_log: Path, workflow: dict, tmp_path: Path) -> tuple[
     res["shots"] = str(shots)
     print("screenshots:", shots, "\nbrowser console:", *res["console"], sep="\n  ")
     return res, where
+
+
+def _drive(url: str, server_log: Path, workflow: dict, tmp_path: Path) -> tuple[dict, str]:
+    """Run the loss-chart driver on ``workflow``; returns (its RESULT, a log excerpt)."""
+    return _run_driver(DRIVER, ["3"], url, server_log, workflow, tmp_path, "workflow",
+                       {"EVENT_TIMEOUT_MS": "180000"}, timeout=270)
 
 
 def test_loss_chart_draws_live_in_the_browser(comfy_server, tmp_path):
@@ -221,27 +228,9 @@ HEADLINE, WARNING, CANCELLED = "#f0f0f0", "#f2b84b", "#8cc8e8"  # web/js/common/
 def _drive_report(url: str, server_log: Path, workflow: dict, tmp_path: Path, mode: str,
                   settings: dict) -> tuple[dict, str]:
     """Run tests/web/browser_report.mjs; returns (its RESULT, a log excerpt for errors)."""
-    wf_path = tmp_path / f"{mode}_workflow.json"
-    wf_path.write_text(json.dumps(workflow))
-    shots = Path(os.environ.get("BROWSER_SHOTS") or tempfile.mkdtemp(dir=tmp_path))
-    shots.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, **THREADS, "PLAYWRIGHT_CORE": PLAYWRIGHT, "CHROMIUM": CHROMIUM,
-           "END_TIMEOUT_MS": "300000"}
-    driver = subprocess.Popen([NODE, str(REPORT_DRIVER), url, str(wf_path), str(shots), mode,
-                               json.dumps(settings)],
-                              cwd=REPORT_DRIVER.parent, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
-    try:
-        out, err = driver.communicate(timeout=420)
-    except subprocess.TimeoutExpired:
-        os.killpg(driver.pid, signal.SIGKILL)
-        out, err = driver.communicate()
-    _post(f"{url}/interrupt")
-    where = f"\ndriver log:\n{err[-3000:]}\nserver log:\n{server_log.read_text()[-3000:]}"
-    assert "RESULT " in out, out[-2000:] + where
-    res = json.loads(out.split("RESULT ", 1)[1])
-    res["shots"] = str(shots)
-    print("screenshots:", shots, "\nbrowser console:", *res["console"], sep="\n  ")
+    res, where = _run_driver(REPORT_DRIVER, [mode, json.dumps(settings)], url, server_log,
+                             workflow, tmp_path, f"{mode}_workflow",
+                             {"END_TIMEOUT_MS": "300000"}, timeout=420)
     assert "promptError" not in res, res["promptError"] + where
     assert "error" not in res, res["error"] + where
     assert res["extensionLoaded"], "tsuika.nodereport was not registered in the page" + where
