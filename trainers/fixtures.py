@@ -85,7 +85,9 @@ def _materialize(module: torch.nn.Module, dtype: torch.dtype, g: torch.Generator
         elif p.ndim == 1:
             t = torch.ones(p.shape, dtype=dtype)
         else:
-            t = (torch.randn(p.shape, generator=g) * 0.02).to(dtype)
+            # Drawn in ``dtype`` directly: fp32 temporaries of a 1280x49408 embedding left the
+            # allocator holding a gigabyte more than the model.
+            t = torch.randn(p.shape, generator=g, dtype=dtype).mul_(0.02)
         setattr(parent, leaf, torch.nn.Parameter(t, requires_grad=False))
 
 
