@@ -363,15 +363,22 @@ def test_sd2_width_export_is_refused_clearly():
 
 
 # -- errors ---------------------------------------------------------------------------------------
-def test_sdxl_like_checkpoint_is_rejected_by_name():
-    sd, meta = to_single_file(tiny_unet(), tiny_vae(), tiny_clip())
-    sd = {k.replace("cond_stage_model.transformer.", "conditioner.embedders.0.transformer."): v
-          for k, v in sd.items()}
-    sd["model.diffusion_model.label_emb.0.0.weight"] = torch.zeros(4, 4)
+def test_sdxl_checkpoint_is_not_read_as_sd1_but_loads_as_sdxl(tmp_path):
+    """The SD1/SD2 converter names SDXL and leaves it alone; the family loader reads it
+    (the SDXL layout's own tests: tests/test_formats_sdxl.py)."""
+    from tsuika.trainers.families import detect_family, load_model
+    from tsuika.trainers.fixtures import write_fixture
+
+    path = write_fixture("sdxl-tiny", tmp_path, single_file_only=True)["single_file"]
+    from tsuika.trainers.formats.safetensors_io import load_safetensors
+
+    sd, meta = load_safetensors(path)
     assert ldm.detect(sd) is None
-    with pytest.raises(ldm.LdmCheckpointError, match="SDXL") as err:
+    with pytest.raises(ldm.LdmCheckpointError, match="SDXL"):
         ldm.ldm_to_diffusers(sd, meta)
-    assert "supported: SD1.x / SD2.x" in str(err.value)
+    assert detect_family(path).name == "sdxl"
+    bundle = load_model(path)
+    assert bundle.family == "sdxl" and bundle.unet.config.addition_embed_type == "text_time"
 
 
 def test_missing_components_are_named():

@@ -13,6 +13,7 @@ from collections.abc import Iterable, Mapping
 
 from .comfy_lora import ComfyFormat
 from .kohya import KohyaFormat
+from .lora_family import family_mismatch, lora_family, model_family_of
 from .lora_keys import ModuleIndex
 from .lora_state import LoraFormatError, LoraStateDict, LoraWeights, check_lora_weights
 from .peft_layout import ADAPTER_METADATA_KEY, PeftFormat
@@ -54,7 +55,8 @@ def read_lora(path_or_tensors, module_index: ModuleIndex | None = None, *,
               metadata: Mapping[str, str] | None = None, format: str | None = None,
               component: str | None = None,
               ldm_to_diffusers_module_map: Mapping[str, str] | None = None,
-              drop_weight_diffs: bool = False) -> LoraStateDict:
+              drop_weight_diffs: bool = False,
+              model_family: str | None = None) -> LoraStateDict:
     """Read a LoRA file or state dict of any known layout, consuming every key.
 
     Args:
@@ -67,9 +69,12 @@ def read_lora(path_or_tensors, module_index: ModuleIndex | None = None, *,
         ldm_to_diffusers_module_map: LDM -> diffusers UNet module paths (comfy files, kohya
             files in LDM naming).
         drop_weight_diffs: read a ComfyUI file's LoRA part and drop its ``.diff`` keys.
+        model_family: the family of the model it is for (``"sdxl"``); None reads it from
+            ``module_index``'s text-encoder components when it has them.
 
     Raises:
-        LoraFormatError: unknown/ambiguous layout, unsupported parts, leftover keys, bad shapes.
+        LoraFormatError: unknown/ambiguous layout, unsupported parts, leftover keys, bad shapes,
+            a LoRA of another model family (the message names both).
         LoraKeyError: a module that the model does not have.
     """
     if isinstance(path_or_tensors, Mapping):
@@ -79,6 +84,11 @@ def read_lora(path_or_tensors, module_index: ModuleIndex | None = None, *,
 
         tensors, file_meta = load_safetensors(path_or_tensors)
         file_meta.update(metadata or {})
+    if model_family is None and module_index is not None:
+        model_family = model_family_of(module_index.components)
+    refusal = family_mismatch(*lora_family(tensors, file_meta), model_family)
+    if refusal:  # before reading: the wrong family's keys would fail with a vaguer message
+        raise LoraFormatError(refusal)
     fmt = get_format(format) if format else detect_format(tensors)
     lsd = fmt.read(tensors, file_meta, module_index, component=component,
                    ldm_to_diffusers_module_map=ldm_to_diffusers_module_map,

@@ -36,7 +36,7 @@ def lora_delta(weights: LoraWeights, shape: torch.Size) -> torch.Tensor:
 
 @torch.no_grad()
 def merge_lora(models: Mapping[str, torch.nn.Module], lora: LoraStateDict,
-               strength: float | Mapping[str, float] = 1.0) -> int:
+               strength: float | Mapping[str, float] = 1.0, family: str | None = None) -> int:
     """Add ``lora`` into the weights of ``models`` in place; returns the modules changed.
 
     Args:
@@ -45,11 +45,19 @@ def merge_lora(models: Mapping[str, torch.nn.Module], lora: LoraStateDict,
             ``ModuleIndex`` of the same models gives that).
         strength: one multiplier, or one per component (``{"unet": 1.0,
             "text_encoder": 0.5}``; components not named get 1.0).
+        family: the models' family (``"sdxl"``); None reads it from the text-encoder
+            components of ``models`` when they include them.
 
     Raises:
-        MergeError: a component or module the models lack, or a shape that does not fit.
-            Nothing is changed when it is raised.
+        MergeError: a component or module the models lack, a shape that does not fit, or a
+            LoRA made for another model family. Nothing is changed when it is raised.
     """
+    from ..formats.lora_family import family_mismatch, lora_family, model_family_of
+
+    refusal = family_mismatch(*lora_family((), lora.metadata, lora.components()),
+                              family or model_family_of(models))
+    if refusal:
+        raise MergeError(refusal)
     targets = []
     for (component, path), weights in lora.modules.items():
         if component not in models:
