@@ -232,8 +232,21 @@ class TrainConfig(_Section):
     device: str = opt("auto", "Device: 'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:1' ...")
     resume: str = opt("", "Resume from a saved state folder, or 'latest' for the newest "
                           "state in output.dir.")
+    text_encoder_2_lr: float = opt(-1.0, "Learning rate of the second text encoder's LoRA "
+                                   "(SDXL's OpenCLIP-G); -1 = the same as text_encoder_lr.",
+                                   min=-1.0, max=10.0)
+
+    def text_encoder_lrs(self) -> dict[str, float]:
+        """The learning rate of each text-encoder component (the kohya names'
+        ``text_encoder`` / ``text_encoder_1`` / ``text_encoder_2``)."""
+        second = self.text_encoder_lr if self.text_encoder_2_lr < 0 else self.text_encoder_2_lr
+        return {"text_encoder": self.text_encoder_lr, "text_encoder_1": self.text_encoder_lr,
+                "text_encoder_2": second}
 
     def validate(self) -> None:
+        if self.text_encoder_2_lr < 0 and self.text_encoder_2_lr != -1:
+            raise ConfigError(f"train.text_encoder_2_lr = {self.text_encoder_2_lr}: give a "
+                              "learning rate >= 0, or -1 for the same as train.text_encoder_lr.")
         if self.lr_warmup_steps >= self.steps and self.lr_warmup_steps > 0:
             raise ConfigError(f"train.lr_warmup_steps = {self.lr_warmup_steps} must be smaller "
                               f"than train.steps = {self.steps}.")

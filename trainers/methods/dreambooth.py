@@ -65,7 +65,8 @@ class DreamBoothMethod:
                 p.requires_grad_(True)
                 params.append(p)
             groups.append({"params": params, "name": comp,
-                           "lr": tr.learning_rate if comp == "unet" else tr.text_encoder_lr})
+                           "lr": tr.learning_rate if comp == "unet" else
+                           tr.text_encoder_lrs()[comp]})
         log.info("DreamBooth: %d trainable parameters in %d groups",
                  sum(p.numel() for g in groups for p in g["params"]), len(groups))
         return groups

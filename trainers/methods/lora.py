@@ -54,8 +54,8 @@ class LoraMethod:
                 continue
             inject(algorithm, comp, module, net)
             groups.append({"params": self._trainable(module, algorithm),
-                           "lr": tr.learning_rate if comp == "unet" else tr.text_encoder_lr,
-                           "name": "unet" if comp == "unet" else "text_encoder"})
+                           "lr": tr.learning_rate if comp == "unet" else
+                           tr.text_encoder_lrs()[comp], "name": comp})
         n = sum(p.numel() for g in groups for p in g["params"])
         log.info("%s: %d trainable parameters in %d groups", algorithm.name, n, len(groups))
         return groups
