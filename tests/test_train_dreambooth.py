@@ -71,12 +71,41 @@ def test_dreambooth_can_train_the_text_encoder_too(tiny_model, image_folder, tmp
     assert any(not torch.equal(saved[k], original[k].float()) for k in te)
 
 
+def test_sdxl_dreambooth_writes_an_sdxl_single_file_that_loads_back_key_for_key(
+        image_folder, tmp_path):
+    """Both text encoders trained too: every tensor goes back to its sgm name, and our loader
+    (which refuses missing or unexpected keys) rebuilds the trained model from the file."""
+    from tsuika.trainers.fixtures import write_fixture
+
+    xl = write_fixture("sdxl-tiny", tmp_path / "xl")
+    res = _train(xl, image_folder, tmp_path / "out", **{
+        "network.train_text_encoder": "true", "train.text_encoder_lr": 1e-3})
+    saved, meta = load_safetensors(res.file_path)
+    original, _ = load_safetensors(xl["single_file"])
+    assert set(saved) == set(original)
+    for prefix in ("model.diffusion_model.", "conditioner.embedders.0.transformer.text_model.",
+                   "conditioner.embedders.1.model.transformer."):
+        assert any(not torch.equal(saved[k], original[k]) for k in saved
+                   if k.startswith(prefix)), f"nothing under {prefix} trained"
+    assert all(torch.equal(saved[k], original[k]) for k in saved
+               if k.startswith("first_stage_model."))
+    assert meta["modelspec.architecture"] == "stable-diffusion-xl-v1-base"
+    bundle = load_model(res.file_path)
+    assert bundle.family == "sdxl" and bundle.extra["ldm_info"]["ignored_keys"] == []
+    q = bundle.text_encoders[1].text_model.encoder.layers[0].self_attn.q_proj.weight
+    fused = saved["conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight"]
+    assert torch.equal(q, fused[:q.shape[0]])
+
+
 def test_dreambooth_refuses_a_model_it_cannot_write(tiny_model, image_folder, tmp_path,
                                                     monkeypatch):
     from tsuika.trainers.methods.dreambooth import DreamBoothMethod
 
+    from tsuika.trainers.families.sdxl import SdxlFamily
+
     bundle = load_model(tiny_model["single_file"])
     bundle.family = "sdxl"
+    monkeypatch.delattr(SdxlFamily, "checkpoint_tensors")  # a family with no checkpoint writer
     cfg = build_config(overrides=tiny_overrides(tiny_model["single_file"], image_folder,
                                                  tmp_path, 1, **{"network.method": "dreambooth"}))
     with pytest.raises(MethodError, match="network.method = 'dreambooth'.*'lora'"):
