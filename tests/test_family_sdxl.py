@@ -138,3 +138,15 @@ def test_the_vae_encodes_in_fp32_where_fp16_overflows(xl):
         full = vae.float().encode(x).latent_dist.mean
     assert not torch.isfinite(half).all()
     assert torch.isfinite(full).all()
+
+
+def test_previews_sample_on_sdxl(xl):
+    """Previews pass no time ids: an uncropped image of the sampled size stands for them."""
+    from tsuika.trainers.device import Precision
+    from tsuika.trainers.sampling import sample_images
+
+    bundle = load_model(xl["diffusers"])
+    precision = Precision(device=CPU, compute_dtype=torch.float32)
+    images = sample_images(get_family("sdxl"), bundle, ["a red circle"], precision, size=64,
+                           steps=2)
+    assert len(images) == 1 and images[0].size == (64, 64)

@@ -99,9 +99,8 @@ def test_sdxl_dreambooth_writes_an_sdxl_single_file_that_loads_back_key_for_key(
 
 def test_dreambooth_refuses_a_model_it_cannot_write(tiny_model, image_folder, tmp_path,
                                                     monkeypatch):
-    from tsuika.trainers.methods.dreambooth import DreamBoothMethod
-
     from tsuika.trainers.families.sdxl import SdxlFamily
+    from tsuika.trainers.methods.dreambooth import DreamBoothMethod
 
     bundle = load_model(tiny_model["single_file"])
     bundle.family = "sdxl"

@@ -37,7 +37,7 @@ class ComponentKeys:
 
 
 # One row per component. SDXL's two text encoders are ``lora_te1_`` / ``lora_te2_`` (both
-# CLIP, both written with ``text_model_``); only the SD1.x rows are exercised so far.
+# CLIP, both written with ``text_model_``, as kohya and ComfyUI name them).
 COMPONENTS: dict[str, ComponentKeys] = {
     "unet": ComponentKeys("lora_unet_"),
     "text_encoder": ComponentKeys("lora_te_", root="text_model."),
