@@ -234,3 +234,25 @@ def test_an_sdxl_lora_on_sd1_is_refused_in_reader_and_merge(tmp_path, tiny_model
         merge_lora(sd1.components, lsd)
     assert torch.equal(before, sd1.unet.down_blocks[0].attentions[0].transformer_blocks[0]
                        .attn1.to_q.weight)
+
+
+@pytest.mark.parametrize("layout", ["comfy", "peft"])
+def test_sdxl_loras_of_other_layouts_map_to_both_encoders(layout):
+    """ComfyUI names SDXL's pair clip_l / clip_g, diffusers text_encoder. / text_encoder_2.:
+    both are our text_encoder_1 / text_encoder_2."""
+    unet, _, (te1, te2), _ = build_modules("sdxl_tiny")
+    index = ModuleIndex.from_models({"unet": unet, "text_encoder_1": te1, "text_encoder_2": te2})
+    path = "text_model.encoder.layers.0.self_attn.q_proj"
+    names = {"comfy": ("text_encoders.clip_l.transformer.", "text_encoders.clip_g.transformer."),
+             "peft": ("text_encoder.", "text_encoder_2.")}[layout]
+    up, down = (".lora_up.weight", ".lora_down.weight") if layout == "comfy" else (
+        ".lora_B.weight", ".lora_A.weight")
+    tensors = {}
+    for name in names:
+        tensors[name + path + down] = torch.ones(2, 32)
+        tensors[name + path + up] = torch.ones(32, 2)
+    for index_or_none in (index, None):
+        lsd = read_lora(tensors, index_or_none)
+        assert lsd.components() == ["text_encoder_1", "text_encoder_2"], index_or_none
+    merged = merge_lora({"text_encoder_1": te1, "text_encoder_2": te2}, read_lora(tensors, index))
+    assert merged == 2

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
-from .lora_keys import LoraKeyError, ModuleIndex, canonical_path
+from .lora_keys import PAIR as _PAIR
+from .lora_keys import LoraKeyError, ModuleIndex, canonical_path, two_encoders
 from .lora_state import (
     KeyPool,
     LoraFormatError,
@@ -15,7 +16,7 @@ from .lora_state import (
     split_key,
 )
 
-COMFY_TEXT_ENCODERS = {"clip_l": "text_encoder"}  # SDXL: clip_l -> text_encoder_1, clip_g -> _2
+COMFY_TEXT_ENCODERS = {"clip_l": "text_encoder", "clip_g": "text_encoder_2"}
 
 
 class ComfyFormat:
@@ -37,7 +38,8 @@ class ComfyFormat:
     def detect(self, keys: Iterable[str]) -> bool:
         return any(k.startswith(("diffusion_model.", "text_encoders.")) for k in keys)
 
-    def _locate(self, body: str, ldm_map: Mapping[str, str] | None) -> tuple[str, str]:
+    def _locate(self, body: str, ldm_map: Mapping[str, str] | None,
+                pair: bool = False) -> tuple[str, str]:
         if body.startswith("diffusion_model."):
             ldm_path = body[len("diffusion_model."):]
             if ldm_map is None:
@@ -52,7 +54,8 @@ class ComfyFormat:
             return "unet", ldm_map[ldm_path]
         parts = body.split(".", 3)  # text_encoders.<clip>.transformer.<path>
         if len(parts) == 4 and parts[2] == "transformer" and parts[1] in COMFY_TEXT_ENCODERS:
-            return COMFY_TEXT_ENCODERS[parts[1]], parts[3]
+            comp = COMFY_TEXT_ENCODERS[parts[1]]
+            return (_PAIR.get(comp, comp) if pair else comp), parts[3]
         raise LoraFormatError(f"ComfyUI LoRA module {body!r}: unknown model part; known text "
                               f"encoders: {', '.join(COMFY_TEXT_ENCODERS)}.")
 
@@ -75,7 +78,8 @@ class ComfyFormat:
             split = split_key(key, self._SUFFIXES)
             if split is None or not self.detect([split[0]]):
                 continue
-            comp, path = self._locate(split[0], ldm_map)
+            comp, path = self._locate(split[0], ldm_map,
+                                      two_encoders(tensors, module_index, "text_encoders.clip_g."))
             path = (module_index.resolve(comp, path) if module_index is not None
                     else canonical_path(comp, path))
             groups.setdefault((comp, path), {})[split[1]] = key

@@ -45,6 +45,16 @@ COMPONENTS: dict[str, ComponentKeys] = {
     "text_encoder_2": ComponentKeys("lora_te2_", root="text_model."),
 }
 PREFIXES = {name: keys.prefix for name, keys in COMPONENTS.items()}
+# Layouts that name a one-encoder family's encoder and the first of SDXL's pair alike
+# (ComfyUI's clip_l, diffusers' text_encoder.): with two encoders it is text_encoder_1.
+PAIR = {"text_encoder": "text_encoder_1"}
+
+
+def two_encoders(keys, module_index: ModuleIndex | None, marker: str) -> bool:
+    """Whether a LoRA is for a two-encoder family: its keys name the second encoder
+    (start with ``marker``), or the model it is read for has ``text_encoder_1``."""
+    return any(k.startswith(marker) for k in keys) or (
+        module_index is not None and "text_encoder_1" in module_index.components)
 
 
 def component_keys(component: str) -> ComponentKeys:

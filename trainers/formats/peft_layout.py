@@ -11,7 +11,14 @@ import math
 import re
 from collections.abc import Iterable, Mapping
 
-from .lora_keys import COMPONENTS, ModuleIndex, canonical_path, component_of_kohya_name
+from .lora_keys import (
+    COMPONENTS,
+    ModuleIndex,
+    canonical_path,
+    component_of_kohya_name,
+    two_encoders,
+)
+from .lora_keys import PAIR as _PAIR
 from .lora_state import (
     KeyPool,
     LoraFormatError,
@@ -22,7 +29,8 @@ from .lora_state import (
 )
 
 ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # diffusers' JSON LoraConfig per component
-PEFT_PREFIXES = {"unet": "unet.", "text_encoder": "text_encoder."}  # SDXL: text_encoder_2.
+PEFT_PREFIXES = {"unet": "unet.", "text_encoder": "text_encoder.",
+                 "text_encoder_2": "text_encoder_2."}  # diffusers' SDXL names its pair so
 _PEFT_SUFFIXES = {".lora_A.weight": "down", ".lora_B.weight": "up",
                   ".lora.down.weight": "down", ".lora.up.weight": "up", ".alpha": "alpha"}
 _PEFT_MARKERS = (".lora_A.weight", ".lora_B.weight", ".lora.down.weight", ".lora.up.weight")
@@ -78,10 +86,11 @@ class PeftFormat:
                 return True
         return False
 
-    def _locate(self, body: str, component: str | None, module_index: ModuleIndex | None):
+    def _locate(self, body: str, component: str | None, module_index: ModuleIndex | None,
+                pair: bool = False):
         for comp, prefix in PEFT_PREFIXES.items():
             if body.startswith(prefix):
-                return comp, body[len(prefix):]
+                return (_PAIR.get(comp, comp) if pair else comp), body[len(prefix):]
         if component is not None:
             return component, body
         if module_index is not None:
@@ -100,6 +109,8 @@ class PeftFormat:
         refuse_unsupported(tensors, self.name)
         pool = KeyPool(tensors, self.name)
         groups: dict[tuple[str, str], dict[str, str]] = {}
+        # SDXL: diffusers writes text_encoder. / text_encoder_2.; ours are _1 / _2.
+        pair = two_encoders([self._strip(k) for k in tensors], module_index, "text_encoder_2.")
         for key in tensors:
             body = self._strip(key)
             m = _PROCESSOR.search(body)
@@ -110,11 +121,13 @@ class PeftFormat:
                 split = split_key(body, _PEFT_SUFFIXES)
             if split is None:
                 continue
-            comp, path = self._locate(split[0], component, module_index)
+            comp, path = self._locate(split[0], component, module_index, pair)
             path = (module_index.resolve(comp, path) if module_index is not None
                     else canonical_path(comp, path))
             groups.setdefault((comp, path), {})[split[1]] = key
-        configs = {c: _adapter_config(metadata, c) for c in {c for c, _ in groups}}
+        # diffusers' adapter metadata names the first encoder "text_encoder" in SDXL files too.
+        configs = {c: _adapter_config(metadata, "text_encoder" if c == "text_encoder_1" else c)
+                   for c in {c for c, _ in groups}}
 
         def alpha_from_config(comp: str, path: str, rank: int) -> float:
             cfg = configs.get(comp)
