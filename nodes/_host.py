@@ -191,10 +191,11 @@ def latest_state(name: str) -> str:
 def publish_partial(src: str | Path, name: str, step: int, kind: str = "loras") -> str:
     """Copy a cancelled run's file into ComfyUI's ``kind`` folder (``loras``, ``checkpoints``,
     ``embeddings``, ``hypernetworks``) as ``<name>-partial-step<N>``, so that folder's loader
-    lists it; never over an existing file. Returns the file name. A copy rather than
-    registering the run folder as a models path: that would list every intermediate save and
-    every resumable state file in the loader too."""
-    return publish_file(src, f"{name}-partial-step{step}", kind)
+    lists it; never over an existing file. Returns the file name. A copy (a hard link where
+    it can: a partial checkpoint is GBs) rather than registering the run folder as a models
+    path: that would list every intermediate save and every resumable state file in the
+    loader too."""
+    return publish_file(src, f"{name}-partial-step{step}", kind, link=True)
 
 
 def publish_file(src: str | Path, stem: str, kind: str, link: bool = False) -> str:
