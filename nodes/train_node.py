@@ -221,6 +221,8 @@ def check_queued(spec: TrainNodeSpec, kwargs: dict[str, Any], advanced: bool) ->
     if values.get("sample.every") == 0:
         values.pop("sample.prompts", None)
     if spec.prior and values.get("data.class_images"):
+        if "data.class_prompt" not in unknown:
+            check_class_prompt(values)
         # Where they go is the host's (a class_dataset's or a folder of drawn ones).
         values["data.class_dir"] = "class images"
     config = build_checked(values, set(EVERY_OPTION - unknown) | set(values))
@@ -290,6 +292,16 @@ def run_training(spec: TrainNodeSpec, node_id, model, clip, vae, dataset,
                          _host.images_to_tensor(result.samples_after), ui=ui_report(text))
 
 
+def check_class_prompt(values: dict[str, Any]) -> None:
+    """Drawn class images need a class prompt (said in the node's words: the backend's
+    message names data.class_dir, which the node sets itself)."""
+    if values.get("data.class_images") and not str(values.get("data.class_prompt", "")).strip():
+        raise InputRefused(
+            f"class_images = {values['data.class_images']} has the base model draw class "
+            "images, which needs class_prompt (what to draw, e.g. 'a photo of a dog'); type "
+            "one, or set class_images to 0 (with class_dataset connected: its images).")
+
+
 def prior_folder(values: dict[str, Any], class_dataset, model) -> None:
     """Set ``data.class_dir``: the connected class dataset's folder (used as it is), or, when
     ``data.class_images`` asks for drawn class images, a folder under ComfyUI's output keyed
@@ -303,6 +315,7 @@ def prior_folder(values: dict[str, Any], class_dataset, model) -> None:
                 "class_images to 0, or disconnect class_dataset.")
         values["data.class_dir"] = str(class_dataset.root)
     elif count:
+        check_class_prompt(values)
         values["data.class_dir"] = str(_host.class_images_dir(
             values.get("data.class_prompt", ""), values.get("data.resolution"), model))
 

@@ -65,6 +65,28 @@ try:
 except InputRefused as e:
     out["refused_name"] = str(e)
 out["linked_ok"] = advanced.validate_inputs(name="ok", options=None)
+
+# Prior preservation: a connected class dataset is used as it is, never drawn into.
+from types import SimpleNamespace
+values = {"data.class_images": 0}
+tn.prior_folder(values, SimpleNamespace(root="/class/set"), None)
+out["class_dir"] = values["data.class_dir"]
+try:
+    tn.prior_folder({"data.class_images": 3}, SimpleNamespace(root="/class/set"), None)
+    out["draw_into_dataset"] = None
+except InputRefused as e:
+    out["draw_into_dataset"] = str(e)
+prior = tn.TrainNodeSpec(method="dreambooth", node_id="ToyPrior", display_name="P (Tsuika)",
+                         description="", main=["data.class_prompt", "data.class_images"],
+                         outputs=[], finish=finish, prior=True)
+psimple, _ = tn.make_train_nodes(prior)
+out["prior_inputs"] = [i.id for i in psimple.define_schema().inputs]
+try:
+    psimple.validate_inputs(class_prompt="", class_images=4)
+    out["no_prompt"] = None
+except InputRefused as e:
+    out["no_prompt"] = str(e)
+out["prompt_ok"] = psimple.validate_inputs(class_prompt="a dog", class_images=4)
 print(json.dumps(out))
 """
 
@@ -125,3 +147,16 @@ print(json.dumps(out))
                                              "Train LoRA Advanced (Tsuika)")
     assert (simple["class"], adv["class"]) == ("TsuikaTrainLoRA", "TsuikaTrainLoRAAdvanced")
     assert info["method"] == "lora"
+
+
+def test_prior_preservation_inputs_and_their_checks(toy):
+    assert toy["prior_inputs"][-1] == "class_dataset"  # after resume: widget order kept
+    assert toy["prior_inputs"][4:6] == ["class_prompt", "class_images"]
+    assert toy["class_dir"] == "/class/set"
+    assert toy["draw_into_dataset"].startswith("class_images = 3: class images are drawn only")
+    # Drawing needs a class prompt: refused when queued, in the node's words (class_dir is
+    # the host's, not a widget)
+    assert toy["no_prompt"].startswith("class_images = 4 has the base model draw class "
+                                       "images, which needs class_prompt"), toy["no_prompt"]
+    assert "class_dir" not in toy["no_prompt"]
+    assert toy["prompt_ok"] is True
