@@ -163,6 +163,9 @@ class NetworkConfig(_Section):
     train_text_encoder: bool = opt(False, "Also train a LoRA on the text encoder.")
     algorithm: str = opt("lora", "LoRA-family algorithm of network.method = 'lora': how a "
                          "layer is adapted and which layers.", choices=ALGORITHMS.choices())
+    lokr_factor: int = opt(-1, "LoKr (network.algorithm = 'lokr'): split each dimension into "
+                           "this factor times the rest; -1 = automatic (near the square root). "
+                           "Smaller factors give smaller files.", min=-1, max=4096)
 
     def validate(self) -> None:
         # The one place the "alpha = rank / 2" policy lives (CLI, nodes and tests alike).

@@ -91,7 +91,11 @@ class LoraMethod:
 
     def file_metadata(self, config: TsuikaConfig, bundle: ModelBundle,
                       metadata: dict[str, str]) -> dict[str, str]:
-        """The run's metadata plus the network's kohya fields (rank, alpha, conv)."""
+        """The run's metadata plus the network's kohya fields (rank, alpha, conv) and what the
+        algorithm says of itself (LyCORIS's ``ss_network_module`` / ``ss_network_args``)."""
         from ..formats.metadata import network_metadata
 
-        return network_metadata(metadata, config, include_paths=config.output.metadata_paths)
+        algorithm = get_algorithm(config.network.algorithm)
+        fields = algorithm.file_fields(config.network) if hasattr(algorithm, "file_fields") else {}
+        return network_metadata(metadata, config, include_paths=config.output.metadata_paths,
+                                **fields)
