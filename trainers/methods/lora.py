@@ -48,14 +48,26 @@ class LoraMethod:
     def prepare(self, config: TsuikaConfig, bundle: ModelBundle) -> list[dict]:
         net, tr = config.network, config.train
         algorithm = get_algorithm(net.algorithm)
+        init = None
+        if net.init_lora:  # the file's modules, ranks and alphas (config adopted them already)
+            from ..init_lora import file_targets, read_init_lora
+
+            init = read_init_lora(config, bundle)
         groups = []
         for comp, module in bundle.components.items():
             if comp != "unet" and not net.train_text_encoder:
                 continue
-            inject(algorithm, comp, module, net)
+            targets = file_targets(init, comp) if init is not None else None
+            if targets == {}:
+                continue  # the file adapts nothing in this component
+            inject(algorithm, comp, module, net, targets)
             groups.append({"params": self._trainable(module, algorithm),
                            "lr": tr.learning_rate if comp == "unet" else tr.text_encoder_lr,
                            "name": "unet" if comp == "unet" else "text_encoder"})
+        if init is not None:
+            from ..init_lora import load_init_weights
+
+            load_init_weights(init, bundle.components)
         n = sum(p.numel() for g in groups for p in g["params"])
         log.info("%s: %d trainable parameters in %d groups", algorithm.name, n, len(groups))
         return groups
