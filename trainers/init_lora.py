@@ -49,12 +49,12 @@ def read_init_lora(config: TsuikaConfig, bundle: ModelBundle) -> LoraStateDict:
     """
     path = init_lora_path(config)
     ldm_map = None
-    try:  # ComfyUI-layout files name UNet modules the LDM way
-        from .formats.ldm_unet_keys import unet_module_map
+    from .formats.ldm_unet_keys import LdmCheckpointError, unet_module_map
 
+    try:  # ComfyUI-layout files name UNet modules the LDM way
         ldm_map = {ldm: ours for ours, ldm in unet_module_map(bundle.unet.config).items()}
-    except Exception:  # noqa: BLE001 - a UNet the LDM tables do not describe: kohya/peft only
-        log.debug("no LDM module map for this UNet; ComfyUI-layout LoRAs cannot be read")
+    except (LdmCheckpointError, KeyError) as e:  # a UNet the SD1/SD2 tables do not describe
+        log.debug("no LDM module map for this UNet (%s): ComfyUI-layout LoRAs unreadable", e)
     try:
         return read_lora(path, ModuleIndex.from_models(bundle.components),
                          ldm_to_diffusers_module_map=ldm_map)
