@@ -166,3 +166,22 @@ def test_damaged_lycoris_modules_are_refused():
         L.read_lora({**lora, f"{name}.hada_w1_a": torch.zeros(32, 2)}, index)
     with pytest.raises(L.LoraFormatError, match="Tucker"):
         L.read_lora({**loha, f"{name}.hada_t1": torch.zeros(2, 2, 3, 3)}, index)
+
+
+@pytest.mark.parametrize("algo", ["loha", "lokr", "dora"])
+def test_comfyui_native_names_read_the_same_modules(algo):
+    """The same tensors under ComfyUI's own names (``text_encoders.clip_l.transformer.``)."""
+    base, adapted, algorithm = _adapted(dict(algorithm=algo, rank=2, alpha=1.0))
+    index = ModuleIndex.from_models(base)
+    te_only = {(c, p): algorithm.module_tensors(layer, torch.float32)
+               for c, p, layer in ((c, p, layer) for c, m in adapted.items()
+                                   for p, layer in algorithm.adapted_layers(m))
+               if c == "text_encoder"}
+    kohya = L.read_lora(kohya_tensors(te_only), index)
+    comfy = {f"text_encoders.clip_l.transformer.text_model.{p.removeprefix('text_model.')}."
+             f"{suffix}": t for (_, p), parts in te_only.items() for suffix, t in parts.items()}
+    native = L.read_lora(comfy, index)
+    assert native.modules.keys() == kohya.modules.keys() and kohya.modules
+    for key, w in kohya.modules.items():
+        again = module_tensors_of(native.modules[key])
+        assert all(torch.equal(t, again[s]) for s, t in module_tensors_of(w).items()), key
