@@ -6,6 +6,12 @@ LyCORIS's default ``wd_on_out``; the file writes it as ``dora_scale`` of shape
 ``(out, 1)`` (``(out, 1, 1, 1)`` on convolutions) beside the LoRA keys, which is the shape
 LyCORIS writes and ComfyUI reads as a per-output magnitude (a 1-D magnitude broadcasts
 wrongly in ComfyUI's loader).
+
+ComfyUI (0.3.x, and open upstream as Comfy-Org/ComfyUI#15458) divides a per-output
+magnitude by the norm of ``W`` rather than of ``W + delta W``, so in ComfyUI a DoRA file
+applies ``m * (W + delta W) / ||W||``: equal to the trained weights at the start, apart by
+``||W + delta W|| / ||W||`` per channel as training moves them (``tests/test_real_host.py``
+pins both readings). ``ops.merge`` applies DoRA as trained.
 """
 
 from __future__ import annotations
