@@ -29,6 +29,8 @@ from ..trainers.config import (
     build_config,
     option_help,
 )
+from . import paths
+from .paths import PathRefused
 from .validation import (
     InputRefused,
     check_choice,
@@ -79,6 +81,11 @@ OPTION_NODES = [
 OPTION_NAMES = re.compile(r"\b(?:" + "|".join(SECTIONS) + r")\.[a-z_0-9]+\b")
 
 
+# Options naming a model file: a combo of the files of that ComfyUI models folder (never a
+# typed path), NO_FILE standing for the option's empty value.
+MODEL_FILES = {"network.init_lora": "loras"}
+NO_FILE = "none"
+
 INT_MAX = 2**31 - 1
 # Options whose value becomes a file or folder name.
 NAME_OPTIONS = {"output.name"}
@@ -113,6 +120,9 @@ def widget_spec(option: str) -> dict[str, Any]:
             "default": default, "tooltip": option_help(option), "min": meta.get("min"),
             "max": meta.get("max"), "choices": meta.get("choices"),
             "step": UI_STEP.get(option)}
+    if option in MODEL_FILES:
+        spec["choices"] = [NO_FILE, *paths.model_files(MODEL_FILES[option])]
+        spec["default"] = NO_FILE
     if spec["kind"] == "list":
         spec["default"] = "\n".join(default)
         spec["tooltip"] += " One per line."
@@ -187,6 +197,18 @@ def node_words(message: str, where: bool = False) -> str:
     return widget_message(message, labels)
 
 
+def model_file_paths(values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` with each model-file choice as the config takes it: its full path inside
+    ComfyUI's models folder, or empty for ``NO_FILE``."""
+    out = dict(values)
+    for option, folder in MODEL_FILES.items():
+        name = out.get(option)
+        if name is not None:
+            out[option] = "" if name in (NO_FILE, "") else str(
+                paths.model_file(widget_name(option), folder, name))
+    return out
+
+
 def build_checked(values: dict[str, Any], known: set[str] | None = None) -> TsuikaConfig | None:
     """The typed config of ``{"section.key": value}``, or a refusal in the node's words.
 
@@ -200,7 +222,9 @@ def build_checked(values: dict[str, Any], known: set[str] | None = None) -> Tsui
         InputRefused: a value, or a rule between values, is wrong.
     """
     try:
-        return build_config(values=nest(values))
+        return build_config(values=nest(model_file_paths(values)))
+    except PathRefused as e:
+        raise InputRefused(node_words(str(e))) from None
     except ConfigError as e:
         if known is None or mentioned(str(e)) <= known:
             raise InputRefused(node_words(str(e), where=known is None)) from e

@@ -105,6 +105,32 @@ def files_outside(paths: Sequence[Path], roots: Sequence[Path]) -> list[Path]:
     return [p for p in paths if not inside(p, roots)]
 
 
+def model_files(folder: str) -> list[str]:
+    """The ``.safetensors`` files ComfyUI lists in one of its model folders (``"loras"``): the
+    choices of a node's combo (never unpickled, so other kinds are not offered)."""
+    try:
+        import folder_paths
+    except ImportError:  # no ComfyUI (the pure helpers' tests): nothing to list
+        return []
+    return [n for n in folder_paths.get_filename_list(folder) if n.endswith(".safetensors")]
+
+
+def model_file(input_name: str, folder: str, name: str) -> Path:
+    """The full path of ``name`` picked from :func:`model_files`; anything else is refused
+    without looking at the disk (a combo value is a name from the list, never a path).
+
+    Raises:
+        PathRefused: ``name`` is not one of the folder's listed files.
+    """
+    if name not in model_files(folder):
+        raise PathRefused(f"{input_name} {name!r} is not a file in ComfyUI's models/{folder} "
+                          "folder; pick one from the list (refresh the page after adding "
+                          "files).")
+    import folder_paths
+
+    return Path(folder_paths.get_full_path_or_raise(folder, name))
+
+
 def dataset_folder(input_name: str, text: str) -> Path:
     """A dataset folder typed into a node, confined to the allowed folders of this server."""
     import folder_paths

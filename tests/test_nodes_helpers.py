@@ -207,3 +207,27 @@ def test_reports_follow_the_shared_contract(tmp_path):
         reports.ui_report(text, "loud")
     stopped = reports.stopped_report(7, 100, "x-partial-step7.safetensors", "/s", "turn on")
     assert stopped.splitlines()[0] == "cancelled at step 7/100: what was trained is kept"
+
+
+def test_init_lora_is_a_combo_of_the_loras_folder_never_a_path(monkeypatch, tmp_path):
+    import sys
+    import types
+
+    loras = tmp_path / "loras"
+    loras.mkdir()
+    for name in ("mine.safetensors", "old.ckpt"):
+        (loras / name).write_bytes(b"")
+    fake = types.ModuleType("folder_paths")
+    fake.get_filename_list = lambda folder: sorted(p.name for p in loras.iterdir())
+    fake.get_full_path_or_raise = lambda folder, name: str(loras / name)
+    monkeypatch.setitem(sys.modules, "folder_paths", fake)
+    spec = options.widget_spec("network.init_lora")
+    assert spec["choices"] == ["none", "mine.safetensors"] and spec["default"] == "none"
+    got = options.model_file_paths({"network.init_lora": "mine.safetensors", "network.rank": 4})
+    assert got == {"network.init_lora": str(loras / "mine.safetensors"), "network.rank": 4}
+    assert options.model_file_paths({"network.init_lora": "none"})["network.init_lora"] == ""
+    for bad in ("old.ckpt", "../secret.safetensors", str(tmp_path / "x.safetensors")):
+        with pytest.raises(InputRefused, match="init_lora .* is not a file in ComfyUI's "
+                                               "models/loras folder") as err:
+            options.build_checked({"network.init_lora": bad})
+        assert str(tmp_path) not in str(err.value).replace(bad, "")

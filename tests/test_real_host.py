@@ -273,3 +273,81 @@ print(json.dumps(out))
     assert len(info["TsuikaTrainLoRAAdvanced"]["inputs"]) <= len(simple["inputs"]) + 2
     assert set(info["TsuikaSaveLoRA"]["hidden"]) == {"PROMPT", "EXTRA_PNGINFO"}
     assert info["refused"].startswith("resolution = 32 is below bucket_step = 64")
+
+
+def _dora_as_comfyui_0_3(weight, delta, dora_scale):
+    """ComfyUI 0.3.x's reading of an ``(out, 1)`` dora_scale: ``m * (W + dW) / ||W||`` (the
+    norm of the base weight, not of ``W + dW``; open upstream as Comfy-Org/ComfyUI#15458)."""
+    import torch
+
+    norm = weight.float().flatten(1).norm(dim=1).reshape(-1, *[1] * (weight.ndim - 1))
+    norm = norm + torch.finfo(weight.dtype).eps
+    return (weight.float() + delta) * (dora_scale.float().reshape(norm.shape) / norm)
+
+
+def test_loha_lokr_dora_files_load_through_loraloader_as_we_merge_them(host_models, tmp_path):
+    """A LoHa, a LoKr and a DoRA file from a tiny training (UNet with 3x3 convolutions and the
+    text encoder) load through ComfyUI's LoraLoader with zero unmatched keys, patch every
+    module they hold, change the UNet's output, and ComfyUI's patched weights equal
+    Tsuika's merge (ops.merge) of the same file."""
+    import json
+    import shutil
+    import warnings
+
+    from tsuika.trainers.config import build_config
+    from tsuika.trainers.families import load_model
+    from tsuika.trainers.formats.lora_keys import ModuleIndex, kohya_name
+    from tsuika.trainers.formats.lora_layouts import read_lora
+    from tsuika.trainers.formats.safetensors_io import load_safetensors
+    from tsuika.trainers.loop import train
+    from tsuika.trainers.ops.merge import lora_delta, module_change
+
+    base = host_models / "checkpoints" / "sd15-hostable.safetensors"
+    loras = tmp_path / "loras"
+    loras.mkdir()
+    runs = {"loha": ["network.conv_rank=2", "network.conv_alpha=1"], "lokr": [],
+            "dora": ["network.conv_rank=2", "network.conv_alpha=1"]}
+    for algo, extra in runs.items():
+        cfg = build_config(overrides=[
+            f"model.path={base}", f"data.dir={ROOT / 'examples/sample_data/heart'}",
+            f"output.dir={tmp_path / algo}", f"output.name=tsuika_{algo}",
+            f"network.algorithm={algo}", "network.rank=4", "network.train_text_encoder=true",
+            "train.steps=2", "data.resolution=64", "train.learning_rate=1e-2",
+            "train.text_encoder_lr=1e-2", "train.device=cpu", *extra])
+        shutil.copy(train(cfg).file_path, loras / f"tsuika_{algo}.safetensors")
+    out = tmp_path / "changes"
+    out.mkdir()
+    python = os.environ.get("COMFYUI_PYTHON", str(Path(COMFY).parent / "comfy-venv/bin/python"))
+    r = subprocess.run([python, str(ROOT / "tests/comfy_lora_patch.py"), COMFY, str(base),
+                        str(loras), str(out), *(f"tsuika_{a}.safetensors" for a in runs)],
+                       capture_output=True, text=True, timeout=1800)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    report = json.loads(r.stdout.split("REPORT ", 1)[1])
+    bundle = load_model(base)
+    index = ModuleIndex.from_models(bundle.components)
+    for algo in runs:
+        name = f"tsuika_{algo}.safetensors"
+        got = report[name]
+        lsd = read_lora(loras / name, index)
+        assert got["complaints"] == [], got["complaints"][:5]
+        assert got["unet_patched"] + got["clip_patched"] == len(lsd.modules), got
+        assert got["named"] == len(lsd.modules) and got["clip_patched"] > 0, got
+        assert got["output_change"] > 0, got
+        comfy, _ = load_safetensors(out / f"{name}.changes.safetensors")
+        dora_reading = set()
+        for (comp, path), weights in lsd.modules.items():
+            weight = bundle.components[comp].get_submodule(path).weight.detach()
+            ours = module_change(weights, weight)
+            theirs = comfy[kohya_name(comp, path)]
+            tol = 1e-4 * float(weight.abs().max()) + 1e-6
+            err = float((theirs - ours).abs().max())
+            if weights.dora_scale is not None and err > tol:
+                known = _dora_as_comfyui_0_3(weight, lora_delta(weights, weight.shape),
+                                             weights.dora_scale) - weight.float()
+                err = float((theirs - known).abs().max())
+                dora_reading.add("ComfyUI 0.3 (norm of W)")
+            assert err <= tol, (algo, comp, path, err, tol)
+        if dora_reading:
+            warnings.warn(f"{algo}: ComfyUI normalises by ||W||, not ||W + dW|| (Comfy-Org/"
+                          "ComfyUI#15458): its weights match that reading, not DoRA's",
+                          stacklevel=1)

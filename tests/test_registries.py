@@ -60,8 +60,9 @@ def test_malformed_entries_are_refused_with_what_is_wrong():
 
 
 def test_unknown_names_list_the_known_ones():
-    with pytest.raises(ConfigError, match="network.algorithm = 'loha'.*lora, locon"):
-        build_config(overrides=["network.algorithm=loha"])
+    with pytest.raises(ConfigError,
+                       match="network.algorithm = 'oft'.*lora, locon, loha, lokr, dora"):
+        build_config(overrides=["network.algorithm=oft"])
     with pytest.raises(RegistryError, match="model.family = 'flux'.*known families: sd15, sdxl"):
         FAMILIES.get("flux")
     with pytest.raises(RegistryError, match="no method is registered as 'nope'"):

@@ -53,6 +53,18 @@ def _read_locon(path: Path, tiny: dict) -> int:
     return count
 
 
+def _read_lycoris(suffix: str) -> Callable[[Path, dict], int]:
+    """A LyCORIS-keyed file (``suffix`` on every module) through our reader, with its
+    ``lycoris.kohya`` metadata."""
+    def read(path: Path, tiny: dict) -> int:
+        count = _read_lora(path, tiny)
+        tensors, metadata = load_safetensors(path)
+        assert sum(k.endswith(f".{suffix}") for k in tensors) == count
+        assert metadata["ss_network_module"] == "lycoris.kohya"
+        return count
+    return read
+
+
 def _read_checkpoint(path: Path, tiny: dict) -> int:
     """A whole checkpoint through our single-file loader."""
     bundle = load_model(path)
@@ -101,6 +113,13 @@ ROWS = [
     Row("locon", {"network.method": "lora", "network.algorithm": "locon",
                   "network.conv_rank": 4, "network.conv_alpha": 2}, _read_locon,
         {"train.learning_rate": 1e-2, "network.rank": 8}),
+    Row("loha", {"network.method": "lora", "network.algorithm": "loha", "network.conv_rank": 2,
+                 "network.conv_alpha": 1}, _read_lycoris("hada_w1_a"),
+        {"train.learning_rate": 1e-2, "network.rank": 4}),
+    Row("lokr", {"network.method": "lora", "network.algorithm": "lokr"},
+        _read_lycoris("lokr_w1"), {"train.learning_rate": 3e-2, "network.rank": 4}),
+    Row("dora", {"network.method": "lora", "network.algorithm": "dora"},
+        _read_lycoris("dora_scale"), {"train.learning_rate": 3e-2, "network.rank": 8}),
     Row("dreambooth", {"network.method": "dreambooth"}, _read_checkpoint,
         {"train.learning_rate": 3e-4}),
     # Registered by the ``registered_dummy`` fixture only: proves a plug-in needs no more.

@@ -163,6 +163,13 @@ class NetworkConfig(_Section):
     train_text_encoder: bool = opt(False, "Also train a LoRA on the text encoder.")
     algorithm: str = opt("lora", "LoRA-family algorithm of network.method = 'lora': how a "
                          "layer is adapted and which layers.", choices=ALGORITHMS.choices())
+    lokr_factor: int = opt(-1, "LoKr (network.algorithm = 'lokr'): split each dimension into "
+                           "this factor times the rest; -1 = automatic (near the square root). "
+                           "Smaller factors give smaller files.", min=-1, max=4096)
+    init_lora: str = opt("", "Train on from this LoRA file (any layout Tsuika reads): its "
+                         "algorithm, rank, alpha and layers replace these options (each change "
+                         "is reported), the adapters start from its weights, and its recorded "
+                         "steps are counted on. Empty = fresh adapters.")
 
     def validate(self) -> None:
         # The one place the "alpha = rank / 2" policy lives (CLI, nodes and tests alike).
@@ -171,6 +178,11 @@ class NetworkConfig(_Section):
         # Algorithm options are the algorithm's to judge, and only for methods built on them.
         if getattr(METHODS.get(self.method), "uses_algorithms", False):
             ALGORITHMS.get(self.algorithm).check_options(self)
+        elif self.init_lora:
+            raise ConfigError(f"network.init_lora = {self.init_lora!r} starts LoRA-family "
+                              f"adapters from a file; network.method = {self.method!r} trains "
+                              "no such adapters. Set network.method = 'lora' or leave "
+                              "network.init_lora empty.")
 
 
 def auto_alpha(rank: int) -> float:

@@ -27,6 +27,7 @@ from .device import resolve_device, resolve_precision
 from .device.cpu_conv import packed_frozen_convs
 from .families import ModelBundle, get_family, load_model
 from .guards import NonFiniteLoss, resume_into, run_identity
+from .init_lora import adopt_init_lora
 from .methods import get_method
 from .optimizers import (
     StepInBackward,
@@ -147,8 +148,14 @@ class TrainingRun:
                                      config.model.prediction_type,
                                      dtype=te_dtype if te_dtype == torch.float32 else unet_dtype)
         self.family = get_family(self.bundle.family)
+        init_steps = 0
+        if config.network.init_lora:  # the file decides the network before validation
+            notes, init_steps = adopt_init_lora(config, self.bundle)
+            for note in notes:
+                self.cb.on_message(note)
         method.validate(config, self.bundle)
         self.out = RunWriter(config, self.bundle, is_main=self.is_main)
+        self.out.step_offset = init_steps
 
     def _prepare_data(self) -> None:
         """Scan the data, fill the latent caches (rank 0 first), move the models in place."""

@@ -113,6 +113,7 @@ class RunWriter:
         self._states: list[Path] = []
         self.identity: dict | None = None  # what a state belongs to (guards.run_identity)
         self.last_good: SaveInfo | None = None  # the newest save, verified finite
+        self.step_offset = 0  # steps a file trained on from had already (network.init_lora)
         self.final_path = self.dir / f"{config.output.name}.safetensors"
         if is_main:
             self.dir.mkdir(parents=True, exist_ok=True)
@@ -125,7 +126,7 @@ class RunWriter:
     def metadata(self, step: int) -> dict[str, str]:
         c = self.config
         return training_metadata(
-            config=c, step=step, base_model_name=self.bundle.source_name,
+            config=c, step=step + self.step_offset, base_model_name=self.bundle.source_name,
             base_model_version=self.bundle.family, prediction_type=self.bundle.prediction_type,
             started_at=self.started, include_paths=c.output.metadata_paths)
 

@@ -7,6 +7,7 @@ from collections.abc import Iterable, Mapping
 from .lora_keys import PAIR as _PAIR
 from .lora_keys import LoraKeyError, ModuleIndex, canonical_path, two_encoders
 from .lora_state import (
+    LYCORIS_SUFFIXES,
     KeyPool,
     LoraFormatError,
     LoraStateDict,
@@ -32,7 +33,7 @@ class ComfyFormat:
 
     name = "comfy"
     _SUFFIXES = {".lora_down.weight": "down", ".lora_up.weight": "up", ".lora_A.weight": "down",
-                 ".lora_B.weight": "up", ".alpha": "alpha"}
+                 ".lora_B.weight": "up", ".alpha": "alpha", **LYCORIS_SUFFIXES}
     _DIFFS = (".diff", ".diff_b")
 
     def detect(self, keys: Iterable[str]) -> bool:

@@ -13,9 +13,14 @@ import torch
 
 from .lora_keys import ModuleIndex, component_of_kohya_name, flat_index, kohya_name
 from .lora_state import (
+    LYCORIS_SUFFIXES,
     KeyPool,
+    LohaWeights,
+    LokrWeights,
     LoraFormatError,
     LoraStateDict,
+    LoraWeights,
+    ModuleWeights,
     assemble,
     normalise_ldm_map,
     refuse_unsupported,
@@ -38,6 +43,31 @@ def lora_module_tensors(down: torch.Tensor, up: torch.Tensor,
     """
     return {"lora_down.weight": down.contiguous(), "lora_up.weight": up.contiguous(),
             "alpha": torch.tensor(float(alpha), dtype=torch.float32)}
+
+
+def module_tensors_of(weights: ModuleWeights) -> dict[str, torch.Tensor]:
+    """One module's canonical weights by kohya / LyCORIS suffix (what :func:`kohya_tensors`
+    names): ``lora_down.weight`` ... for LoRA, ``hada_w1_a`` ... for LoHa, ``lokr_w1`` /
+    ``lokr_w2_a`` ... for LoKr, plus ``dora_scale`` when the module has one.
+
+    Args:
+        weights: a ``LoraWeights``, ``LohaWeights`` or ``LokrWeights``; tensors are written as
+            they are (convert their dtype first), alpha float32.
+    """
+    if isinstance(weights, LoraWeights):
+        out = lora_module_tensors(weights.down, weights.up, weights.alpha)
+    elif isinstance(weights, LohaWeights):
+        out = {f"hada_{n}": getattr(weights, n).contiguous()
+               for n in ("w1_a", "w1_b", "w2_a", "w2_b")}
+    elif isinstance(weights, LokrWeights):
+        out = {f"lokr_{n}": t.contiguous() for n in ("w1", "w1_a", "w1_b", "w2", "w2_a", "w2_b")
+               if (t := getattr(weights, n)) is not None}
+    else:
+        raise LoraFormatError(f"no kohya layout for {type(weights).__name__}.")
+    out["alpha"] = torch.tensor(float(weights.alpha), dtype=torch.float32)
+    if weights.dora_scale is not None:
+        out["dora_scale"] = weights.dora_scale.contiguous()
+    return out
 
 
 def kohya_tensors(modules: Mapping[tuple[str, str], Mapping[str, torch.Tensor]]
@@ -64,10 +94,12 @@ def kohya_tensors(modules: Mapping[tuple[str, str], Mapping[str, torch.Tensor]]
 
 
 class KohyaFormat:
-    """``lora_unet_<path_with_underscores>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``."""
+    """``lora_unet_<path_with_underscores>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``,
+    and the LyCORIS suffixes on the same names (``hada_*``, ``lokr_*``, ``dora_scale``)."""
 
     name = "kohya"
-    _SUFFIXES = {f".{suffix}": role for suffix, role in LORA_SUFFIXES.items()}
+    _SUFFIXES = {**{f".{suffix}": role for suffix, role in LORA_SUFFIXES.items()},
+                 **LYCORIS_SUFFIXES}
 
     def detect(self, keys: Iterable[str]) -> bool:
         return any(component_of_kohya_name(k) is not None for k in keys)

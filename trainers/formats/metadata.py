@@ -68,7 +68,7 @@ JSON_KEYS = ("ss_tag_frequency", "ss_dataset_dirs", "ss_reg_dataset_dirs", "ss_b
 # folder as much as "/home/me/data/class"); any key named dir/path or ending in _dir/_path is
 # one as well, so a later option cannot be forgotten here.
 _CONFIG_PATHS = (("model", "path"), ("data", "dir"), ("data", "cache_dir"), ("data", "class_dir"),
-                 ("output", "dir"), ("train", "resume"))
+                 ("output", "dir"), ("train", "resume"), ("network", "init_lora"))
 
 
 def _is_path_key(section: str, key: str) -> bool:

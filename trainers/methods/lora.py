@@ -48,14 +48,26 @@ class LoraMethod:
     def prepare(self, config: TsuikaConfig, bundle: ModelBundle) -> list[dict]:
         net, tr = config.network, config.train
         algorithm = get_algorithm(net.algorithm)
+        init = None
+        if net.init_lora:  # the file's modules, ranks and alphas (config adopted them already)
+            from ..init_lora import file_targets, read_init_lora
+
+            init = read_init_lora(config, bundle)
         groups = []
         for comp, module in bundle.components.items():
             if comp != "unet" and not net.train_text_encoder:
                 continue
-            inject(algorithm, comp, module, net)
+            targets = file_targets(init, comp) if init is not None else None
+            if targets == {}:
+                continue  # the file adapts nothing in this component
+            inject(algorithm, comp, module, net, targets)
             groups.append({"params": self._trainable(module, algorithm),
                            "lr": tr.learning_rate if comp == "unet" else
                            tr.text_encoder_lrs()[comp], "name": comp})
+        if init is not None:
+            from ..init_lora import load_init_weights
+
+            load_init_weights(init, bundle.components)
         n = sum(p.numel() for g in groups for p in g["params"])
         log.info("%s: %d trainable parameters in %d groups", algorithm.name, n, len(groups))
         return groups
@@ -91,7 +103,11 @@ class LoraMethod:
 
     def file_metadata(self, config: TsuikaConfig, bundle: ModelBundle,
                       metadata: dict[str, str]) -> dict[str, str]:
-        """The run's metadata plus the network's kohya fields (rank, alpha, conv)."""
+        """The run's metadata plus the network's kohya fields (rank, alpha, conv) and what the
+        algorithm says of itself (LyCORIS's ``ss_network_module`` / ``ss_network_args``)."""
         from ..formats.metadata import network_metadata
 
-        return network_metadata(metadata, config, include_paths=config.output.metadata_paths)
+        algorithm = get_algorithm(config.network.algorithm)
+        fields = algorithm.file_fields(config.network) if hasattr(algorithm, "file_fields") else {}
+        return network_metadata(metadata, config, include_paths=config.output.metadata_paths,
+                                **fields)

@@ -69,11 +69,13 @@ class Algorithm(Protocol):
 
 
 def inject(algorithm: Algorithm, component: str, module: torch.nn.Module,
-           net: NetworkConfig) -> int:
-    """Adapt ``module`` (one component) as ``algorithm`` says; returns the layer count."""
+           net: NetworkConfig, targets: Mapping[str, LayerTarget] | None = None) -> int:
+    """Adapt ``module`` (one component) as ``algorithm`` says, or exactly ``targets`` (the
+    layers of a file trained on); returns the layer count."""
     from peft import inject_adapter_in_model
 
-    targets = algorithm.targets(component, module, net)
+    if targets is None:
+        targets = algorithm.targets(component, module, net)
     inject_adapter_in_model(algorithm.peft_config(targets, net), module, adapter_name=ADAPTER)
     return len(targets)
 

@@ -13,7 +13,7 @@ import torch
 
 from ...config import ConfigError, NetworkConfig
 from .base import LayerTarget
-from .lora import LoraAlgorithm, matching
+from .lora import LoraAlgorithm, matching, refuse_lokr_factor
 
 UNET_CONV = re.compile(
     r".*(resnets\.\d+\.(conv1|conv2)|downsamplers\.0\.conv|upsamplers\.0\.conv)$")
@@ -26,6 +26,7 @@ class LoConAlgorithm(LoraAlgorithm):
     summary = "LoRA on the UNet's 3x3 convolutions too (network.conv_rank / conv_alpha)"
 
     def check_options(self, net: NetworkConfig) -> None:
+        refuse_lokr_factor(self.name, net)
         if not net.conv_rank:
             raise ConfigError("network.algorithm = 'locon' adapts convolutions with "
                               "network.conv_rank, which is 0; set network.conv_rank (e.g. 8) "

@@ -30,6 +30,14 @@ def matching(module: torch.nn.Module, pattern: re.Pattern,
     return [n for n, m in module.named_modules() if pattern.match(n) and isinstance(m, types)]
 
 
+def refuse_lokr_factor(algorithm: str, net: NetworkConfig) -> None:
+    """``network.lokr_factor`` shapes LoKr only: refused elsewhere rather than ignored."""
+    if net.lokr_factor != -1:
+        raise ConfigError(f"network.lokr_factor = {net.lokr_factor} applies to network.algorithm "
+                          f"= 'lokr' only, not {algorithm!r}; set network.lokr_factor = -1 or "
+                          "network.algorithm = 'lokr'.")
+
+
 class LoraAlgorithm:
     """Low-rank adapters on linear layers."""
 
@@ -40,6 +48,7 @@ class LoraAlgorithm:
     layer_types = (torch.nn.Linear, torch.nn.Conv2d)
 
     def check_options(self, net: NetworkConfig) -> None:
+        refuse_lokr_factor(self.name, net)
         if net.conv_rank:
             raise ConfigError(f"network.conv_rank = {net.conv_rank} adapts 3x3 convolutions, "
                               "which is LoCon: set network.algorithm = 'locon' (or "
