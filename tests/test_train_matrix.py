@@ -223,8 +223,12 @@ def test_a_fixed_seed_reproduces_the_run(row, tiny, image_folder, tmp_path):
     assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
 
 
-def test_resume_ends_with_the_weights_of_one_run(row, tiny, image_folder, tmp_path):
-    extra = {"output.save_every": 2, "train.lr_scheduler": "cosine"}
+# With EMA on (averaging from step 2, so the cut at step 3 falls inside it) the file holds the
+# average: resuming must continue the average as well as the weights.
+@pytest.mark.parametrize("ema", [{}, {"train.ema_decay": 0.5, "train.ema_start_step": 1}],
+                         ids=["", "ema"])
+def test_resume_ends_with_the_weights_of_one_run(row, tiny, image_folder, tmp_path, ema):
+    extra = {"output.save_every": 2, "train.lr_scheduler": "cosine", **ema}
     full = _run(row, tiny, image_folder, tmp_path / "full", 4, **extra)
     with pytest.raises(TrainingStopped) as stopped:
         _run(row, tiny, image_folder, tmp_path / "cut", 4, StopAt(3), **extra)
@@ -233,7 +237,8 @@ def test_resume_ends_with_the_weights_of_one_run(row, tiny, image_folder, tmp_pa
     resumed = _run(row, tiny, image_folder, tmp_path / "cut", 4,
                    **extra, **{"train.resume": "latest"})
     assert resumed.steps == 4 and resumed.losses == full.losses
-    a, b = load_safetensors(full.file_path)[0], load_safetensors(resumed.file_path)[0]
+    (a, meta_a), (b, meta_b) = load_safetensors(full.file_path), load_safetensors(resumed.file_path)
     assert a.keys() == b.keys()
     for k in a:
         assert torch.allclose(a[k], b[k], rtol=0, atol=1e-6), k
+    assert meta_a["tsuika.weights"] == meta_b["tsuika.weights"] == ("ema" if ema else "raw")

@@ -72,7 +72,8 @@ def optimizer_tensors(optimizer_state: dict) -> dict[str, torch.Tensor]:
 def state_non_finite(state: TrainingState) -> list[str]:
     """Which trained tensors or optimizer moments of ``state`` are not finite."""
     return (non_finite(state.trainable)
-            + non_finite(optimizer_tensors(state.optimizer)))[:3]
+            + non_finite(optimizer_tensors(state.optimizer))
+            + non_finite({f"EMA {k}": t for k, t in (state.ema or {}).items()}))[:3]
 
 
 # -- identity ----------------------------------------------------------------------------------

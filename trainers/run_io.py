@@ -14,6 +14,7 @@ from pathlib import Path
 from .callbacks import SaveInfo
 from .config import TsuikaConfig
 from .device import DTYPES
+from .ema import ema_metadata
 from .families.base import ModelBundle
 from .formats.metadata import training_metadata
 from .formats.safetensors_io import save_safetensors
@@ -127,7 +128,8 @@ class RunWriter:
         return training_metadata(
             config=c, step=step, base_model_name=self.bundle.source_name,
             base_model_version=self.bundle.family, prediction_type=self.bundle.prediction_type,
-            started_at=self.started, include_paths=c.output.metadata_paths)
+            started_at=self.started, include_paths=c.output.metadata_paths,
+            extra=ema_metadata(c, step))
 
     def save(self, method, state: TrainingState, step: int, final: bool) -> SaveInfo:
         if not self.is_main:
