@@ -68,6 +68,22 @@ def _read_conv_out(path: Path, tiny: dict) -> int:
     return len(tensors)
 
 
+def _read_hypernetwork(path: Path, tiny: dict) -> int:
+    """A hypernetwork through our reader: one module pair per context width of the model,
+    and the ``.pt`` beside it (what ComfyUI loads) holding the same tensors."""
+    from tsuika.trainers.formats.hypernetwork import read_hypernetwork
+
+    hn = read_hypernetwork(path)
+    width = load_model(tiny["diffusers"]).unet.config.cross_attention_dim
+    assert list(hn.modules) == [width]
+    pt = read_hypernetwork(path.with_suffix(".pt"))
+    assert pt.modules.keys() == hn.modules.keys()
+    for dim, pair in hn.modules.items():
+        assert all(torch.allclose(pt.modules[dim][i][n].float(), t, atol=1e-3)
+                   for i in (0, 1) for n, t in pair[i].items())
+    return len(hn.modules)
+
+
 @dataclass(frozen=True)
 class Row:
     """One matrix row: the options that pick a method (and algorithm), and how to read its file.
@@ -103,6 +119,11 @@ ROWS = [
         {"train.learning_rate": 1e-2, "network.rank": 8}),
     Row("dreambooth", {"network.method": "dreambooth"}, _read_checkpoint,
         {"train.learning_rate": 3e-4}),
+    Row("hypernetwork", {"network.method": "hypernetwork",
+                         "network.hypernetwork_activation": "relu"}, _read_hypernetwork,
+        # A hypernetwork only changes attention keys/values: on the tiny model its loss falls
+        # slower than an adapter's (measured: 12% in 24 steps at these options).
+        {"train.learning_rate": 3e-2, "network.hypernetwork_layers": "1,4,1"}, learn_steps=24),
     # Registered by the ``registered_dummy`` fixture only: proves a plug-in needs no more.
     Row("dummy_out", {"network.method": "dummy_out"}, _read_conv_out,
         {"train.learning_rate": 1e-2}),

@@ -144,6 +144,30 @@ class DataConfig(_Section):
                               f"least {self.bucket_step} or lower data.bucket_step.")
 
 
+# What ComfyUI's HypernetworkLoader and A1111 both build (A1111's "swish" is Hardswish).
+HYPERNETWORK_ACTIVATIONS = ("linear", "relu", "leakyrelu", "elu", "swish", "tanh", "sigmoid",
+                            "softsign", "mish")
+
+
+def parse_layer_structure(text: str) -> tuple[float, ...]:
+    """``network.hypernetwork_layers`` as numbers: ``"1,2,1"`` -> ``(1.0, 2.0, 1.0)``.
+
+    Raises:
+        ConfigError: not a comma-separated list of at least two positive numbers that starts
+            and ends with 1.
+    """
+    fix = "give comma-separated width multiples starting and ending with 1, e.g. '1,2,1'."
+    try:
+        values = tuple(float(v) for v in str(text).replace(" ", "").split(","))
+    except ValueError:
+        raise ConfigError(f"network.hypernetwork_layers = {text!r} is not a list of numbers; "
+                          f"{fix}") from None
+    if len(values) < 2 or values[0] != 1 or values[-1] != 1 \
+            or not all(math.isfinite(v) and 0 < v <= 16 for v in values):
+        raise ConfigError(f"network.hypernetwork_layers = {text!r}: {fix} (each at most 16)")
+    return values
+
+
 @dataclass
 class NetworkConfig(_Section):
     SECTION = "network"
@@ -163,11 +187,26 @@ class NetworkConfig(_Section):
     train_text_encoder: bool = opt(False, "Also train a LoRA on the text encoder.")
     algorithm: str = opt("lora", "LoRA-family algorithm of network.method = 'lora': how a "
                          "layer is adapted and which layers.", choices=ALGORITHMS.choices())
+    hypernetwork_layers: str = opt("1,2,1", "network.method = 'hypernetwork': width of each "
+                                   "layer of a module as a multiple of the context width, "
+                                   "first and last 1 (A1111's layer structure).")
+    hypernetwork_activation: str = opt("linear", "network.method = 'hypernetwork': activation "
+                                       "after each layer but the last.",
+                                       choices=HYPERNETWORK_ACTIVATIONS)
+    hypernetwork_layer_norm: bool = opt(False, "network.method = 'hypernetwork': layer "
+                                        "normalisation after each layer. ComfyUI's loader "
+                                        "then also puts the activation after the last layer "
+                                        "(A1111 does not): keep activation 'linear' with it for "
+                                        "files that act the same in both.")
+    hypernetwork_dropout: bool = opt(False, "network.method = 'hypernetwork': dropout (0.3) "
+                                     "after the first layers while training. ComfyUI's loader "
+                                     "keeps it on when generating too.")
 
     def validate(self) -> None:
         # The one place the "alpha = rank / 2" policy lives (CLI, nodes and tests alike).
         if self.alpha == 0:
             self.alpha = auto_alpha(self.rank)
+        parse_layer_structure(self.hypernetwork_layers)
         # Algorithm options are the algorithm's to judge, and only for methods built on them.
         if getattr(METHODS.get(self.method), "uses_algorithms", False):
             ALGORITHMS.get(self.algorithm).check_options(self)

@@ -19,6 +19,7 @@ from .families.base import ModelBundle
 from .formats.metadata import training_metadata
 from .formats.safetensors_io import save_safetensors
 from .guards import NonFiniteLoss, state_non_finite
+from .registry import METHODS
 from .report import image_grid, render_loss_plot, save_png, write_loss_csv
 from .run_lock import OutputError, output_lock
 from .state import (
@@ -58,11 +59,13 @@ def check_output_dir(config: TsuikaConfig) -> Path:
         raise OutputError(f"output.dir = {str(folder)!r} is not writable by this user; "
                           "choose a folder you can write to or fix its permissions.",
                           errno.EACCES)
-    final = folder / f"{config.output.name}.safetensors"
-    if final.exists() and not config.output.overwrite:
-        raise FileExistsError(
-            f"{final} already exists; choose another output.name, another output.dir, or set "
-            "output.overwrite = true to replace it.")
+    method = METHODS.get(config.network.method) if config.network.method in METHODS else None
+    for suffix in (".safetensors", *getattr(method, "companion_suffixes", ())):
+        final = folder / f"{config.output.name}{suffix}"
+        if final.exists() and not config.output.overwrite:
+            raise FileExistsError(
+                f"{final} already exists; choose another output.name, another output.dir, or "
+                "set output.overwrite = true to replace it.")
     return folder
 
 
@@ -152,6 +155,9 @@ class RunWriter:
                              method.file_metadata(self.config, self.bundle, self.metadata(step)),
                              overwrite=final and self.config.output.overwrite or not final,
                              dtype=dtype)
+            if final and hasattr(method, "companion_files"):  # e.g. a hypernetwork's .pt
+                method.companion_files(self.config, self.bundle, path,
+                                       overwrite=self.config.output.overwrite)
             sdir = save_state(state_dir_for(self.dir, step), state)
         except FileExistsError:
             raise
