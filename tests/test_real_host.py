@@ -273,3 +273,90 @@ print(json.dumps(out))
     assert len(info["TsuikaTrainLoRAAdvanced"]["inputs"]) <= len(simple["inputs"]) + 2
     assert set(info["TsuikaSaveLoRA"]["hidden"]) == {"PROMPT", "EXTRA_PNGINFO"}
     assert info["refused"].startswith("resolution = 32 is below bucket_step = 64")
+
+
+COMFY_HYPERNETWORK = """
+import json, sys, torch
+folder, ckpt, io_path = sys.argv[1:4]
+sys.argv = [sys.argv[0], "--cpu"]  # as the server runs here: no CUDA
+import comfy.options
+comfy.options.enable_args_parsing()
+import folder_paths, comfy.sd
+from comfy_extras.nodes_hypernetwork import HypernetworkLoader
+from safetensors.torch import load_file
+folder_paths.add_model_folder_path("hypernetworks", folder)
+io = load_file(io_path)
+model = comfy.sd.load_checkpoint_guess_config(ckpt, output_vae=False, output_clip=False)[0]
+unet = model.model.diffusion_model
+def predict(patcher):
+    opts = patcher.model_options.get("transformer_options", {})
+    with torch.no_grad():
+        return unet(io["x"].to(next(unet.parameters()).dtype), timesteps=io["t"],
+                    context=io["context"], transformer_options=opts).float()
+out = {"plain": predict(model)}
+for name, strength in (("tsuika_hn.pt", 1.0), ("tsuika_hn.pt", 0.5),
+                       ("tsuika_hn.safetensors", 1.0)):
+    patched = HypernetworkLoader().load_hypernetwork(model, name, strength)[0]
+    out[f"{name}@{strength}"] = predict(patched)
+print(json.dumps({k: v.tolist() for k, v in out.items()}))
+"""
+
+
+def test_hypernetwork_loads_through_hypernetworkloader_and_acts_as_ours(host_models, tmp_path):
+    """Our .pt through ComfyUI's own HypernetworkLoader (in ComfyUI's python) changes the UNet's
+    noise prediction exactly as our module does, at two strengths; the same tensors as a
+    .safetensors file load there without error and change nothing (why we write the .pt)."""
+    import gc
+    import json
+
+    import torch
+
+    from tsuika.trainers.config import build_config
+    from tsuika.trainers.families import load_model
+    from tsuika.trainers.formats.hypernetwork import write_comfy_pt, write_hypernetwork
+    from tsuika.trainers.formats.safetensors_io import save_safetensors
+    from tsuika.trainers.methods import get_method
+    from tsuika.trainers.methods.hypernetwork import ATTR
+
+    ckpt = host_models / "checkpoints" / "sd15-hostable.safetensors"
+    bundle = load_model(ckpt, dtype=torch.float32)
+    config = build_config(overrides=["network.method=hypernetwork",
+                                     "network.hypernetwork_activation=relu"])
+    method = get_method("hypernetwork")
+    torch.manual_seed(0)
+    method.prepare(config, bundle)
+    hn = getattr(bundle.unet, ATTR)
+    for p in hn.parameters():  # trained-looking weights: the A1111 init barely moves anything
+        p.data.normal_(0, 0.05)
+    g = torch.Generator().manual_seed(3)
+    io = {"x": torch.randn(1, 4, 8, 8, generator=g), "t": torch.tensor([400.0]),
+          "context": torch.randn(1, 77, 768, generator=g)}
+    ours = {}
+    bundle.unet.eval()
+    with torch.no_grad():
+        for strength in (0.0, 1.0, 0.5):
+            hn.strength = strength
+            ours[strength] = bundle.unet(io["x"], io["t"], io["context"]).sample
+    folder = tmp_path / "hypernetworks"
+    write_comfy_pt(folder / "tsuika_hn.pt", method.file(config, bundle), dtype=None)
+    write_hypernetwork(folder / "tsuika_hn.safetensors", method.file(config, bundle))
+    save_safetensors(tmp_path / "io.safetensors", io)
+    del bundle, hn
+    gc.collect()
+    python = os.environ.get("COMFYUI_PYTHON", str(Path(COMFY).parent / "comfy-venv/bin/python"))
+    r = subprocess.run([python, "-c", COMFY_HYPERNETWORK, str(folder), str(ckpt),
+                        str(tmp_path / "io.safetensors")], capture_output=True, text=True,
+                       cwd=COMFY, check=False, timeout=900,
+                       env={**os.environ, "PYTHONPATH": COMFY})
+    assert r.returncode == 0, r.stderr[-3000:]
+    theirs = {k: torch.tensor(v) for k, v in
+              json.loads(r.stdout.strip().splitlines()[-1]).items()}
+    scale = float(ours[0.0].abs().max())
+    assert torch.allclose(theirs["plain"], ours[0.0], atol=1e-4 * scale)  # same base model
+    change = float((ours[1.0] - ours[0.0]).abs().max())
+    assert change > 1e-2 * scale, "the hypernetwork should visibly change the prediction"
+    for strength in (1.0, 0.5):
+        got = theirs[f"tsuika_hn.pt@{strength}"]
+        assert torch.allclose(got, ours[strength], atol=1e-3 * change), strength
+    # A safetensors hypernetwork: every key fails the loader's int(key) test -> no change.
+    assert torch.equal(theirs["tsuika_hn.safetensors@1.0"], theirs["plain"])
