@@ -360,3 +360,35 @@ def test_hypernetwork_loads_through_hypernetworkloader_and_acts_as_ours(host_mod
         assert torch.allclose(got, ours[strength], atol=1e-3 * change), strength
     # A safetensors hypernetwork: every key fails the loader's int(key) test -> no change.
     assert torch.equal(theirs["tsuika_hn.safetensors@1.0"], theirs["plain"])
+
+
+def test_train_hypernetwork_node_publishes_a_pt_hypernetworkloader_lists(host_models, tmp_path):
+    """The example workflow as shipped: Train Hypernetwork trains, publishes the .pt into
+    models/hypernetworks and its MODEL (the hypernetwork applied) samples in the same graph."""
+    import json
+
+    import torch
+
+    hypernetworks = Path(COMFY) / "models" / "hypernetworks"
+    before = set(hypernetworks.glob("tsuika_example_hypernetwork*"))
+    report, out = tmp_path / "report.json", tmp_path / "out"
+    r = _run(["--models", str(host_models), "--output-dir", str(out), "--report", str(report),
+              str(ROOT / "example_workflows/tsuika_train_hypernetwork_then_generate.json"),
+              "--expect-nodes", "TsuikaTrainHypernetwork", "TsuikaTrainHypernetworkAdvanced"])
+    new = set(hypernetworks.glob("tsuika_example_hypernetwork*")) - before
+    try:
+        assert r.returncode == 0 and "RESULT: PASS" in r.stdout, r.stdout[-6000:]
+        assert [p.suffix for p in new] == [".pt"], new  # the loader's file, nothing else
+        sd = torch.load(next(iter(new)), weights_only=True)
+        assert sorted(k for k in sd if isinstance(k, int)) == [768]
+        assert sd["activation_func"] == "linear" and sd["step"] == 10
+        assert list(out.glob("tsuika_hypernetwork*.png")), r.stdout[-3000:]
+        runs = json.loads(report.read_text())["workflows"]
+        texts = [v["tsuika_report"][0] for run in runs
+                 for v in (run.get("raw_outputs") or {}).values() if "tsuika_report" in v]
+        assert any(t.startswith("trained 10 steps") for t in texts), texts
+        assert any("in models/hypernetworks" in line for t in texts
+                   for line in t.splitlines()), texts
+    finally:
+        for p in new:
+            p.unlink()

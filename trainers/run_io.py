@@ -115,6 +115,7 @@ class RunWriter:
         self.started = time.time()
         self._intermediate: list[Path] = []
         self._states: list[Path] = []
+        self._companions: list[list[Path]] = []  # per intermediate save, its companions
         self.identity: dict | None = None  # what a state belongs to (guards.run_identity)
         self.last_good: SaveInfo | None = None  # the newest save, verified finite
         self.final_path = self.dir / f"{config.output.name}.safetensors"
@@ -151,13 +152,16 @@ class RunWriter:
         else:
             path = self.dir / f"{self.config.output.name}-step{step:08d}.safetensors"
         try:
-            save_safetensors(path, tensors,
-                             method.file_metadata(self.config, self.bundle, self.metadata(step)),
+            meta = method.file_metadata(self.config, self.bundle, self.metadata(step))
+            save_safetensors(path, tensors, meta,
                              overwrite=final and self.config.output.overwrite or not final,
                              dtype=dtype)
-            if final and hasattr(method, "companion_files"):  # e.g. a hypernetwork's .pt
-                method.companion_files(self.config, self.bundle, path,
-                                       overwrite=self.config.output.overwrite)
+            # e.g. a hypernetwork's .pt (what ComfyUI loads), beside every save: a cancel
+            # publishes the intermediate one.
+            companions = list(method.companion_files(
+                self.config, self.bundle, path, meta,
+                overwrite=not final or self.config.output.overwrite)) \
+                if hasattr(method, "companion_files") else []
             sdir = save_state(state_dir_for(self.dir, step), state)
         except FileExistsError:
             raise
@@ -165,6 +169,11 @@ class RunWriter:
             raise self._write_error(path, e) from e
         if not final:
             self._intermediate = prune(self._intermediate + [path], self.config.output.keep_last)
+            self._companions.append(companions)
+            keep = self.config.output.keep_last
+            while keep and len(self._companions) > keep:  # as prune() does for the files
+                for old in self._companions.pop(0):
+                    old.unlink(missing_ok=True)
             self._states = prune(self._states + [sdir], self.config.output.keep_last)
         log.info("saved %s (state %s)", path, sdir)
         self.last_good = SaveInfo(step=step, file_path=str(path), state_dir=str(sdir),

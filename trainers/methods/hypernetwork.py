@@ -199,13 +199,15 @@ class HypernetworkMethod:
                                 use_dropout=net.hypernetwork_dropout)
 
     def companion_files(self, config: TsuikaConfig, bundle: ModelBundle, path,
-                        overwrite: bool) -> list:
-        """Beside the final safetensors file, the ``.pt`` ComfyUI's HypernetworkLoader and
-        A1111 read (``formats.hypernetwork.write_comfy_pt``: plain data, weights_only)."""
+                        metadata: dict[str, str], overwrite: bool) -> list:
+        """Beside each saved safetensors file, the ``.pt`` ComfyUI's HypernetworkLoader and
+        A1111 read (``formats.hypernetwork.write_comfy_pt``: plain data, weights_only), with
+        the file's name and step from ``metadata``."""
         from ..formats.hypernetwork import write_comfy_pt
 
-        return [write_comfy_pt(path.with_suffix(".pt"), self.file(config, bundle),
-                               overwrite=overwrite)]
+        hn = self.file(config, bundle)
+        hn.metadata = dict(metadata)
+        return [write_comfy_pt(path.with_suffix(".pt"), hn, overwrite=overwrite)]
 
     def export(self, config: TsuikaConfig, bundle: ModelBundle,
                dtype: torch.dtype) -> dict[str, torch.Tensor]:
