@@ -392,3 +392,27 @@ def test_train_hypernetwork_node_publishes_a_pt_hypernetworkloader_lists(host_mo
     finally:
         for p in new:
             p.unlink()
+
+
+def test_cancelled_hypernetwork_is_published_as_a_pt_the_loader_reads(host_models, tmp_path):
+    """Cancel keeps what was trained where HypernetworkLoader lists it: the partial .pt (a
+    partial .safetensors there would load as a silent no-op)."""
+    import torch
+
+    hypernetworks = Path(COMFY) / "models" / "hypernetworks"
+    before = set(hypernetworks.glob("tsuika_hn_cancel_test-partial-step*"))
+    r = _run(["--models", str(host_models), "--output-dir", str(tmp_path / "out"),
+              "--timeout", "60", "--show-log",
+              str(ROOT / "tests/workflows_negative/train_hypernetwork_until_cancelled.json"),
+              "--expect-fail", "train_hypernetwork_until_cancelled.json"])
+    log = r.stdout + r.stderr
+    partial = set(hypernetworks.glob("tsuika_hn_cancel_test-partial-step*")) - before
+    try:
+        assert r.returncode == 0 and "interrupt sent and honoured" in log, log[-6000:]
+        assert "Processing interrupted" in log and "cancelled at step" in log, log[-6000:]
+        assert [p.suffix for p in partial] == [".pt"], (partial, log[-3000:])
+        sd = torch.load(next(iter(partial)), weights_only=True)
+        assert 768 in sd and sd["activation_func"] == "linear"
+    finally:
+        for p in partial:
+            p.unlink()

@@ -89,3 +89,24 @@ def test_bad_options_are_refused_before_work(tiny_model):
                                      "network.train_text_encoder=true"])
     with pytest.raises(MethodError, match="train_text_encoder"):
         get_method("hypernetwork").validate(config, bundle)
+
+
+def test_a_saved_file_applied_to_a_fresh_model_acts_as_the_trained_one(tiny_model, tmp_path):
+    from tsuika.trainers.formats.hypernetwork import read_hypernetwork, write_hypernetwork
+    from tsuika.trainers.methods.hypernetwork import apply_file
+
+    bundle, config, method, _ = _prepared(tiny_model, "network.hypernetwork_layer_norm=true",
+                                          "network.hypernetwork_activation=mish")
+    for p in getattr(bundle.unet, ATTR).parameters():
+        p.data.normal_(0, 0.2)
+    path = write_hypernetwork(tmp_path / "h.safetensors", method.file(config, bundle))
+    fresh = load_model(tiny_model["diffusers"])
+    g = torch.Generator().manual_seed(2)
+    x, ctx = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 7, 32, generator=g)
+    with torch.no_grad():
+        plain = fresh.unet(x, 10, ctx).sample
+        apply_file(fresh, read_hypernetwork(path))
+        trained = bundle.unet.eval()(x, 10, ctx).sample
+        applied = fresh.unet(x, 10, ctx).sample
+    assert torch.allclose(applied, trained, atol=1e-5)
+    assert not torch.allclose(applied, plain, atol=1e-3)

@@ -133,6 +133,40 @@ def context_widths(bundle: ModelBundle) -> list[int]:
     return sorted(set(dim if isinstance(dim, (list, tuple)) else [dim]))
 
 
+def attach(bundle: ModelBundle, hn: Hypernetwork) -> None:
+    """Put ``hn`` on the bundle's UNet: registered as ``ATTR`` (so states and the EMA name its
+    parameters as the UNet's) and read by every attention layer's processor."""
+    setattr(bundle.unet, ATTR, hn)
+    processor = HypernetworkAttnProcessor(hn)
+    for attn in _attention_layers(bundle.unet):
+        attn.set_processor(processor)
+
+
+def apply_file(bundle: ModelBundle, file, strength: float = 1.0) -> Hypernetwork:
+    """Apply a saved hypernetwork (``formats.hypernetwork.HypernetworkFile``) to ``bundle`` at
+    ``strength``, as HypernetworkLoader does in ComfyUI (the quality benchmark scores it so).
+
+    Raises:
+        MethodError: its activation is not one this module builds, or its tensors do not
+            fit the layers its options describe.
+    """
+    if file.activation_func not in _ACTIVATIONS:
+        raise MethodError(f"hypernetwork activation {file.activation_func!r} is not one of "
+                          f"{', '.join(_ACTIVATIONS)}.")
+    device = next(bundle.unet.parameters()).device
+    hn = Hypernetwork(list(file.modules), tuple(file.layer_structure), file.activation_func,
+                      file.is_layer_norm, file.use_dropout)
+    tensors = {f"by_width.{dim}.{i}.{name}": t for dim, pair in file.modules.items()
+               for i, sd in enumerate(pair) for name, t in sd.items()}
+    try:
+        hn.load_state_dict(tensors)
+    except RuntimeError as e:
+        raise MethodError(f"the hypernetwork's tensors do not fit its options: {e}") from e
+    hn.strength = strength
+    attach(bundle, hn.to(device).eval().requires_grad_(False))
+    return hn
+
+
 class HypernetworkMethod:
     """A1111-style hypernetwork modules on the attention layers' key/value inputs."""
 
@@ -164,10 +198,7 @@ class HypernetworkMethod:
                           net.hypernetwork_activation, net.hypernetwork_layer_norm,
                           net.hypernetwork_dropout).to(device, torch.float32)
         bundle.unet.requires_grad_(False)  # only the modules train
-        setattr(bundle.unet, ATTR, hn)  # registered: its parameters are the UNet's "::" names
-        processor = HypernetworkAttnProcessor(hn)
-        for attn in _attention_layers(bundle.unet):
-            attn.set_processor(processor)
+        attach(bundle, hn)
         params = list(hn.parameters())
         log.info("hypernetwork: widths %s, %d trainable parameters", hn.widths,
                  sum(p.numel() for p in params))
