@@ -32,7 +32,7 @@ def test_the_layers_follow_a1111s_structure():
                      "Linear", "LayerNorm"]
     assert [m.linear[i].weight.shape for i in (0, 4, 7)] == [(16, 8), (16, 16), (8, 16)]
     assert all(float(m.linear[i].bias.detach().abs().max()) == 0 for i in (0, 4, 7))
-    assert 0.005 < float(m.linear[4].weight.std()) < 0.02  # "Normal": N(0, 0.01)
+    assert 0.005 < float(m.linear[4].weight.detach().std()) < 0.02  # "Normal": N(0, 0.01)
 
 
 def test_attention_reads_keys_and_values_through_the_modules(tiny_model):
