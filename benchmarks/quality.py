@@ -43,9 +43,10 @@ METHODS: dict[str, tuple[str, ...]] = {
     # Every weight moves, so a tenth of the adapters' rate (the model was pretrained at 5e-4).
     "DreamBooth (whole UNet, lr 5e-5)": ("network.method=dreambooth",
                                          "train.learning_rate=5e-5"),
+    "Hypernetwork (1,2,1, relu)": ("network.method=hypernetwork",
+                                   "network.hypernetwork_activation=relu"),
 }
-NOT_YET = ("DreamBooth with prior preservation (class images)", "Textual Inversion",
-           "Hypernetwork")
+NOT_YET = ("DreamBooth with prior preservation (class images)", "Textual Inversion")
 
 
 def run(args) -> dict:

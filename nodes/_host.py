@@ -188,18 +188,20 @@ def latest_state(name: str) -> str:
                      "turn 'resume' off to start one (a cancelled training saves one).")
 
 
-def publish_partial(src: str | Path, name: str, step: int, kind: str = "loras") -> str:
+def publish_partial(src: str | Path, name: str, step: int, kind: str = "loras",
+                    suffix: str = ".safetensors") -> str:
     """Copy a cancelled run's file into ComfyUI's ``kind`` folder (``loras``, ``checkpoints``,
     ``embeddings``, ``hypernetworks``) as ``<name>-partial-step<N>``, so that folder's loader
     lists it; never over an existing file. Returns the file name. A copy (a hard link where
     it can: a partial checkpoint is GBs) rather than registering the run folder as a models
     path: that would list every intermediate save and every resumable state file in the
     loader too."""
-    return publish_file(src, f"{name}-partial-step{step}", kind, link=True)
+    return publish_file(src, f"{name}-partial-step{step}", kind, link=True, suffix=suffix)
 
 
-def publish_file(src: str | Path, stem: str, kind: str, link: bool = False) -> str:
-    """Put ``src`` into ComfyUI's first ``kind`` folder as ``<stem>.safetensors``, or
+def publish_file(src: str | Path, stem: str, kind: str, link: bool = False,
+                 suffix: str = ".safetensors") -> str:
+    """Put ``src`` into ComfyUI's first ``kind`` folder as ``<stem><suffix>``, or
     ``<stem>-2``, ``-3``... when that name is taken: never over an existing file, and it
     appears complete at once. Returns the file name.
 
@@ -211,6 +213,7 @@ def publish_file(src: str | Path, stem: str, kind: str, link: bool = False) -> s
             for a multi-GB checkpoint) where both lie on one file system; a copy otherwise.
             The run's files are written atomically (a new file replaces the old name), so a
             later save in the run folder never changes the published file.
+        suffix: the published file's extension (a hypernetwork's is ``.pt``).
     """
     import shutil
 
@@ -225,13 +228,13 @@ def publish_file(src: str | Path, stem: str, kind: str, link: bool = False) -> s
         shutil.copyfile(src, tmp)
     try:
         for i in range(1, 100):
-            target = folder / (f"{stem}.safetensors" if i == 1 else f"{stem}-{i}.safetensors")
+            target = folder / (f"{stem}{suffix}" if i == 1 else f"{stem}-{i}{suffix}")
             try:
                 os.link(tmp, target)  # appears complete at once, and never replaces a file
                 return target.name
             except FileExistsError:
                 continue
-        raise FileExistsError(f"{stem}.safetensors and 98 numbered copies exist in {folder}")
+        raise FileExistsError(f"{stem}{suffix} and 98 numbered copies exist in {folder}")
     finally:
         tmp.unlink(missing_ok=True)
 

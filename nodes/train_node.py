@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -154,6 +155,8 @@ class TrainNodeSpec:
             before the config is built (at run time only).
         advanced_node_id, advanced_display_name, advanced_description: override the
             derived Advanced id, name and description.
+        file_suffix: the extension of the file the loader reads, beside the run's
+            ``.safetensors`` (a hypernetwork's ``.pt``): a cancel publishes that one.
     """
 
     method: str
@@ -175,6 +178,7 @@ class TrainNodeSpec:
     advanced_node_id: str | None = None
     advanced_display_name: str | None = None
     advanced_description: str | None = None
+    file_suffix: str = ".safetensors"
 
     def own_options(self, advanced: bool) -> list[str]:
         """The options shown on the node itself (Simple, or Advanced)."""
@@ -328,7 +332,8 @@ def stopped(spec: TrainNodeSpec, node_id, e: TrainingStopped, total: int, name: 
     listed = None
     if info.file_path:
         try:
-            listed = _host.publish_partial(info.file_path, name, info.step, spec.folder)
+            listed = _host.publish_partial(Path(info.file_path).with_suffix(spec.file_suffix),
+                                           name, info.step, spec.folder, spec.file_suffix)
         except OSError as err:  # the run folder still holds it; say where
             log.warning("could not copy the partial %s into models/%s: %s", spec.file_word,
                         spec.folder, err)

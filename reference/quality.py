@@ -198,14 +198,24 @@ def score_lora(lora_file: str | Path, concept: str, sampling: Sampling = Samplin
 def score_trained_file(path: str | Path, concept: str, sampling: Sampling = Sampling(), *,
                        model: str | Path | None = None, words: dict[str, str] | None = None,
                        evaluator=None) -> dict:
-    """Scores of what a run wrote: a LoRA merged into the base model, or a whole checkpoint
-    (a full fine-tune such as DreamBooth) scored in the base model's place."""
+    """Scores of what a run wrote: a LoRA merged into the base model, a hypernetwork applied
+    to it, or a whole checkpoint (a full fine-tune such as DreamBooth) scored in the base
+    model's place."""
     from safetensors import safe_open
 
+    from ..trainers.formats import hypernetwork
     from ..trainers.formats.ldm_checkpoint import detect
 
     with safe_open(str(path), framework="pt") as f:
-        checkpoint = detect(list(f.keys())) is not None  # an SD single file, not a LoRA
+        keys = list(f.keys())
+    checkpoint = detect(keys) is not None  # an SD single file, not a LoRA
+    if hypernetwork.detect(dict.fromkeys(keys)):  # applied as ComfyUI's loader applies it
+        from ..trainers.methods.hypernetwork import apply_file
+
+        bundle = load_reference(model)
+        apply_file(bundle, hypernetwork.read_hypernetwork(path))
+        with torch.no_grad():
+            return score(bundle, concept, sampling, words=words, evaluator=evaluator)
     if not checkpoint:
         return score_lora(path, concept, sampling, model=model, words=words,
                           evaluator=evaluator)

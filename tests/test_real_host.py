@@ -351,3 +351,144 @@ def test_loha_lokr_dora_files_load_through_loraloader_as_we_merge_them(host_mode
             warnings.warn(f"{algo}: ComfyUI normalises by ||W||, not ||W + dW|| (Comfy-Org/"
                           "ComfyUI#15458): its weights match that reading, not DoRA's",
                           stacklevel=1)
+COMFY_HYPERNETWORK = """
+import json, sys, torch
+folder, ckpt, io_path = sys.argv[1:4]
+sys.argv = [sys.argv[0], "--cpu"]  # as the server runs here: no CUDA
+import comfy.options
+comfy.options.enable_args_parsing()
+import folder_paths, comfy.sd
+from comfy_extras.nodes_hypernetwork import HypernetworkLoader
+from safetensors.torch import load_file
+folder_paths.add_model_folder_path("hypernetworks", folder)
+io = load_file(io_path)
+model = comfy.sd.load_checkpoint_guess_config(ckpt, output_vae=False, output_clip=False)[0]
+unet = model.model.diffusion_model
+def predict(patcher):
+    opts = patcher.model_options.get("transformer_options", {})
+    with torch.no_grad():
+        return unet(io["x"].to(next(unet.parameters()).dtype), timesteps=io["t"],
+                    context=io["context"], transformer_options=opts).float()
+out = {"plain": predict(model)}
+for name, strength in (("tsuika_hn.pt", 1.0), ("tsuika_hn.pt", 0.5),
+                       ("tsuika_hn.safetensors", 1.0)):
+    patched = HypernetworkLoader().load_hypernetwork(model, name, strength)[0]
+    out[f"{name}@{strength}"] = predict(patched)
+print(json.dumps({k: v.tolist() for k, v in out.items()}))
+"""
+
+
+def test_hypernetwork_loads_through_hypernetworkloader_and_acts_as_ours(host_models, tmp_path):
+    """Our .pt through ComfyUI's own HypernetworkLoader (in ComfyUI's python) changes the UNet's
+    noise prediction exactly as our module does, at two strengths; the same tensors as a
+    .safetensors file load there without error and change nothing (why we write the .pt)."""
+    import gc
+    import json
+
+    import torch
+
+    from tsuika.trainers.config import build_config
+    from tsuika.trainers.families import load_model
+    from tsuika.trainers.formats.hypernetwork import write_comfy_pt, write_hypernetwork
+    from tsuika.trainers.formats.safetensors_io import save_safetensors
+    from tsuika.trainers.methods import get_method
+    from tsuika.trainers.methods.hypernetwork import ATTR
+
+    ckpt = host_models / "checkpoints" / "sd15-hostable.safetensors"
+    bundle = load_model(ckpt, dtype=torch.float32)
+    config = build_config(overrides=["network.method=hypernetwork",
+                                     "network.hypernetwork_activation=relu"])
+    method = get_method("hypernetwork")
+    torch.manual_seed(0)
+    method.prepare(config, bundle)
+    hn = getattr(bundle.unet, ATTR)
+    for p in hn.parameters():  # trained-looking weights: the A1111 init barely moves anything
+        p.data.normal_(0, 0.05)
+    g = torch.Generator().manual_seed(3)
+    io = {"x": torch.randn(1, 4, 8, 8, generator=g), "t": torch.tensor([400.0]),
+          "context": torch.randn(1, 77, 768, generator=g)}
+    ours = {}
+    bundle.unet.eval()
+    with torch.no_grad():
+        for strength in (0.0, 1.0, 0.5):
+            hn.strength = strength
+            ours[strength] = bundle.unet(io["x"], io["t"], io["context"]).sample
+    folder = tmp_path / "hypernetworks"
+    write_comfy_pt(folder / "tsuika_hn.pt", method.file(config, bundle), dtype=None)
+    write_hypernetwork(folder / "tsuika_hn.safetensors", method.file(config, bundle))
+    save_safetensors(tmp_path / "io.safetensors", io)
+    del bundle, hn
+    gc.collect()
+    python = os.environ.get("COMFYUI_PYTHON", str(Path(COMFY).parent / "comfy-venv/bin/python"))
+    r = subprocess.run([python, "-c", COMFY_HYPERNETWORK, str(folder), str(ckpt),
+                        str(tmp_path / "io.safetensors")], capture_output=True, text=True,
+                       cwd=COMFY, check=False, timeout=900,
+                       env={**os.environ, "PYTHONPATH": COMFY})
+    assert r.returncode == 0, r.stderr[-3000:]
+    theirs = {k: torch.tensor(v) for k, v in
+              json.loads(r.stdout.strip().splitlines()[-1]).items()}
+    scale = float(ours[0.0].abs().max())
+    assert torch.allclose(theirs["plain"], ours[0.0], atol=1e-4 * scale)  # same base model
+    change = float((ours[1.0] - ours[0.0]).abs().max())
+    assert change > 1e-2 * scale, "the hypernetwork should visibly change the prediction"
+    for strength in (1.0, 0.5):
+        got = theirs[f"tsuika_hn.pt@{strength}"]
+        assert torch.allclose(got, ours[strength], atol=1e-3 * change), strength
+    # A safetensors hypernetwork: every key fails the loader's int(key) test -> no change.
+    assert torch.equal(theirs["tsuika_hn.safetensors@1.0"], theirs["plain"])
+
+
+def test_train_hypernetwork_node_publishes_a_pt_hypernetworkloader_lists(host_models, tmp_path):
+    """The example workflow as shipped: Train Hypernetwork trains, publishes the .pt into
+    models/hypernetworks and its MODEL (the hypernetwork applied) samples in the same graph."""
+    import json
+
+    import torch
+
+    hypernetworks = Path(COMFY) / "models" / "hypernetworks"
+    before = set(hypernetworks.glob("tsuika_example_hypernetwork*"))
+    report, out = tmp_path / "report.json", tmp_path / "out"
+    r = _run(["--models", str(host_models), "--output-dir", str(out), "--report", str(report),
+              str(ROOT / "example_workflows/tsuika_train_hypernetwork_then_generate.json"),
+              "--expect-nodes", "TsuikaTrainHypernetwork", "TsuikaTrainHypernetworkAdvanced"])
+    new = set(hypernetworks.glob("tsuika_example_hypernetwork*")) - before
+    try:
+        assert r.returncode == 0 and "RESULT: PASS" in r.stdout, r.stdout[-6000:]
+        assert [p.suffix for p in new] == [".pt"], new  # the loader's file, nothing else
+        sd = torch.load(next(iter(new)), weights_only=True)
+        assert sorted(k for k in sd if isinstance(k, int)) == [768]
+        assert sd["activation_func"] == "linear" and sd["step"] == 10
+        assert list(out.glob("tsuika_hypernetwork*.png")), r.stdout[-3000:]
+        runs = json.loads(report.read_text())["workflows"]
+        texts = [v["tsuika_report"][0] for run in runs
+                 for v in (run.get("raw_outputs") or {}).values() if "tsuika_report" in v]
+        assert any(t.startswith("trained 10 steps") for t in texts), texts
+        assert any("in models/hypernetworks" in line for t in texts
+                   for line in t.splitlines()), texts
+    finally:
+        for p in new:
+            p.unlink()
+
+
+def test_cancelled_hypernetwork_is_published_as_a_pt_the_loader_reads(host_models, tmp_path):
+    """Cancel keeps what was trained where HypernetworkLoader lists it: the partial .pt (a
+    partial .safetensors there would load as a silent no-op)."""
+    import torch
+
+    hypernetworks = Path(COMFY) / "models" / "hypernetworks"
+    before = set(hypernetworks.glob("tsuika_hn_cancel_test-partial-step*"))
+    r = _run(["--models", str(host_models), "--output-dir", str(tmp_path / "out"),
+              "--timeout", "60", "--show-log",
+              str(ROOT / "tests/workflows_negative/train_hypernetwork_until_cancelled.json"),
+              "--expect-fail", "train_hypernetwork_until_cancelled.json"])
+    log = r.stdout + r.stderr
+    partial = set(hypernetworks.glob("tsuika_hn_cancel_test-partial-step*")) - before
+    try:
+        assert r.returncode == 0 and "interrupt sent and honoured" in log, log[-6000:]
+        assert "Processing interrupted" in log and "cancelled at step" in log, log[-6000:]
+        assert [p.suffix for p in partial] == [".pt"], (partial, log[-3000:])
+        sd = torch.load(next(iter(partial)), weights_only=True)
+        assert 768 in sd and sd["activation_func"] == "linear"
+    finally:
+        for p in partial:
+            p.unlink()

@@ -80,6 +80,22 @@ def _read_conv_out(path: Path, tiny: dict) -> int:
     return len(tensors)
 
 
+def _read_hypernetwork(path: Path, tiny: dict) -> int:
+    """A hypernetwork through our reader: one module pair per context width of the model,
+    and the ``.pt`` beside it (what ComfyUI loads) holding the same tensors."""
+    from tsuika.trainers.formats.hypernetwork import read_hypernetwork
+
+    hn = read_hypernetwork(path)
+    width = load_model(tiny["diffusers"]).unet.config.cross_attention_dim
+    assert list(hn.modules) == [width]
+    pt = read_hypernetwork(path.with_suffix(".pt"))
+    assert pt.modules.keys() == hn.modules.keys()
+    for dim, pair in hn.modules.items():
+        assert all(torch.allclose(pt.modules[dim][i][n].float(), t, atol=1e-3)
+                   for i in (0, 1) for n, t in pair[i].items())
+    return len(hn.modules)
+
+
 @dataclass(frozen=True)
 class Row:
     """One matrix row: the options that pick a method (and algorithm), and how to read its file.
@@ -122,6 +138,11 @@ ROWS = [
         _read_lycoris("dora_scale"), {"train.learning_rate": 3e-2, "network.rank": 8}),
     Row("dreambooth", {"network.method": "dreambooth"}, _read_checkpoint,
         {"train.learning_rate": 3e-4}),
+    Row("hypernetwork", {"network.method": "hypernetwork",
+                         "network.hypernetwork_activation": "relu"}, _read_hypernetwork,
+        # A hypernetwork only changes attention keys/values: on the tiny model its loss falls
+        # slower than an adapter's (measured: 12% in 24 steps at these options).
+        {"train.learning_rate": 3e-2, "network.hypernetwork_layers": "1,4,1"}, learn_steps=24),
     # Registered by the ``registered_dummy`` fixture only: proves a plug-in needs no more.
     Row("dummy_out", {"network.method": "dummy_out"}, _read_conv_out,
         {"train.learning_rate": 1e-2}),
@@ -242,8 +263,12 @@ def test_a_fixed_seed_reproduces_the_run(row, tiny, image_folder, tmp_path):
     assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
 
 
-def test_resume_ends_with_the_weights_of_one_run(row, tiny, image_folder, tmp_path):
-    extra = {"output.save_every": 2, "train.lr_scheduler": "cosine"}
+# With EMA on (averaging from step 2, so the cut at step 3 falls inside it) the file holds the
+# average: resuming must continue the average as well as the weights.
+@pytest.mark.parametrize("ema", [{}, {"train.ema_decay": 0.5, "train.ema_start_step": 1}],
+                         ids=["", "ema"])
+def test_resume_ends_with_the_weights_of_one_run(row, tiny, image_folder, tmp_path, ema):
+    extra = {"output.save_every": 2, "train.lr_scheduler": "cosine", **ema}
     full = _run(row, tiny, image_folder, tmp_path / "full", 4, **extra)
     with pytest.raises(TrainingStopped) as stopped:
         _run(row, tiny, image_folder, tmp_path / "cut", 4, StopAt(3), **extra)
@@ -252,7 +277,8 @@ def test_resume_ends_with_the_weights_of_one_run(row, tiny, image_folder, tmp_pa
     resumed = _run(row, tiny, image_folder, tmp_path / "cut", 4,
                    **extra, **{"train.resume": "latest"})
     assert resumed.steps == 4 and resumed.losses == full.losses
-    a, b = load_safetensors(full.file_path)[0], load_safetensors(resumed.file_path)[0]
+    (a, meta_a), (b, meta_b) = load_safetensors(full.file_path), load_safetensors(resumed.file_path)
     assert a.keys() == b.keys()
     for k in a:
         assert torch.allclose(a[k], b[k], rtol=0, atol=1e-6), k
+    assert meta_a["tsuika.weights"] == meta_b["tsuika.weights"] == ("ema" if ema else "raw")

@@ -144,6 +144,30 @@ class DataConfig(_Section):
                               f"least {self.bucket_step} or lower data.bucket_step.")
 
 
+# What ComfyUI's HypernetworkLoader and A1111 both build (A1111's "swish" is Hardswish).
+HYPERNETWORK_ACTIVATIONS = ("linear", "relu", "leakyrelu", "elu", "swish", "tanh", "sigmoid",
+                            "softsign", "mish")
+
+
+def parse_layer_structure(text: str) -> tuple[float, ...]:
+    """``network.hypernetwork_layers`` as numbers: ``"1,2,1"`` -> ``(1.0, 2.0, 1.0)``.
+
+    Raises:
+        ConfigError: not a comma-separated list of at least two positive numbers that starts
+            and ends with 1.
+    """
+    fix = "give comma-separated width multiples starting and ending with 1, e.g. '1,2,1'."
+    try:
+        values = tuple(float(v) for v in str(text).replace(" ", "").split(","))
+    except ValueError:
+        raise ConfigError(f"network.hypernetwork_layers = {text!r} is not a list of numbers; "
+                          f"{fix}") from None
+    if len(values) < 2 or values[0] != 1 or values[-1] != 1 \
+            or not all(math.isfinite(v) and 0 < v <= 16 for v in values):
+        raise ConfigError(f"network.hypernetwork_layers = {text!r}: {fix} (each at most 16)")
+    return values
+
+
 @dataclass
 class NetworkConfig(_Section):
     SECTION = "network"
@@ -170,11 +194,26 @@ class NetworkConfig(_Section):
                          "algorithm, rank, alpha and layers replace these options (each change "
                          "is reported), the adapters start from its weights, and its recorded "
                          "steps are counted on. Empty = fresh adapters.")
+    hypernetwork_layers: str = opt("1,2,1", "network.method = 'hypernetwork': width of each "
+                                   "layer of a module as a multiple of the context width, "
+                                   "first and last 1 (A1111's layer structure).")
+    hypernetwork_activation: str = opt("linear", "network.method = 'hypernetwork': activation "
+                                       "after each layer but the last.",
+                                       choices=HYPERNETWORK_ACTIVATIONS)
+    hypernetwork_layer_norm: bool = opt(False, "network.method = 'hypernetwork': layer "
+                                        "normalisation after each layer. ComfyUI's loader "
+                                        "then also puts the activation after the last layer "
+                                        "(A1111 does not): keep activation 'linear' with it for "
+                                        "files that act the same in both.")
+    hypernetwork_dropout: bool = opt(False, "network.method = 'hypernetwork': dropout (0.3) "
+                                     "after the first layers while training. ComfyUI's loader "
+                                     "keeps it on when generating too.")
 
     def validate(self) -> None:
         # The one place the "alpha = rank / 2" policy lives (CLI, nodes and tests alike).
         if self.alpha == 0:
             self.alpha = auto_alpha(self.rank)
+        parse_layer_structure(self.hypernetwork_layers)
         # Algorithm options are the algorithm's to judge, and only for methods built on them.
         if getattr(METHODS.get(self.method), "uses_algorithms", False):
             ALGORITHMS.get(self.algorithm).check_options(self)
@@ -254,6 +293,17 @@ class TrainConfig(_Section):
         second = self.text_encoder_lr if self.text_encoder_2_lr < 0 else self.text_encoder_2_lr
         return {"text_encoder": self.text_encoder_lr, "text_encoder_1": self.text_encoder_lr,
                 "text_encoder_2": second}
+    ema_decay: float = opt(0.0, "Keep an exponential moving average (EMA) of the trained "
+                           "weights and save it (and show it in the previews) instead of the "
+                           "last step's weights: each update keeps this share of the average "
+                           "(0.999 typical; a run needs well over 1 / (1 - decay) steps); "
+                           "0 = off. Costs one fp32 copy of the trained weights: small for "
+                           "adapters, the whole UNet (about 3.4 GB for SD1.x) for dreambooth.",
+                           min=0.0, max=0.99999)
+    ema_start_step: int = opt(0, "With train.ema_decay: the average starts after this step "
+                                 "(it equals the weights until then).", min=0)
+    ema_every: int = opt(1, "With train.ema_decay: update the average every N steps.",
+                         min=1, max=10_000)
 
     def validate(self) -> None:
         if self.text_encoder_2_lr < 0 and self.text_encoder_2_lr != -1:
@@ -262,6 +312,10 @@ class TrainConfig(_Section):
         if self.lr_warmup_steps >= self.steps and self.lr_warmup_steps > 0:
             raise ConfigError(f"train.lr_warmup_steps = {self.lr_warmup_steps} must be smaller "
                               f"than train.steps = {self.steps}.")
+        if self.ema_decay and self.ema_start_step >= self.steps:
+            raise ConfigError(f"train.ema_start_step = {self.ema_start_step} must be smaller "
+                              f"than train.steps = {self.steps}, or the average never starts; "
+                              "lower it or set train.ema_decay = 0.")
 
 
 @dataclass

@@ -36,7 +36,9 @@ class NonFiniteLoss(RuntimeError):
 MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer", "state1", "state2")
 # The network options whose change makes a state's tensors mean something else, per method;
 # a method not listed: every network option except dropout.
-_SHAPE_OPTIONS = {"dreambooth": ("train_text_encoder",)}
+_SHAPE_OPTIONS = {"dreambooth": ("train_text_encoder",),
+                  "hypernetwork": ("hypernetwork_layers", "hypernetwork_layer_norm",
+                                   "hypernetwork_activation")}
 _PROBE_TENSORS = 8
 _PROBE_TOLERANCE = 2e-2  # relative: a model loaded in bf16 and in fp32 must still match
 
@@ -72,7 +74,8 @@ def optimizer_tensors(optimizer_state: dict) -> dict[str, torch.Tensor]:
 def state_non_finite(state: TrainingState) -> list[str]:
     """Which trained tensors or optimizer moments of ``state`` are not finite."""
     return (non_finite(state.trainable)
-            + non_finite(optimizer_tensors(state.optimizer)))[:3]
+            + non_finite(optimizer_tensors(state.optimizer))
+            + non_finite({f"EMA {k}": t for k, t in (state.ema or {}).items()}))[:3]
 
 
 # -- identity ----------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from .callbacks import Callbacks, SaveInfo, StepInfo, TrainingStopped
 from .config import TsuikaConfig
 from .device import resolve_device, resolve_precision
 from .device.cpu_conv import packed_frozen_convs
+from .ema import Ema, check_ema_fits, resume_ema
 from .families import ModelBundle, get_family, load_model
 from .guards import NonFiniteLoss, resume_into, run_identity
 from .init_lora import adopt_init_lora
@@ -119,6 +120,7 @@ class TrainingRun:
                                               cb=self.cb)
         self._prepare_method()
         self._make_optimizer()
+        self._prepare_ema()
         self._resume()
         self._prepare_step()
 
@@ -223,6 +225,18 @@ class TrainingRun:
             self.optimizer, num_warmup_steps=config.train.lr_warmup_steps,
             num_training_steps=config.train.steps)
 
+    def _prepare_ema(self) -> None:
+        """The moving average of the trained weights, when ``train.ema_decay`` asks for it."""
+        self.ema = Ema.for_run(self.config, self.bundle,
+                               [p for g in self.groups for p in g["params"]])
+        if self.ema is not None:
+            self.cb.on_message(f"EMA (decay {self.ema.decay:g}) of {len(self.ema.shadow)} "
+                               "trained tensors: the saved files and the previews use it")
+
+    def _ema_applied(self):
+        """The EMA in the model for the block (files, previews); nothing when EMA is off."""
+        return self.ema.applied() if self.ema is not None else contextlib.nullcontext()
+
     def _resume(self) -> None:
         """Continue from ``train.resume``: trained weights, optimizer, schedule, loss log."""
         config = self.config
@@ -230,12 +244,15 @@ class TrainingRun:
         if resumed is None:
             return
         resume_dir, st, skipped_states = resumed
+        check_ema_fits(self.ema, resume_dir, st)  # before anything is copied
         # Every tensor and optimizer moment is checked against its parameter before any copy.
         for note in skipped_states + resume_into(resume_dir, st, config, self.out.identity,
                                                   self.method, self.bundle, self.optimizer,
                                                   self.lr_sched):
             self.cb.on_message(f"warning: {note}")
         self.step_count = st.step
+        for note in resume_ema(self.ema, resume_dir, st):
+            self.cb.on_message(f"warning: {note}")
         self.cb.on_message(f"resumed from {resume_dir} at step {st.step}")
         self.out.losses = [tuple(r) for r in st.info.get("losses", [])][:st.step]
 
@@ -320,16 +337,23 @@ class TrainingRun:
         self.lr_sched.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step_count = step + 1
+        if self.ema is not None:
+            self.ema.update(self.step_count)
         return loss_value, epoch
 
     def save(self, final: bool) -> SaveInfo:
-        """Write the method's file and a resumable state at the current step; tell the host."""
+        """Write the method's file (the EMA when on) and a resumable state (the trained
+        weights, and the EMA when on) at the current step; tell the host."""
+        ema = self.ema
         state = TrainingState(step=self.step_count,
                               trainable=self.method.trainable_state(self.bundle),
                               optimizer=self.optimizer.state_dict(),
                               scheduler=self.lr_sched.state_dict(),
-                              info={"losses": self.out.losses})
-        info = self.out.save(self.method, state, self.step_count, final)
+                              info={"losses": self.out.losses,
+                                    **({"ema": ema.options()} if ema else {})},
+                              ema=ema.state_dict() if ema else None)
+        with self._ema_applied():  # the state above already holds the trained weights
+            info = self.out.save(self.method, state, self.step_count, final)
         self.cb.on_save(info)
         return info
 
@@ -366,13 +390,16 @@ class TrainingRun:
             t_last = now
             every = config.sample.every
             if every and step % every == 0 and step < total:
-                self.out.sample(self.family, self.bundle, self.precision, step=step, cb=cb)
+                with self._ema_applied():
+                    self.out.sample(self.family, self.bundle, self.precision, step=step, cb=cb)
             if config.output.save_every and step % config.output.save_every == 0 and step < total:
                 self.save(final=False)
 
         if self.acc is not None:
             _check_ranks_in_sync(self.acc, self.params)
         final = self.save(final=True)
+        if self.ema is not None:  # the model in memory now holds what the file holds
+            self.ema.copy_to()
         samples_after = self.out.sample(self.family, self.bundle, self.precision,
                                         step=self.step_count, cb=cb, final=True)
         files = self.out.finish(self.samples_before, samples_after)

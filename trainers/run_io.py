@@ -14,10 +14,12 @@ from pathlib import Path
 from .callbacks import SaveInfo
 from .config import TsuikaConfig
 from .device import DTYPES
+from .ema import ema_metadata
 from .families.base import ModelBundle
 from .formats.metadata import training_metadata
 from .formats.safetensors_io import save_safetensors
 from .guards import NonFiniteLoss, state_non_finite
+from .registry import METHODS
 from .report import image_grid, render_loss_plot, save_png, write_loss_csv
 from .run_lock import OutputError, output_lock
 from .state import (
@@ -57,11 +59,13 @@ def check_output_dir(config: TsuikaConfig) -> Path:
         raise OutputError(f"output.dir = {str(folder)!r} is not writable by this user; "
                           "choose a folder you can write to or fix its permissions.",
                           errno.EACCES)
-    final = folder / f"{config.output.name}.safetensors"
-    if final.exists() and not config.output.overwrite:
-        raise FileExistsError(
-            f"{final} already exists; choose another output.name, another output.dir, or set "
-            "output.overwrite = true to replace it.")
+    method = METHODS.get(config.network.method) if config.network.method in METHODS else None
+    for suffix in (".safetensors", *getattr(method, "companion_suffixes", ())):
+        final = folder / f"{config.output.name}{suffix}"
+        if final.exists() and not config.output.overwrite:
+            raise FileExistsError(
+                f"{final} already exists; choose another output.name, another output.dir, or "
+                "set output.overwrite = true to replace it.")
     return folder
 
 
@@ -111,6 +115,7 @@ class RunWriter:
         self.started = time.time()
         self._intermediate: list[Path] = []
         self._states: list[Path] = []
+        self._companions: list[list[Path]] = []  # per intermediate save, its companions
         self.identity: dict | None = None  # what a state belongs to (guards.run_identity)
         self.last_good: SaveInfo | None = None  # the newest save, verified finite
         self.step_offset = 0  # steps a file trained on from had already (network.init_lora)
@@ -128,7 +133,8 @@ class RunWriter:
         return training_metadata(
             config=c, step=step + self.step_offset, base_model_name=self.bundle.source_name,
             base_model_version=self.bundle.family, prediction_type=self.bundle.prediction_type,
-            started_at=self.started, include_paths=c.output.metadata_paths)
+            started_at=self.started, include_paths=c.output.metadata_paths,
+            extra=ema_metadata(c, step))
 
     def save(self, method, state: TrainingState, step: int, final: bool) -> SaveInfo:
         if not self.is_main:
@@ -147,10 +153,16 @@ class RunWriter:
         else:
             path = self.dir / f"{self.config.output.name}-step{step:08d}.safetensors"
         try:
-            save_safetensors(path, tensors,
-                             method.file_metadata(self.config, self.bundle, self.metadata(step)),
+            meta = method.file_metadata(self.config, self.bundle, self.metadata(step))
+            save_safetensors(path, tensors, meta,
                              overwrite=final and self.config.output.overwrite or not final,
                              dtype=dtype)
+            # e.g. a hypernetwork's .pt (what ComfyUI loads), beside every save: a cancel
+            # publishes the intermediate one.
+            companions = list(method.companion_files(
+                self.config, self.bundle, path, meta,
+                overwrite=not final or self.config.output.overwrite)) \
+                if hasattr(method, "companion_files") else []
             sdir = save_state(state_dir_for(self.dir, step), state)
         except FileExistsError:
             raise
@@ -158,6 +170,11 @@ class RunWriter:
             raise self._write_error(path, e) from e
         if not final:
             self._intermediate = prune(self._intermediate + [path], self.config.output.keep_last)
+            self._companions.append(companions)
+            keep = self.config.output.keep_last
+            while keep and len(self._companions) > keep:  # as prune() does for the files
+                for old in self._companions.pop(0):
+                    old.unlink(missing_ok=True)
             self._states = prune(self._states + [sdir], self.config.output.keep_last)
         log.info("saved %s (state %s)", path, sdir)
         self.last_good = SaveInfo(step=step, file_path=str(path), state_dir=str(sdir),

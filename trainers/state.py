@@ -1,9 +1,10 @@
 """Resumable training states: the exact trainable weights, optimizer and schedule, and step.
 
 A state folder holds ``trainable.safetensors`` (fp32 weights), ``optimizer.pt`` and
-``scheduler.pt`` (plain tensors and numbers, read back with ``weights_only=True``) and
-``state.json``. The loop derives every random draw from (seed, step), so resuming needs no
-RNG snapshot and gives the same final weights as an uninterrupted run.
+``scheduler.pt`` (plain tensors and numbers, read back with ``weights_only=True``),
+``state.json``, and with ``train.ema_decay`` the moving average in ``ema.safetensors``.
+The loop derives every random draw from (seed, step), so resuming needs no RNG snapshot and
+gives the same final weights as an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
 STATES_DIR = "states"
+EMA_FILE = "ema.safetensors"
 _TMP_PREFIX = ".tmp-"
 _ASIDE_PREFIX = ".replaced-"
 # Half-written files of a killed save: save_safetensors' temp names, report.py's.
@@ -42,6 +44,7 @@ class TrainingState:
     optimizer: dict
     scheduler: dict
     info: dict
+    ema: dict[str, torch.Tensor] | None = None  # the moving average (trainers/ema.py), if on
 
 
 def state_dir_for(output_dir: Path, step: int) -> Path:
@@ -63,6 +66,8 @@ def save_state(folder: Path, state: TrainingState) -> Path:
         save_safetensors(tmp / "trainable.safetensors", state.trainable)
         torch.save(state.optimizer, tmp / "optimizer.pt")
         torch.save(state.scheduler, tmp / "scheduler.pt")
+        if state.ema is not None:
+            save_safetensors(tmp / EMA_FILE, state.ema)
         info = dict(state.info, step=state.step, version=STATE_VERSION)
         (tmp / "state.json").write_text(json.dumps(info, indent=2, default=str))
         if folder.exists():
@@ -172,8 +177,14 @@ def load_state(folder: Path, max_step: int | None = None) -> TrainingState:
             not isinstance(optimizer.get("param_groups"), list):
         raise _damaged(folder, "optimizer.pt", "not an optimizer state (no state/param_groups)")
     scheduler = _load_pt(folder, "scheduler.pt")
+    ema = None
+    if (folder / EMA_FILE).is_file():
+        try:
+            ema, _ = load_safetensors(folder / EMA_FILE)
+        except (ValueError, OSError) as e:
+            raise _damaged(folder, EMA_FILE, str(e)) from e
     return TrainingState(step=step, trainable=trainable, optimizer=optimizer,
-                         scheduler=scheduler, info=info)
+                         scheduler=scheduler, info=info, ema=ema)
 
 
 def _check_step(folder: Path, step: int, max_step: int | None) -> None:

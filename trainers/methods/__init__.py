@@ -11,10 +11,12 @@ from __future__ import annotations
 from ..registry import METHODS, RegistryError
 from .base import Method, MethodError
 from .dreambooth import DreamBoothMethod
+from .hypernetwork import HypernetworkMethod
 from .lora import LoraMethod
 
 METHODS.register(LoraMethod())
 METHODS.register(DreamBoothMethod())
+METHODS.register(HypernetworkMethod())
 
 
 def get_method(name: str) -> Method:
