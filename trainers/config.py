@@ -163,6 +163,20 @@ class NetworkConfig(_Section):
     train_text_encoder: bool = opt(False, "Also train a LoRA on the text encoder.")
     algorithm: str = opt("lora", "LoRA-family algorithm of network.method = 'lora': how a "
                          "layer is adapted and which layers.", choices=ALGORITHMS.choices())
+    token: str = opt("", "Textual inversion: the new word the embedding is learned for, as "
+                         "captions and prompts write it (lowercase, no spaces, not a word the "
+                         "tokenizer knows), e.g. 'mychar'. In ComfyUI prompts use "
+                         "embedding:<file name>.")
+    init_word: str = opt("*", "Textual inversion: the word whose embedding the new vectors "
+                              "start from; the concept's class ('dog', 'watercolor') learns "
+                              "fastest. A word of several tokens fills the vectors in turn.")
+    vectors_per_token: int = opt(1, "Textual inversion: vectors the new word stands for (more "
+                                    "capture more detail but use more of the 75-token "
+                                    "prompt).", min=1, max=75)
+    templates: str = opt("object", "Textual inversion: prompt templates used for images "
+                                   "without a caption ('a photo of a <token>' for an object, "
+                                   "'a painting in the style of <token>' for a style).",
+                         choices=("object", "style"))
 
     def validate(self) -> None:
         # The one place the "alpha = rank / 2" policy lives (CLI, nodes and tests alike).
@@ -171,6 +185,10 @@ class NetworkConfig(_Section):
         # Algorithm options are the algorithm's to judge, and only for methods built on them.
         if getattr(METHODS.get(self.method), "uses_algorithms", False):
             ALGORITHMS.get(self.algorithm).check_options(self)
+        # A method's own options (textual inversion's token) are the method's to judge.
+        check = getattr(METHODS.get(self.method), "check_options", None)
+        if check is not None:
+            check(self)
 
 
 def auto_alpha(rank: int) -> float:

@@ -36,7 +36,8 @@ class NonFiniteLoss(RuntimeError):
 MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer", "state1", "state2")
 # The network options whose change makes a state's tensors mean something else, per method;
 # a method not listed: every network option except dropout.
-_SHAPE_OPTIONS = {"dreambooth": ("train_text_encoder",)}
+_SHAPE_OPTIONS = {"dreambooth": ("train_text_encoder",),
+                  "textual_inversion": ("token", "vectors_per_token")}
 _PROBE_TENSORS = 8
 _PROBE_TOLERANCE = 2e-2  # relative: a model loaded in bf16 and in fp32 must still match
 

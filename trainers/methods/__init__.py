@@ -12,9 +12,11 @@ from ..registry import METHODS, RegistryError
 from .base import Method, MethodError
 from .dreambooth import DreamBoothMethod
 from .lora import LoraMethod
+from .textual_inversion import TextualInversionMethod
 
 METHODS.register(LoraMethod())
 METHODS.register(DreamBoothMethod())
+METHODS.register(TextualInversionMethod())
 
 
 def get_method(name: str) -> Method:
