@@ -52,7 +52,11 @@ ENGINE_ONLY = {"train.cpu_prepack_pixels"}
 NOT_ON_NODES_YET = {"data.class_dir", "data.class_prompt", "data.class_images",
                     "train.prior_loss_weight", "train.trained_weights",
                     "train.optimizer_in_backward", "network.method"}
-HIDDEN = HOST_OWNED | ENGINE_ONLY | NOT_ON_NODES_YET
+# Textual inversion's own options: the Train Embedding node shows them, the LoRA nodes and
+# their options nodes do not (they mean nothing to a LoRA).
+TEXTUAL_INVERSION_ONLY = {"network.token", "network.init_word", "network.vectors_per_token",
+                          "network.templates"}
+HIDDEN = HOST_OWNED | ENGINE_ONLY | NOT_ON_NODES_YET | TEXTUAL_INVERSION_ONLY
 
 # The Simple node's inputs, in their released order; the Advanced node keeps them first.
 MAIN = ["train.steps", "train.learning_rate", "network.rank", "data.trigger_word",
