@@ -163,10 +163,10 @@ class NetworkConfig(_Section):
     train_text_encoder: bool = opt(False, "Also train a LoRA on the text encoder.")
     algorithm: str = opt("lora", "LoRA-family algorithm of network.method = 'lora': how a "
                          "layer is adapted and which layers.", choices=ALGORITHMS.choices())
-    token: str = opt("", "Textual inversion: the new word the embedding is learned for, as "
-                         "captions and prompts write it (lowercase, no spaces, not a word the "
-                         "tokenizer knows), e.g. 'mychar'. In ComfyUI prompts use "
-                         "embedding:<file name>.")
+    token: str = opt("tsuika_concept", "Textual inversion: the new word the embedding is "
+                     "learned for, as captions and sample prompts write it (lowercase, no "
+                     "spaces, not a word the tokenizer knows), e.g. 'mychar'. In ComfyUI "
+                     "prompts write embedding:<file name>.")
     init_word: str = opt("*", "Textual inversion: the word whose embedding the new vectors "
                               "start from; the concept's class ('dog', 'watercolor') learns "
                               "fastest. A word of several tokens fills the vectors in turn.")
