@@ -141,6 +141,38 @@ def cache_dir() -> Path:
     return Path(folder_paths.get_output_directory()) / "tsuika" / ".cache"
 
 
+def class_images_dir(prompt: str, resolution, model) -> Path:
+    """The folder of class images the base model draws for prior preservation, under
+    ComfyUI's output: one per class prompt, resolution and base model (a fingerprint of a few
+    of its weights), so a later run with the same ones reuses them and another model or
+    prompt never does."""
+    import hashlib
+    import re
+
+    import folder_paths
+
+    digest = hashlib.sha256(f"{prompt}\n{resolution}\n".encode())
+    with torch.inference_mode(False):
+        tensors = list(model.model.diffusion_model.state_dict().values())
+        for t in (tensors[0], tensors[-1]):  # small: the first conv, the last norm or conv
+            digest.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    slug = re.sub(r"[^A-Za-z0-9]+", "_", prompt).strip("_")[:40] or "class"
+    return (Path(folder_paths.get_output_directory()) / "tsuika" / "class_images"
+            / f"{slug}-{digest.hexdigest()[:12]}")
+
+
+def load_checkpoint(path: str | Path, with_clip: bool):
+    """MODEL (and CLIP, when ``with_clip``) of a single-file checkpoint, as Load Checkpoint
+    gives them; its VAE is not loaded (the graph's own is the same)."""
+    import comfy.sd
+    import folder_paths
+
+    out = comfy.sd.load_checkpoint_guess_config(
+        str(path), output_vae=False, output_clip=with_clip,
+        embedding_directory=folder_paths.get_folder_paths("embeddings"))
+    return out[0], out[1]
+
+
 def latest_state(name: str) -> str:
     """The newest resumable state of runs named ``name``; a clear error when there is none."""
     import folder_paths
@@ -156,18 +188,41 @@ def latest_state(name: str) -> str:
                      "turn 'resume' off to start one (a cancelled training saves one).")
 
 
-def publish_partial(src: str | Path, name: str, step: int) -> str:
-    """Copy a cancelled run's LoRA into models/loras as ``<name>-partial-step<N>``, so Load
-    LoRA lists it; never over an existing file (``-2``, ``-3``... are tried). Returns the
-    file name. A copy rather than registering the run folder as a loras path: that would list
-    every intermediate save and every resumable state file in Load LoRA too."""
+def publish_partial(src: str | Path, name: str, step: int, kind: str = "loras") -> str:
+    """Copy a cancelled run's file into ComfyUI's ``kind`` folder (``loras``, ``checkpoints``,
+    ``embeddings``, ``hypernetworks``) as ``<name>-partial-step<N>``, so that folder's loader
+    lists it; never over an existing file. Returns the file name. A copy (a hard link where
+    it can: a partial checkpoint is GBs) rather than registering the run folder as a models
+    path: that would list every intermediate save and every resumable state file in the
+    loader too."""
+    return publish_file(src, f"{name}-partial-step{step}", kind, link=True)
+
+
+def publish_file(src: str | Path, stem: str, kind: str, link: bool = False) -> str:
+    """Put ``src`` into ComfyUI's first ``kind`` folder as ``<stem>.safetensors``, or
+    ``<stem>-2``, ``-3``... when that name is taken: never over an existing file, and it
+    appears complete at once. Returns the file name.
+
+    Args:
+        src: the file (in a run folder).
+        stem: the file name without extension (a checked plain name).
+        kind: the ComfyUI models folder kind.
+        link: share the run folder's file (a hard link: no second copy on disk, which matters
+            for a multi-GB checkpoint) where both lie on one file system; a copy otherwise.
+            The run's files are written atomically (a new file replaces the old name), so a
+            later save in the run folder never changes the published file.
+    """
     import shutil
 
-    folder = loras_dir()
+    folder = models_dir(kind)
     folder.mkdir(parents=True, exist_ok=True)
-    stem = f"{name}-partial-step{step}"
     tmp = folder / f".{stem}.{os.getpid()}.tmp"
-    shutil.copyfile(src, tmp)
+    try:
+        if not link:
+            raise OSError("copy asked")
+        os.link(src, tmp)
+    except OSError:  # another file system (or asked): a copy
+        shutil.copyfile(src, tmp)
     try:
         for i in range(1, 100):
             target = folder / (f"{stem}.safetensors" if i == 1 else f"{stem}-{i}.safetensors")
@@ -190,9 +245,15 @@ def interrupted() -> None:
 
 def loras_dir() -> Path:
     """The folder Save LoRA writes into: ComfyUI's first ``loras`` folder."""
+    return models_dir("loras")
+
+
+def models_dir(kind: str) -> Path:
+    """ComfyUI's first folder of a models kind (``loras``, ``checkpoints``, ...): the one its
+    loader lists first and the pack writes into."""
     import folder_paths
 
-    return Path(folder_paths.get_folder_paths("loras")[0])
+    return Path(folder_paths.get_folder_paths(kind)[0])
 
 
 def metadata_allowed() -> bool:

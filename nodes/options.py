@@ -43,17 +43,14 @@ RENAMED = {"train.seed": "training_seed", "sample.prompts": "sample_prompt"}
 # prediction type), or another node owns them (the dataset node's caption_extension).
 HOST_OWNED = {"model.path", "model.family", "model.prediction_type", "data.dir",
               "data.cache_dir", "data.caption_extension", "output.dir", "train.device",
-              "train.resume", "output.overwrite", "output.keep_last"}
+              "train.resume", "output.overwrite", "output.keep_last", "data.class_dir"}
 # Machine tuning, not a training choice: the nodes keep the default.
 ENGINE_ONLY = {"train.cpu_prepack_pixels"}
-# Not on the LoRA nodes yet: prior preservation (class images should come in as a second
-# dataset input, not a path), full fine-tuning's engine options, and the method (these
-# nodes train and return a LoRA; DreamBooth needs a node that returns a MODEL).
-NOT_ON_NODES_YET = {"data.class_dir", "data.class_prompt", "data.class_images",
-                    "train.prior_loss_weight", "train.trained_weights",
-                    "train.optimizer_in_backward", "network.method"}
-# Textual inversion's own options: the Train Embedding node shows them, the LoRA nodes and
-# their options nodes do not (they mean nothing to a LoRA).
+# Not on the nodes: full fine-tuning's engine options (their 'auto' fits), and the method
+# (each train node trains its own: nodes/train_node.py).
+NOT_ON_NODES_YET = {"train.trained_weights", "train.optimizer_in_backward", "network.method"}
+# Textual inversion's own options: on the Train Embedding nodes (their main widgets), not on
+# the options nodes the LoRA and checkpoint nodes share (they mean nothing there).
 TEXTUAL_INVERSION_ONLY = {"network.token", "network.init_word", "network.vectors_per_token",
                           "network.templates"}
 HIDDEN = HOST_OWNED | ENGINE_ONLY | NOT_ON_NODES_YET | TEXTUAL_INVERSION_ONLY
@@ -67,6 +64,9 @@ PREVIEW = ["sample.prompts", "sample.every"]
 # values only at run time, so an option checked against a main input (warm-up < steps) sits
 # beside it to be refused when the prompt is queued.
 ADVANCED_MAIN = ["train.lr_warmup_steps"]
+# Prior preservation, on the train nodes that offer it (a class_dataset input beside them;
+# data.class_dir is the host's): widgets of those nodes only, never on an options node.
+PRIOR = ["data.class_prompt", "data.class_images", "train.prior_loss_weight"]
 # Node defaults that differ from the CLI's: a first training in a graph should be short.
 NODE_DEFAULTS = {"train.steps": 500, "sample.every": 100}
 # Widget step sizes (the frontend's increment), where 1 would be an unhelpful drag.
@@ -130,7 +130,7 @@ def widget_spec(option: str) -> dict[str, Any]:
 def section_options(section: str) -> list[str]:
     """The options an options node shows: its section's fields, in field order, less the
     hidden ones and those the train nodes show themselves."""
-    shown = set(MAIN) | set(PREVIEW) | set(ADVANCED_MAIN) | HIDDEN
+    shown = set(MAIN) | set(PREVIEW) | set(ADVANCED_MAIN) | set(PRIOR) | HIDDEN
     return [f"{section}.{f.name}" for f in dataclasses.fields(SECTIONS[section])
             if f"{section}.{f.name}" not in shown]
 
@@ -146,7 +146,7 @@ def option_node_of(option: str) -> str | None:
 
 def widget_names() -> dict[str, str]:
     """``{"section.key": widget name}`` for every option a node shows."""
-    options = MAIN + PREVIEW + ADVANCED_MAIN + [o for _, _, section in OPTION_NODES
+    options = MAIN + PREVIEW + ADVANCED_MAIN + PRIOR + [o for _, _, section in OPTION_NODES
                                                 for o in section_options(section)]
     return {o: widget_name(o) for o in options}
 

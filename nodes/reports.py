@@ -58,26 +58,35 @@ def _relative(path: Path, root: Path) -> str:
         return Path(path).name
 
 
-def train_report(steps: int, losses: list[float], lora_path, buckets: dict,
-                 loras_copy: str | None = None) -> str:
-    """The train node's summary: steps, loss first -> last, buckets, where the files are."""
+def train_report(steps: int, losses: list[float], file_path, buckets: dict,
+                 loras_copy: str | None = None, file_word: str = "LoRA",
+                 lines: list[str] | None = None) -> str:
+    """A train node's summary: steps, loss first -> last, buckets, where the files are.
+
+    ``lines`` (the method's own words on its file: where it was published, what to connect)
+    replace the LoRA node's closing line when given."""
     loss = f"loss {losses[0]:.4f} -> {losses[-1]:.4f}" if losses else "no loss recorded"
-    lines = [f"trained {steps} steps, {loss}"]
+    out = [f"trained {steps} steps, {loss}"]
     if buckets:
-        lines.append("buckets (size: images): " + ", ".join(f"{s}: {n}" for s, n in
-                                                            buckets.items()))
-    lines.append(f"LoRA: {lora_path}")
-    lines.append("connect 'lora' to Save LoRA to keep it in models/loras" if loras_copy is None
-                 else f"also in models/loras as {loras_copy}")
-    return "\n".join(lines)
+        out.append("buckets (size: images): " + ", ".join(f"{s}: {n}" for s, n in
+                                                          buckets.items()))
+    out.append(f"{file_word}: {file_path}")
+    if lines is not None:
+        out.extend(lines)
+    else:
+        out.append("connect 'lora' to Save LoRA to keep it in models/loras" if loras_copy is None
+                   else f"also in models/loras as {loras_copy}")
+    return "\n".join(out)
 
 
-def stopped_report(step: int, total: int, loras_name: str | None, state_dir,
-                   how_to_continue: str) -> str:
-    """What a cancelled training kept, in the node's words."""
+def stopped_report(step: int, total: int, listed_name: str | None, state_dir,
+                   how_to_continue: str, file_word: str = "LoRA", folder: str = "loras",
+                   loader: str = "Load LoRA") -> str:
+    """What a cancelled training kept, in the node's words (``listed_name``: the partial
+    file's name in ``models/<folder>``, which ``loader`` lists)."""
     lines = [f"cancelled at step {step}/{total}: what was trained is kept"]
-    if loras_name:
-        lines.append(f"LoRA so far: {loras_name} in models/loras (Load LoRA lists it)")
+    if listed_name:
+        lines.append(f"{file_word} so far: {listed_name} in models/{folder} ({loader} lists it)")
     if state_dir:
         lines.append(f"resumable state: {state_dir}")
     lines.append(how_to_continue)

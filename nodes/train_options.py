@@ -19,7 +19,7 @@ from .options import (
     section_options,
     widget_name,
 )
-from .train_lora import widget
+from .train_node import widget
 from .types import Options
 
 

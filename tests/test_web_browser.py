@@ -141,6 +141,9 @@ def comfy_server(tmp_path):
                 proc.wait(10)
         os.unlink(link)
         (comfy / "models" / "loras" / f"{lora_name}.safetensors").unlink(missing_ok=True)
+        # Train Checkpoint publishes there (a cancel too: the drivers interrupt the run)
+        for p in (comfy / "models" / "checkpoints").glob(f"{lora_name}*.safetensors"):
+            p.unlink()
 
 
 def _run_driver(driver: Path, args: list[str], url: str, server_log: Path, workflow: dict,
@@ -203,22 +206,27 @@ def test_loss_chart_draws_live_in_the_browser(comfy_server, tmp_path):
 
 
 @pytest.mark.parametrize("example", ["tsuika_train_lora_then_generate.json",
-                                     "tsuika_dataset_from_generated_images.json"])
+                                     "tsuika_dataset_from_generated_images.json",
+                                     "dreambooth.json"])
 def test_the_example_workflows_load_and_queue_in_the_real_frontend(comfy_server, tmp_path,
                                                                    example):
     """The UI-format example as shipped, loaded by the page itself (not converted by a
     harness): its widget values must line up with the widgets the frontend builds (a
-    misaligned value is refused at /prompt), and it must start training."""
+    misaligned value is refused at /prompt), and it must start training, with the loss chart
+    on its train node (every train node has one, whatever its method)."""
     url, server_log, lora_name = comfy_server
     workflow = json.loads((ROOT / "example_workflows" / example).read_text())
-    train = next(str(n["id"]) for n in workflow["nodes"] if n["type"] == "TsuikaTrainLoRA")
+    train = next(str(n["id"]) for n in workflow["nodes"] if n["type"].startswith("TsuikaTrain"))
     for node in workflow["nodes"]:
         if node["type"] == "TsuikaSaveLoRA":
             node["widgets_values"][0] = lora_name  # removed again by the fixture
+        if node["type"] == "TsuikaTrainCheckpoint":
+            node["widgets_values"][6] = lora_name  # the checkpoint's name, removed below
     res, where = _drive(url, server_log, workflow, tmp_path)
     assert "promptError" not in res, res["promptError"] + where
     assert "error" not in res, res["error"] + where
     assert len(res["events"]) >= 3 and all(str(e["node"]) == train for e in res["events"])
+    assert res["after"]["hasChartWidget"] and res["after"]["points"] >= 3, res["after"]
 
 
 REPORT_DRIVER = ROOT / "tests/web/browser_report.mjs"

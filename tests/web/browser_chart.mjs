@@ -54,7 +54,7 @@ try {
   // Pixels of the chart's line colour inside the chart widget's rectangle, and the texts drawn.
   const measure = () => page.evaluate(() => {
     const app = window.app;
-    const node = app.graph.nodes.find((n) => n.type === "TsuikaTrainLoRA");
+    const node = app.graph.nodes.find((n) => /^TsuikaTrain/.test(n.type)); // the (one) train node
     const chart = (node.widgets || []).find((w) => w.name === "tsuika_loss_chart");
     app.canvas.centerOnNode?.(node);
     window.__tsuikaTexts = [];

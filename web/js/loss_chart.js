@@ -2,7 +2,12 @@
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
-const TRAIN_NODES = new Set(["TsuikaTrainLoRA", "TsuikaTrainLoRAAdvanced"]);
+// Every Tsuika train node (nodes/train_node.py) has a LOSS_MAP output: that marks it, so a
+// new method's node gets the chart without an edit here.
+export function isTrainNode(nodeData) {
+  return String(nodeData?.name || "").startsWith("Tsuika") &&
+    (nodeData?.output || []).includes("LOSS_MAP");
+}
 const HEIGHT = 110;
 
 function drawChart(ctx, node, width, y) {
@@ -50,7 +55,7 @@ app.registerExtension({
     api.addEventListener("tsuika.saved", () => {});
   },
   async beforeRegisterNodeDef(nodeType, nodeData) {
-    if (!TRAIN_NODES.has(nodeData.name)) return;
+    if (!isTrainNode(nodeData)) return;
     const onNodeCreated = nodeType.prototype.onNodeCreated;
     nodeType.prototype.onNodeCreated = function () {
       onNodeCreated?.apply(this, arguments);
