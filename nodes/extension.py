@@ -10,9 +10,11 @@ class TsuikaExtension(ComfyExtension):
         from .dataset import TsuikaDatasetFromImages, TsuikaLoadDataset
         from .lora import TsuikaApplyLoRA, TsuikaSaveLoRA
         from .train_checkpoint import TsuikaTrainCheckpoint, TsuikaTrainCheckpointAdvanced
+        from .train_embedding import TsuikaTrainEmbedding, TsuikaTrainEmbeddingAdvanced
         from .train_lora import TsuikaTrainLoRA, TsuikaTrainLoRAAdvanced
         from .train_options import OPTIONS_NODES
 
         return [TsuikaLoadDataset, TsuikaDatasetFromImages, TsuikaTrainLoRA,
                 TsuikaTrainLoRAAdvanced, *OPTIONS_NODES, TsuikaApplyLoRA, TsuikaSaveLoRA,
-                TsuikaTrainCheckpoint, TsuikaTrainCheckpointAdvanced]
+                TsuikaTrainCheckpoint, TsuikaTrainCheckpointAdvanced, TsuikaTrainEmbedding,
+                TsuikaTrainEmbeddingAdvanced]

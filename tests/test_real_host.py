@@ -341,3 +341,30 @@ def test_embedding_loads_through_clip_text_encode(host_models, tmp_path):
     assert comfy.shape == ours.shape == (1, 77, 768)
     assert (comfy - ours).abs().max() < 1e-3, float((comfy - ours).abs().max())
     assert (conds["plain"] - comfy).abs().max() > 0.05
+
+
+def test_train_embedding_then_prompt_with_it_in_one_graph(host_models, tmp_path):
+    """Train Embedding -> (its clip output) CLIPTextEncode with embedding:<name> -> KSampler,
+    in one graph and one server: the encode runs after the file is published and finds it."""
+    embeddings = Path(COMFY) / "models" / "embeddings"  # ComfyUI's first embeddings folder
+    before = set(embeddings.glob("tsuika_embedding_test*"))
+    out = tmp_path / "out"
+    r = _run(["--models", str(host_models), "--output-dir", str(out), "--show-log",
+              str(ROOT / "tests/workflows/train_embedding_then_generate.json"),
+              "--expect-nodes", "TsuikaTrainEmbedding", "TsuikaTrainEmbeddingAdvanced"])
+    log = r.stdout + r.stderr
+    made = set(embeddings.glob("tsuika_embedding_test*")) - before
+    try:
+        assert r.returncode == 0 and "RESULT: PASS" in r.stdout, log[-6000:]
+        assert [p.name for p in made] == ["tsuika_embedding_test.safetensors"], log[-3000:]
+        # ComfyUI logs "warning, embedding:<name> does not exist, ignoring" when it cannot
+        # find one: the encode must have run after the file was there.
+        assert "does not exist" not in log, log[-4000:]
+        assert list(out.glob("tsuika_embedding_test*.png")), log[-3000:]
+        from tsuika.trainers.formats.embedding import read_embedding
+
+        emb = read_embedding(next(iter(made)))
+        assert emb.token == "tsktok" and emb.vectors["clip_l"].shape == (2, 768)
+    finally:
+        for p in made:
+            p.unlink()
