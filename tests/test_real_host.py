@@ -53,6 +53,16 @@ def _metadata(path: Path) -> dict:
 
 
 def test_workflows_and_examples_run_with_zero_unmatched_lora_keys(host_models, tmp_path):
+    embeddings = Path(COMFY) / "models" / "embeddings"  # the embedding example publishes here
+    before = set(embeddings.glob("tsuika_example_embedding*"))
+    try:
+        _workflows_and_examples(host_models, tmp_path)
+    finally:
+        for p in set(embeddings.glob("tsuika_example_embedding*")) - before:
+            p.unlink()
+
+
+def _workflows_and_examples(host_models, tmp_path):
     report = tmp_path / "report.json"
     again = tmp_path / "requeued.json"  # the same graph queued twice: served from cache
     again.write_text((ROOT / "tests/workflows/train_then_generate.json").read_text())
