@@ -147,6 +147,10 @@ def test_every_text_encoder_gets_vectors_sdxl_shaped():
                                   eos_token_id=49407)).requires_grad_(False)
 
     encoders = [te(CLIPTextModel, 768), te(CLIPTextModelWithProjection, 1280)]
+    encoders[1].config.eos_token_id = 2
+    for m in encoders[1].modules():
+        if hasattr(m, "eos_token_id"):
+            m.eos_token_id = 2
     bundle = ModelBundle(family="sdxl", unet=torch.nn.Identity(), vae=torch.nn.Identity(),
                          text_encoders=encoders, tokenizers=[load_tokenizer(), load_tokenizer()],
                          scheduler_config={}, prediction_type="epsilon", source_name="x")
@@ -160,6 +164,15 @@ def test_every_text_encoder_gets_vectors_sdxl_shaped():
         assert torch.equal(p[0], enc.get_input_embeddings().base.weight[init_id])
     for tok in bundle.tokenizers:
         assert tok("tsktok", add_special_tokens=False).input_ids == [49408, 49409]
+    # An old-style config (eos_token_id 2, as many SDXL text_encoder_2 configs have) pools at
+    # the end token, not at the new word's larger ids.
+    ids = bundle.tokenizers[1](["a tsktok"], padding="max_length", max_length=77,
+                               return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = encoders[1](ids, output_hidden_states=False)
+    eos = int((ids[0] == 49407).nonzero()[0])
+    assert eos == 4 and torch.equal(out.text_embeds, encoders[1].text_projection(
+        out.last_hidden_state[:, eos]))
     tensors = method.export(config, bundle, torch.float32)
     assert {k: tuple(v.shape) for k, v in tensors.items()} == {"clip_l": (2, 768),
                                                                "clip_g": (2, 1280)}

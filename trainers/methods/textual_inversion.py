@@ -117,6 +117,20 @@ def _known(tokenizer, word: str) -> bool:
     return word in vocab or f"{word}</w>" in vocab
 
 
+def _pool_at_eos(text_encoder: torch.nn.Module, tokenizer) -> None:
+    """Make the pooled output read the end-of-text position even with the new ids.
+
+    transformers' CLIP pools at the largest id when a config carries the old
+    ``eos_token_id = 2`` (many SDXL text_encoder_2 configs do); the new tokens' ids are larger
+    than the end token's, so the pooled embedding (SDXL's conditioning) would be read at the
+    new word. Pooling at the first end token gives the same position for every prompt
+    without the new ids.
+    """
+    for module in text_encoder.modules():
+        if getattr(module, "eos_token_id", None) == 2 and tokenizer.eos_token_id is not None:
+            module.eos_token_id = tokenizer.eos_token_id
+
+
 class TextualInversionMethod:
     """New token vectors in every text encoder; the model itself stays frozen."""
 
@@ -195,6 +209,7 @@ class TextualInversionMethod:
             init = rows[torch.arange(len(names)) % rows.shape[0]]
             layer = NewTokenEmbedding(base, first_id, init.to(base.weight.device))
             te.set_input_embeddings(layer)
+            _pool_at_eos(te, tok)
             layer.vectors.requires_grad_(True)
             params.append(layer.vectors)
             bundle.tokenizers[i] = ExpandingTokenizer(tok, net.token, names)
