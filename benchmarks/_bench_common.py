@@ -73,7 +73,8 @@ def unet_step_flops(config_name: str, resolution: int, device: str,
                     method: str = "lora") -> float:
     """FLOPs of one training step of the UNet, batch 1, counted by torch's FlopCounterMode:
     LoRA (forward, backward to the adapters only: frozen weights need no weight gradients)
-    or DreamBooth (forward, backward with every weight's gradient)."""
+    or DreamBooth (forward, backward with every weight's gradient) or textual inversion
+    (forward, backward to the text conditioning only: no weight gradients at all)."""
     import torch
     from peft import LoraConfig
     from torch.utils.flop_counter import FlopCounterMode
@@ -81,12 +82,15 @@ def unet_step_flops(config_name: str, resolution: int, device: str,
     unet = build_bundle(config_name).unet.to(device)
     if method == "dreambooth":
         unet.requires_grad_(True)
+    elif method == "textual_inversion":
+        unet.requires_grad_(False)
     else:
         unet.add_adapter(LoraConfig(r=16, lora_alpha=16,
                                     target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
     lat = resolution // 8
     x = torch.randn(1, 4, lat, lat, device=device)
-    ctx = torch.randn(1, 77, unet.config.cross_attention_dim, device=device)
+    ctx = torch.randn(1, 77, unet.config.cross_attention_dim, device=device,
+                      requires_grad=method == "textual_inversion")
     with FlopCounterMode(display=False) as fc:
         unet(x, torch.tensor([500], device=device), ctx).sample.float().pow(2).mean().backward()
     return float(fc.get_total_flops())

@@ -16,6 +16,15 @@ and the fraction of the device's measured matmul rate.
 
 With ``--method dreambooth`` both sides train every UNet weight (AdamW, lr 5e-6); the
 reference is the step of diffusers' ``train_dreambooth.py`` (no class images on either side).
+
+With ``--method textual_inversion`` both sides learn one new token initialised from "dog"
+(AdamW, lr 1e-4). The reference is the step of diffusers' ``textual_inversion.py``, written
+here from its facts: the token added to the tokenizer and the embedding matrix resized, the
+whole matrix handed to AdamW (the encoder layers, final norm and position embeddings frozen),
+VAE encode and text encode every step in fp32, no gradient clipping, and after each step
+every row but the new one written back from a copy of the original matrix.
+
+    python benchmarks/speed.py --method textual_inversion --resolution 256 --steps 4 --pairs 2
 """
 
 from __future__ import annotations
@@ -34,7 +43,7 @@ sys.path.insert(0, str(HERE))
 from _bench_common import make_images, matmul_rate, model_folder, peak_rss_gib, unet_step_flops  # noqa: E402
 
 # The reference scripts' usual rates; the same on both sides.
-LEARNING_RATE = {"lora": 1e-4, "dreambooth": 5e-6}
+LEARNING_RATE = {"lora": 1e-4, "dreambooth": 5e-6, "textual_inversion": 1e-4}
 
 
 def run_reference(args) -> dict:
@@ -53,17 +62,33 @@ def run_reference(args) -> dict:
     unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet")
     for m in (unet, vae, te):
         m.requires_grad_(False).to(device)
+    caption = "a photo of a sks dog"
+    restore = None
     if args.method == "dreambooth":  # train_dreambooth.py: the whole UNet, AdamW
         unet.requires_grad_(True)
         unet.train()
+    elif args.method == "textual_inversion":  # textual_inversion.py: the embedding matrix
+        tok.add_tokens(["<tsk>"])
+        new_id = tok.convert_tokens_to_ids("<tsk>")
+        te.resize_token_embeddings(len(tok))
+        emb = te.get_input_embeddings()
+        with torch.no_grad():
+            emb.weight[new_id] = emb.weight[tok("dog", add_special_tokens=False).input_ids[0]]
+        emb.weight.requires_grad_(True)
+        te.train()
+        keep = torch.ones(len(tok), dtype=torch.bool)
+        keep[new_id] = False
+        restore = (emb.weight, emb.weight.detach().clone(), keep)
+        caption = "a photo of a <tsk>"
     else:
         unet.add_adapter(LoraConfig(r=16, lora_alpha=16, init_lora_weights="gaussian",
                                     target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
-    params = [p for p in unet.parameters() if p.requires_grad]
+    params = [p for p in unet.parameters() if p.requires_grad] if restore is None else [
+        restore[0]]
     opt = torch.optim.AdamW(params, lr=LEARNING_RATE[args.method], weight_decay=1e-2)
     sched = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
     images = make_images(args.resolution, 4, device)
-    ids = tok(["a photo of a sks dog"], padding="max_length", max_length=77,
+    ids = tok([caption], padding="max_length", max_length=77,
               truncation=True, return_tensors="pt").input_ids.to(device)
     times = []
     for step in range(args.steps + args.warmup):
@@ -77,9 +102,13 @@ def run_reference(args) -> dict:
         pred = unet(noisy, t, hidden, return_dict=False)[0]
         loss = F.mse_loss(pred.float(), noise.float())
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        if restore is None:  # the textual-inversion script clips nothing
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad()
+        if restore is not None:  # every row but the new token's back to the original
+            with torch.no_grad():
+                restore[0][restore[2]] = restore[1][restore[2]]
         if device.type == "cuda":
             torch.cuda.synchronize()
         if step >= args.warmup:
@@ -118,7 +147,7 @@ def run_tsuika(args) -> dict:
             f"train.steps={args.steps + args.warmup}", "network.rank=16", "network.alpha=16",
             "network.target=attention", f"train.device={args.device}",
             f"train.mixed_precision={args.precision}", "output.save_dtype=fp16",
-            f"network.method={args.method}",
+            f"network.method={args.method}", "network.token=tsktok", "network.init_word=dog",
             f"train.learning_rate={LEARNING_RATE[args.method]}",
             *args.tsuika_set])
         t0 = time.perf_counter()
@@ -144,9 +173,12 @@ def worker(args) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--model", default="sd15", help="shipped config name (sd15, sd15_tiny)")
-    p.add_argument("--method", choices=("lora", "dreambooth"), default="lora",
+    p.add_argument("--method", choices=("lora", "dreambooth", "textual_inversion"),
+                   default="lora",
                    help="lora: the LoRA step; dreambooth: full fine-tuning of the UNet "
-                        "(reference: diffusers' train_dreambooth.py step, no class images)")
+                        "(reference: diffusers' train_dreambooth.py step, no class images); "
+                        "textual_inversion: one new token (reference: diffusers' "
+                        "textual_inversion.py step)")
     p.add_argument("--resolution", type=int, default=256)
     p.add_argument("--steps", type=int, default=8, help="measured steps per run")
     p.add_argument("--warmup", type=int, default=2)

@@ -14,10 +14,11 @@ class TsuikaExtension(ComfyExtension):
             TsuikaTrainHypernetwork,
             TsuikaTrainHypernetworkAdvanced,
         )
+        from .train_embedding import TsuikaTrainEmbedding, TsuikaTrainEmbeddingAdvanced
         from .train_lora import TsuikaTrainLoRA, TsuikaTrainLoRAAdvanced
         from .train_options import OPTIONS_NODES
 
         return [TsuikaLoadDataset, TsuikaDatasetFromImages, TsuikaTrainLoRA,
                 TsuikaTrainLoRAAdvanced, *OPTIONS_NODES, TsuikaApplyLoRA, TsuikaSaveLoRA,
                 TsuikaTrainCheckpoint, TsuikaTrainCheckpointAdvanced, TsuikaTrainHypernetwork,
-                TsuikaTrainHypernetworkAdvanced]
+                TsuikaTrainHypernetworkAdvanced, TsuikaTrainEmbedding, TsuikaTrainEmbeddingAdvanced]

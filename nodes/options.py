@@ -65,6 +65,10 @@ ADVANCED_MAIN = ["train.lr_warmup_steps"]
 # Prior preservation, on the train nodes that offer it (a class_dataset input beside them;
 # data.class_dir is the host's): widgets of those nodes only, never on an options node.
 PRIOR = ["data.class_prompt", "data.class_images", "train.prior_loss_weight"]
+# Textual inversion's own options: widgets of the Train Embedding nodes only, never on the
+# options nodes the LoRA and checkpoint nodes share (they mean nothing there).
+TEXTUAL_INVERSION = ["network.token", "network.init_word", "network.vectors_per_token",
+                     "network.templates"]
 # Node defaults that differ from the CLI's: a first training in a graph should be short.
 NODE_DEFAULTS = {"train.steps": 500, "sample.every": 100}
 # Widget step sizes (the frontend's increment), where 1 would be an unhelpful drag.
@@ -136,7 +140,8 @@ def widget_spec(option: str) -> dict[str, Any]:
 def section_options(section: str) -> list[str]:
     """The options an options node shows: its section's fields, in field order, less the
     hidden ones and those the train nodes show themselves."""
-    shown = set(MAIN) | set(PREVIEW) | set(ADVANCED_MAIN) | set(PRIOR) | HIDDEN
+    shown = (set(MAIN) | set(PREVIEW) | set(ADVANCED_MAIN) | set(PRIOR)
+             | set(TEXTUAL_INVERSION) | HIDDEN)
     return [f"{section}.{f.name}" for f in dataclasses.fields(SECTIONS[section])
             if f"{section}.{f.name}" not in shown]
 
@@ -152,8 +157,8 @@ def option_node_of(option: str) -> str | None:
 
 def widget_names() -> dict[str, str]:
     """``{"section.key": widget name}`` for every option a node shows."""
-    options = MAIN + PREVIEW + ADVANCED_MAIN + PRIOR + [o for _, _, section in OPTION_NODES
-                                                for o in section_options(section)]
+    options = MAIN + PREVIEW + ADVANCED_MAIN + PRIOR + TEXTUAL_INVERSION + [
+        o for _, _, section in OPTION_NODES for o in section_options(section)]
     return {o: widget_name(o) for o in options}
 
 

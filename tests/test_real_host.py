@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 HARNESS = ROOT.parent / "shared" / "tools" / "real_host.py"
@@ -52,6 +53,16 @@ def _metadata(path: Path) -> dict:
 
 
 def test_workflows_and_examples_run_with_zero_unmatched_lora_keys(host_models, tmp_path):
+    embeddings = Path(COMFY) / "models" / "embeddings"  # the embedding example publishes here
+    before = set(embeddings.glob("tsuika_example_embedding*"))
+    try:
+        _workflows_and_examples(host_models, tmp_path)
+    finally:
+        for p in set(embeddings.glob("tsuika_example_embedding*")) - before:
+            p.unlink()
+
+
+def _workflows_and_examples(host_models, tmp_path):
     report = tmp_path / "report.json"
     again = tmp_path / "requeued.json"  # the same graph queued twice: served from cache
     again.write_text((ROOT / "tests/workflows/train_then_generate.json").read_text())
@@ -491,4 +502,95 @@ def test_cancelled_hypernetwork_is_published_as_a_pt_the_loader_reads(host_model
         assert 768 in sd and sd["activation_func"] == "linear"
     finally:
         for p in partial:
+_ENCODE_IN_COMFY = """
+import sys
+from comfy.cli_args import args
+args.cpu = True  # as real_host.py starts the server (main.py --cpu)
+import folder_paths
+models, out = sys.argv[1], sys.argv[2]
+folder_paths.add_model_folder_path("checkpoints", models + "/checkpoints", is_default=True)
+folder_paths.add_model_folder_path("embeddings", models + "/embeddings", is_default=True)
+import torch
+from safetensors.torch import save_file
+from nodes import CheckpointLoaderSimple, CLIPTextEncode
+clip = CheckpointLoaderSimple().load_checkpoint("sd15-hostable.safetensors")[1]
+conds = {}
+for key, text in (("embedding", "a photo of embedding:tsktok"), ("plain", "a photo of tsktok")):
+    conds[key] = CLIPTextEncode().encode(clip, text)[0][0][0].float().contiguous()
+save_file(conds, out)
+"""
+
+
+def test_embedding_loads_through_clip_text_encode(host_models, tmp_path):
+    """A trained embedding in models/embeddings, used as ``embedding:tsktok`` by ComfyUI's own
+    CheckpointLoaderSimple + CLIPTextEncode: the conditioning is what our encoder gives with
+    the learned vectors, and not what the plain word gives."""
+    import shutil
+
+    from tsuika.trainers.config import build_config
+    from tsuika.trainers.families import get_family, load_model
+    from tsuika.trainers.formats.embedding import read_embedding
+    from tsuika.trainers.formats.safetensors_io import load_safetensors
+    from tsuika.trainers.loop import train
+    from tsuika.trainers.methods import get_method
+
+    base = host_models / "checkpoints" / "sd15-hostable.safetensors"
+    options = ["network.method=textual_inversion", "network.token=tsktok",
+               "network.init_word=heart", "network.vectors_per_token=2"]
+    cfg = build_config(overrides=[
+        f"model.path={base}", f"data.dir={ROOT / 'examples/sample_data/heart'}",
+        f"output.dir={tmp_path / 'train'}", "output.name=tsktok", "train.steps=2",
+        "data.resolution=64", "train.learning_rate=0.05", "train.device=cpu", *options])
+    trained = train(cfg).file_path
+    models = tmp_path / "models"
+    (models / "embeddings").mkdir(parents=True)
+    os.symlink(base, (models / "checkpoints").mkdir() or models / "checkpoints" / base.name)
+    shutil.copy(trained, models / "embeddings" / "tsktok.safetensors")
+    python = os.environ.get("COMFYUI_PYTHON", str(Path(COMFY).parent / "comfy-venv/bin/python"))
+    out = tmp_path / "conds.safetensors"
+    r = subprocess.run([python, "-c", _ENCODE_IN_COMFY, str(models), str(out)],
+                       capture_output=True, text=True, cwd=COMFY, check=False,
+                       env={**os.environ, "PYTHONPATH": COMFY})
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert "does not exist" not in r.stderr + r.stdout, r.stderr[-4000:]  # embedding not found
+    conds, _ = load_safetensors(out)
+
+    bundle = load_model(base)  # our encoder, with the file's vectors in its new rows
+    method = get_method("textual_inversion")
+    method.prepare(build_config(overrides=options), bundle)
+    vectors = read_embedding(trained).vectors["clip_l"]
+    method.layers(bundle)[0].vectors.data.copy_(vectors)
+    with torch.no_grad():
+        ours = get_family("sd15").encode_text(bundle, ["a photo of tsktok"], "cpu")[
+            "encoder_hidden_states"]
+    comfy = conds["embedding"]
+    assert comfy.shape == ours.shape == (1, 77, 768)
+    assert (comfy - ours).abs().max() < 1e-3, float((comfy - ours).abs().max())
+    assert (conds["plain"] - comfy).abs().max() > 0.05
+
+
+def test_train_embedding_then_prompt_with_it_in_one_graph(host_models, tmp_path):
+    """Train Embedding -> (its clip output) CLIPTextEncode with embedding:<name> -> KSampler,
+    in one graph and one server: the encode runs after the file is published and finds it."""
+    embeddings = Path(COMFY) / "models" / "embeddings"  # ComfyUI's first embeddings folder
+    before = set(embeddings.glob("tsuika_embedding_test*"))
+    out = tmp_path / "out"
+    r = _run(["--models", str(host_models), "--output-dir", str(out), "--show-log",
+              str(ROOT / "tests/workflows/train_embedding_then_generate.json"),
+              "--expect-nodes", "TsuikaTrainEmbedding", "TsuikaTrainEmbeddingAdvanced"])
+    log = r.stdout + r.stderr
+    made = set(embeddings.glob("tsuika_embedding_test*")) - before
+    try:
+        assert r.returncode == 0 and "RESULT: PASS" in r.stdout, log[-6000:]
+        assert [p.name for p in made] == ["tsuika_embedding_test.safetensors"], log[-3000:]
+        # ComfyUI logs "warning, embedding:<name> does not exist, ignoring" when it cannot
+        # find one: the encode must have run after the file was there.
+        assert "does not exist" not in log, log[-4000:]
+        assert list(out.glob("tsuika_embedding_test*.png")), log[-3000:]
+        from tsuika.trainers.formats.embedding import read_embedding
+
+        emb = read_embedding(next(iter(made)))
+        assert emb.token == "tsktok" and emb.vectors["clip_l"].shape == (2, 768)
+    finally:
+        for p in made:
             p.unlink()

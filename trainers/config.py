@@ -208,6 +208,20 @@ class NetworkConfig(_Section):
     hypernetwork_dropout: bool = opt(False, "network.method = 'hypernetwork': dropout (0.3) "
                                      "after the first layers while training. ComfyUI's loader "
                                      "keeps it on when generating too.")
+    token: str = opt("tsuika_concept", "Textual inversion: the new word the embedding is "
+                     "learned for, as captions and sample prompts write it (lowercase, no "
+                     "spaces, not a word the tokenizer knows), e.g. 'mychar'. In ComfyUI "
+                     "prompts write embedding:<file name>.")
+    init_word: str = opt("*", "Textual inversion: the word whose embedding the new vectors "
+                              "start from; the concept's class ('dog', 'watercolor') learns "
+                              "fastest. A word of several tokens fills the vectors in turn.")
+    vectors_per_token: int = opt(1, "Textual inversion: vectors the new word stands for (more "
+                                    "capture more detail but use more of the 75-token "
+                                    "prompt).", min=1, max=75)
+    templates: str = opt("object", "Textual inversion: prompt templates used for images "
+                                   "without a caption ('a photo of a <token>' for an object, "
+                                   "'a painting in the style of <token>' for a style).",
+                         choices=("object", "style"))
 
     def validate(self) -> None:
         # The one place the "alpha = rank / 2" policy lives (CLI, nodes and tests alike).
@@ -222,6 +236,10 @@ class NetworkConfig(_Section):
                               f"adapters from a file; network.method = {self.method!r} trains "
                               "no such adapters. Set network.method = 'lora' or leave "
                               "network.init_lora empty.")
+        # A method's own options (textual inversion's token) are the method's to judge.
+        check = getattr(METHODS.get(self.method), "check_options", None)
+        if check is not None:
+            check(self)
 
 
 def auto_alpha(rank: int) -> float:
@@ -286,13 +304,6 @@ class TrainConfig(_Section):
     text_encoder_2_lr: float = opt(-1.0, "Learning rate of the second text encoder's LoRA "
                                    "(SDXL's OpenCLIP-G); -1 = the same as text_encoder_lr.",
                                    min=-1.0, max=10.0)
-
-    def text_encoder_lrs(self) -> dict[str, float]:
-        """The learning rate of each text-encoder component (the kohya names'
-        ``text_encoder`` / ``text_encoder_1`` / ``text_encoder_2``)."""
-        second = self.text_encoder_lr if self.text_encoder_2_lr < 0 else self.text_encoder_2_lr
-        return {"text_encoder": self.text_encoder_lr, "text_encoder_1": self.text_encoder_lr,
-                "text_encoder_2": second}
     ema_decay: float = opt(0.0, "Keep an exponential moving average (EMA) of the trained "
                            "weights and save it (and show it in the previews) instead of the "
                            "last step's weights: each update keeps this share of the average "
@@ -304,6 +315,13 @@ class TrainConfig(_Section):
                                  "(it equals the weights until then).", min=0)
     ema_every: int = opt(1, "With train.ema_decay: update the average every N steps.",
                          min=1, max=10_000)
+
+    def text_encoder_lrs(self) -> dict[str, float]:
+        """The learning rate of each text-encoder component (the kohya names'
+        ``text_encoder`` / ``text_encoder_1`` / ``text_encoder_2``)."""
+        second = self.text_encoder_lr if self.text_encoder_2_lr < 0 else self.text_encoder_2_lr
+        return {"text_encoder": self.text_encoder_lr, "text_encoder_1": self.text_encoder_lr,
+                "text_encoder_2": second}
 
     def validate(self) -> None:
         if self.text_encoder_2_lr < 0 and self.text_encoder_2_lr != -1:

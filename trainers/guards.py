@@ -38,7 +38,8 @@ MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer", "st
 # a method not listed: every network option except dropout.
 _SHAPE_OPTIONS = {"dreambooth": ("train_text_encoder",),
                   "hypernetwork": ("hypernetwork_layers", "hypernetwork_layer_norm",
-                                   "hypernetwork_activation")}
+                                   "hypernetwork_activation"),
+                  "textual_inversion": ("token", "vectors_per_token")}
 _PROBE_TENSORS = 8
 _PROBE_TOLERANCE = 2e-2  # relative: a model loaded in bf16 and in fp32 must still match
 

@@ -10,6 +10,7 @@ micro-batch and DDP averages the gradients.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -166,8 +167,10 @@ class TrainingRun:
         # are known to overflow).
         _move(bundle.vae, device, torch.float32)
         prior.check_class_dir(config)
-        self.data = data = TrainingData(config, bundle, self.precision, self.out.cache_dir,
-                                        scan=self.scan)
+        hook = getattr(self.method, "caption", None)  # the instance data's, not the class's
+        self.data = data = TrainingData(
+            config, bundle, self.precision, self.out.cache_dir, scan=self.scan,
+            caption_hook=None if hook is None else functools.partial(hook, config))
         for skipped in data.scan.skipped:
             cb.on_message(f"skipped {skipped.path}: {skipped.reason}")
         for warning in data.scan.warnings:

@@ -62,8 +62,11 @@ class TrainingData:
     """The dataset, its buckets and caches, and a deterministic order of micro-batches."""
 
     def __init__(self, config: TsuikaConfig, bundle: ModelBundle, precision: Precision,
-                 cache_root: Path, scan: DatasetScan | None = None):
+                 cache_root: Path, scan: DatasetScan | None = None, caption_hook=None):
         self.config = config
+        # A method's last word on each step's caption (textual inversion: templates for
+        # uncaptioned images, its token in the others): (original, augmented, rng) -> caption.
+        self.caption_hook = caption_hook
         d = config.data
         self.scan = scan if scan is not None else scan_folder(
             Path(d.dir).expanduser(), caption_extension=d.caption_extension)
@@ -162,6 +165,9 @@ class TrainingData:
                 z, ids = self._encode(ex, flip, rng, sample=True, generator=g)
             latents.append(z)
             time_ids.append(ids)
-            captions.append(self.augment.apply(ex.caption, rng))
+            caption = self.augment.apply(ex.caption, rng)
+            if self.caption_hook is not None:
+                caption = self.caption_hook(ex.caption, caption, rng)
+            captions.append(caption)
         return MicroBatch(torch.stack(latents) * self.scale, captions,
                           torch.stack(time_ids)), epoch

@@ -13,10 +13,12 @@ from .base import Method, MethodError
 from .dreambooth import DreamBoothMethod
 from .hypernetwork import HypernetworkMethod
 from .lora import LoraMethod
+from .textual_inversion import TextualInversionMethod
 
 METHODS.register(LoraMethod())
 METHODS.register(DreamBoothMethod())
 METHODS.register(HypernetworkMethod())
+METHODS.register(TextualInversionMethod())
 
 
 def get_method(name: str) -> Method:
