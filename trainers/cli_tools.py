@@ -1,0 +1,115 @@
+"""The model and LoRA tools on the command line: ``tsuika extract | resize | bake``.
+
+    tsuika extract BASE TUNED OUT.safetensors [--rank 32 | --rank-mode frobenius --value 0.9]
+                   [--conv-rank 16] [--no-text-encoder] [--clamp-quantile 0.99]
+    tsuika resize LORA OUT.safetensors --rank 8 [--rank-mode sv_ratio --value 10]
+    tsuika bake CHECKPOINT LORA OUT.safetensors [--strength 0.8] [--strength-text 1.0]
+
+Each sub-command sets ``run`` on its parsed arguments; ``cli.main`` calls it and turns the
+errors into one line and an exit code, as for training.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from .ops.extract import RANK_MODES, RankRule
+
+
+def _rule_args(p: argparse.ArgumentParser, default_rank: int) -> None:
+    p.add_argument("--rank", type=int, default=default_rank,
+                   help=f"rank of 'fixed'; the largest rank of the dynamic modes "
+                        f"(default {default_rank})")
+    p.add_argument("--rank-mode", choices=RANK_MODES, default="fixed",
+                   help="fixed: --rank values; energy: keep --value of the sum of singular "
+                        "values; frobenius: keep --value of the Frobenius norm; sv_ratio: keep "
+                        "values >= s_max / --value")
+    p.add_argument("--value", type=float, default=0.0,
+                   help="the dynamic mode's target (0.9 for energy / frobenius, 10 for "
+                        "sv_ratio)")
+    p.add_argument("--clamp-quantile", type=float, default=1.0,
+                   help="clamp factors to this quantile of their absolute values (kohya uses "
+                        "0.99); 1 = off, the exact truncated SVD")
+    p.add_argument("--save-dtype", choices=("fp16", "bf16", "fp32"), default="fp16")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--layers", type=int, default=5, metavar="N",
+                   help="print the N layers with the largest error (0: none, -1: all)")
+
+
+def add_parsers(sub) -> None:
+    """Add the tool sub-commands to ``tsuika``'s sub-parsers."""
+    e = sub.add_parser("extract", help="extract a LoRA from the difference of two models (SVD)")
+    e.add_argument("base", help="the original model (single file or diffusers folder)")
+    e.add_argument("tuned", help="the fine-tuned model of the same family")
+    e.add_argument("out", help="the LoRA file to write (.safetensors)")
+    _rule_args(e, 32)
+    e.add_argument("--conv-rank", type=int, default=0,
+                   help="also extract the UNet's 3x3 convolutions (LoCon) at this rank, or the "
+                        "largest rank of the dynamic mode (0 = leave them out)")
+    e.add_argument("--no-text-encoder", action="store_true", help="extract the UNet only")
+    e.add_argument("--min-change", type=float, default=1e-6,
+                   help="leave out layers whose change is at most this fraction of the "
+                        "weight's norm")
+    e.set_defaults(run=_extract)
+    r = sub.add_parser("resize", help="change a LoRA's rank (fixed or dynamic), reporting the "
+                                      "error")
+    r.add_argument("lora", help="a kohya-named LoRA / LoCon file")
+    r.add_argument("out", help="the LoRA file to write (.safetensors)")
+    _rule_args(r, 8)
+    r.set_defaults(run=_resize)
+    b = sub.add_parser("bake", help="bake a LoRA into a checkpoint (single file out)")
+    b.add_argument("checkpoint", help="the base model (single file or diffusers folder)")
+    b.add_argument("lora", help="a LoRA file (kohya, LyCORIS-LoCon, diffusers/peft, ComfyUI)")
+    b.add_argument("out", help="the checkpoint to write (.safetensors)")
+    b.add_argument("--strength", type=float, default=1.0, help="the LoRA's strength on the UNet")
+    b.add_argument("--strength-text", type=float, default=None,
+                   help="its strength on the text encoders (default: --strength)")
+    b.add_argument("--save-dtype", choices=("fp16", "bf16", "fp32"), default="fp16")
+    b.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    b.set_defaults(run=_bake)
+
+
+def _rule(args, rank: int | None = None) -> RankRule:
+    return RankRule(args.rank_mode, args.rank if rank is None else rank, args.value)
+
+
+def _print_result(result, layers: int) -> int:
+    from .tools.lora_files import report_lines
+
+    print(result.headline)
+    if layers:
+        for line in report_lines(result.reports, None if layers < 0 else layers):
+            print(f"  {line}")
+    print(f"wrote {result.path}")
+    return 0
+
+
+def _extract(args) -> int:
+    from .tools.lora_files import extract_file
+
+    conv = _rule(args, args.conv_rank) if args.conv_rank > 0 else None
+    result = extract_file(args.base, args.tuned, args.out, _rule(args), conv,
+                          text_encoder=not args.no_text_encoder,
+                          clamp_quantile=args.clamp_quantile,
+                          min_relative_change=args.min_change, save_dtype=args.save_dtype,
+                          overwrite=args.overwrite)
+    return _print_result(result, args.layers)
+
+
+def _resize(args) -> int:
+    from .tools.lora_files import resize_file
+
+    result = resize_file(args.lora, args.out, _rule(args), clamp_quantile=args.clamp_quantile,
+                         save_dtype=args.save_dtype, overwrite=args.overwrite)
+    return _print_result(result, args.layers)
+
+
+def _bake(args) -> int:
+    from .tools.bake import bake_file
+
+    text = args.strength if args.strength_text is None else args.strength_text
+    result = bake_file(args.checkpoint, args.lora, args.out, strength_unet=args.strength,
+                       strength_text=text, save_dtype=args.save_dtype, overwrite=args.overwrite)
+    print(result.headline)
+    print(f"wrote {result.path}")
+    return 0
