@@ -195,6 +195,13 @@ def loras_dir() -> Path:
     return Path(folder_paths.get_folder_paths("loras")[0])
 
 
+def checkpoints_dir() -> Path:
+    """The folder the tools write checkpoints into: ComfyUI's first ``checkpoints`` folder."""
+    import folder_paths
+
+    return Path(folder_paths.get_folder_paths("checkpoints")[0])
+
+
 def metadata_allowed() -> bool:
     """False when the server runs with ``--disable-metadata`` (no workflow in saved files)."""
     try:

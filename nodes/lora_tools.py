@@ -1,0 +1,201 @@
+"""Model and LoRA tools in the graph: extract a LoRA from two models, resize a LoRA, bake a
+LoRA into a checkpoint file. Thin callers of ``trainers/tools``; the math is in
+``trainers/ops``."""
+
+from __future__ import annotations
+
+from comfy_api.latest import io
+
+from ..trainers.ops.extract import RANK_MODES
+from . import _host
+from .reports import ui_report
+from .validation import check_choice, check_number, check_plain_name, refuse
+
+LAYERS_SHOWN = 8
+
+
+def _rule_inputs(default_rank: int) -> list:
+    return [
+        io.Int.Input("rank", default=default_rank, min=1, max=1024,
+                     tooltip="The rank of every layer with rank_mode 'fixed'; the largest rank "
+                             "of the dynamic modes."),
+        io.Combo.Input("rank_mode", options=list(RANK_MODES), default="fixed",
+                       tooltip="fixed: 'rank' singular values per layer. energy: the fewest "
+                               "keeping rank_value of their sum. frobenius: the fewest keeping "
+                               "rank_value of the Frobenius norm. sv_ratio: every value at "
+                               "least s_max / rank_value."),
+        io.Float.Input("rank_value", default=0.9, min=0.0, max=1000.0, step=0.01,
+                       tooltip="The dynamic mode's target: a fraction in (0, 1] for energy / "
+                               "frobenius (e.g. 0.9), a ratio >= 1 for sv_ratio (e.g. 10). "
+                               "Unused by 'fixed'."),
+        io.Float.Input("clamp_quantile", default=1.0, min=0.5, max=1.0, step=0.001,
+                       tooltip="Clamp the factors to this quantile of their absolute values "
+                               "(kohya uses 0.99); 1 = off, the exact truncated SVD."),
+    ]
+
+
+def _check_rule(rank_mode, rank_value) -> None:
+    check_choice("rank_mode", rank_mode, RANK_MODES)
+    if rank_mode in ("energy", "frobenius") and rank_value is not None \
+            and not 0.0 < rank_value <= 1.0:
+        refuse(f"rank_value = {rank_value}: rank_mode {rank_mode!r} keeps a fraction; set "
+               "rank_value in (0, 1], e.g. 0.9.")
+    if rank_mode == "sv_ratio" and rank_value is not None and rank_value < 1.0:
+        refuse(f"rank_value = {rank_value}: rank_mode 'sv_ratio' keeps values down to s_max / "
+               "rank_value; set rank_value >= 1, e.g. 10.")
+
+
+def _rule(rank, rank_mode, rank_value):
+    from ..trainers.ops.extract import RankRule
+
+    return RankRule(rank_mode, int(rank), float(rank_value) if rank_mode != "fixed" else 0.0)
+
+
+def _report(headline: str, reports) -> dict:
+    from ..trainers.tools.lora_files import report_lines
+
+    lines = report_lines(reports, LAYERS_SHOWN)
+    more = len(reports) - len(lines)
+    tail = [f"... and {more} more layers"] if more > 0 else []
+    return ui_report("\n".join([headline, "largest errors:", *lines, *tail]))
+
+
+class TsuikaExtractLoRA(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="TsuikaExtractLoRA", display_name="Extract LoRA (Tsuika)",
+            category="Tsuika/lora",
+            description="A LoRA that turns the base model into the tuned one: the SVD of each "
+                        "layer's difference, cut to a fixed or per-layer rank. Reports each "
+                        "layer's rank and relative error.",
+            inputs=[
+                io.Model.Input("model", tooltip="The tuned (fine-tuned) model."),
+                io.Clip.Input("clip", tooltip="The tuned model's CLIP."),
+                io.Model.Input("model_base", tooltip="The original model it was tuned from."),
+                io.Clip.Input("clip_base", tooltip="The original model's CLIP."),
+                io.Vae.Input("vae", tooltip="Either model's VAE (needed to read the models; "
+                                            "it is not part of the LoRA)."),
+                *_rule_inputs(32),
+                io.Int.Input("conv_rank", default=0, min=0, max=1024,
+                             tooltip="Also extract the UNet's 3x3 convolutions (LoCon) at this "
+                                     "rank (the largest rank of a dynamic mode); 0 = leave "
+                                     "them out."),
+                io.Boolean.Input("text_encoder", default=True,
+                                 tooltip="Extract the text encoder's change too."),
+            ],
+            outputs=[io.LoraModel.Output(display_name="lora")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, rank_mode=None, rank_value=None, clamp_quantile=None, **_):
+        _check_rule(rank_mode, rank_value)
+        check_number("clamp_quantile", clamp_quantile, 0.5, 1.0)
+        return True
+
+    @classmethod
+    def execute(cls, model, clip, model_base, clip_base, vae, rank, rank_mode, rank_value,
+                clamp_quantile, conv_rank, text_encoder) -> io.NodeOutput:
+        from ..trainers.tools.lora_files import extracted_lora
+
+        if _host.comfy_family(model) != _host.comfy_family(model_base):
+            refuse("model / model_base: the two models are of different families; extract "
+                   "from a model and the base it was tuned from.")
+        rule = _rule(rank, rank_mode, rank_value)
+        conv = _rule(conv_rank, rank_mode, rank_value) if conv_rank > 0 else None
+        base = _host.bundle_from_comfy(model_base, clip_base, vae)
+        tuned = _host.bundle_from_comfy(model, clip, vae)
+        tensors, meta, reports, headline = extracted_lora(
+            base, tuned, rule, conv, text_encoder=text_encoder, clamp_quantile=clamp_quantile,
+            sources={"base": "model_base", "tuned": "model"})
+        del base, tuned
+        return io.NodeOutput(_host.LoraDict(tensors, meta), ui=_report(headline, reports))
+
+
+class TsuikaResizeLoRA(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="TsuikaResizeLoRA", display_name="Resize LoRA (Tsuika)",
+            category="Tsuika/lora",
+            description="Lower a LoRA's rank (fixed or per layer) by SVD of each layer's "
+                        "delta, reporting the error it introduced.",
+            inputs=[io.LoraModel.Input("lora", tooltip="A LORA_MODEL with kohya names (Train "
+                                                       "LoRA, Extract LoRA)."),
+                    *_rule_inputs(8)],
+            outputs=[io.LoraModel.Output(display_name="lora")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, rank_mode=None, rank_value=None, clamp_quantile=None, **_):
+        _check_rule(rank_mode, rank_value)
+        check_number("clamp_quantile", clamp_quantile, 0.5, 1.0)
+        return True
+
+    @classmethod
+    def execute(cls, lora, rank, rank_mode, rank_value, clamp_quantile) -> io.NodeOutput:
+        from ..trainers.tools.lora_files import resize_tensors
+
+        tensors, meta, reports, headline = resize_tensors(
+            dict(lora), getattr(lora, "metadata", {}), _rule(rank, rank_mode, rank_value),
+            clamp_quantile=clamp_quantile, source="lora")
+        return io.NodeOutput(_host.LoraDict(tensors, meta), ui=_report(headline, reports))
+
+
+class TsuikaBakeLoRA(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        import folder_paths
+
+        return io.Schema(
+            node_id="TsuikaBakeLoRA", display_name="Bake LoRA into Checkpoint (Tsuika)",
+            category="Tsuika/merge",
+            description="Write a checkpoint with a LoRA folded into its weights, into "
+                        "models/checkpoints (Load Checkpoint lists it at once).",
+            inputs=[
+                io.Combo.Input("ckpt_name", options=folder_paths.get_filename_list("checkpoints"),
+                               tooltip="The base checkpoint."),
+                io.Combo.Input("lora_name", options=folder_paths.get_filename_list("loras"),
+                               tooltip="The LoRA (kohya, LyCORIS LoCon, diffusers/peft or "
+                                       "ComfyUI layout)."),
+                io.Float.Input("strength_model", default=1.0, min=-10.0, max=10.0, step=0.01,
+                               tooltip="The LoRA's strength on the UNet."),
+                io.Float.Input("strength_clip", default=1.0, min=-10.0, max=10.0, step=0.01,
+                               tooltip="The LoRA's strength on the text encoder(s)."),
+                io.String.Input("filename", default="tsuika_baked",
+                                tooltip="A plain file name without extension for "
+                                        "models/checkpoints."),
+                io.Combo.Input("save_dtype", options=["fp16", "bf16", "fp32"], default="fp16",
+                               tooltip="Precision of the checkpoint's weights."),
+                io.Boolean.Input("overwrite", default=False,
+                                 tooltip="Replace an existing file of the same name."),
+            ],
+            outputs=[io.String.Output(display_name="path")],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def validate_inputs(cls, filename=None, overwrite=None, **_):
+        if filename is None:
+            return True
+        check_plain_name("filename", filename)
+        if not overwrite and (_host.checkpoints_dir() / f"{filename}.safetensors").exists():
+            refuse(f"filename: {filename}.safetensors already exists in models/checkpoints; "
+                   "choose another filename or turn on overwrite.")
+        return True
+
+    @classmethod
+    def execute(cls, ckpt_name, lora_name, strength_model, strength_clip, filename, save_dtype,
+                overwrite) -> io.NodeOutput:
+        import folder_paths
+
+        from ..trainers.tools.bake import bake_file
+
+        check_plain_name("filename", filename)
+        target = _host.checkpoints_dir() / f"{filename}.safetensors"
+        result = bake_file(folder_paths.get_full_path_or_raise("checkpoints", ckpt_name),
+                           folder_paths.get_full_path_or_raise("loras", lora_name), target,
+                           strength_unet=strength_model, strength_text=strength_clip,
+                           save_dtype=save_dtype, overwrite=overwrite)
+        text = f"{result.headline}\nsaved {target.name} in models/checkpoints"
+        return io.NodeOutput(target.name, ui=ui_report(text))
