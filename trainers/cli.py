@@ -148,7 +148,9 @@ def _main(argv: list[str] | None) -> int:
     configure_logging(rank)
     try:
         if getattr(args, "run", None) is not None:  # a tool sub-command (cli_tools.py)
-            return args.run(args)
+            for line in args.run(args):
+                print(line)
+            return 0
         if args.command == "options":
             _print_options()
             return 0

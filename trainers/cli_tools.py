@@ -5,7 +5,8 @@
     tsuika resize LORA OUT.safetensors --rank 8 [--rank-mode sv_ratio --value 10]
     tsuika bake CHECKPOINT LORA OUT.safetensors [--strength 0.8] [--strength-text 1.0]
 
-Each sub-command sets ``run`` on its parsed arguments; ``cli.main`` calls it and turns the
+Each sub-command sets ``run`` on its parsed arguments: it returns the lines to show, which
+``cli.main`` prints (printing stays in the one program module), and ``cli.main`` turns the
 errors into one line and an exit code, as for training.
 """
 
@@ -73,18 +74,14 @@ def _rule(args, rank: int | None = None) -> RankRule:
     return RankRule(args.rank_mode, args.rank if rank is None else rank, args.value)
 
 
-def _print_result(result, layers: int) -> int:
+def _result_lines(result, layers: int) -> list[str]:
     from .tools.lora_files import report_lines
 
-    print(result.headline)
-    if layers:
-        for line in report_lines(result.reports, None if layers < 0 else layers):
-            print(f"  {line}")
-    print(f"wrote {result.path}")
-    return 0
+    shown = report_lines(result.reports, None if layers < 0 else layers) if layers else []
+    return [result.headline, *(f"  {line}" for line in shown), f"wrote {result.path}"]
 
 
-def _extract(args) -> int:
+def _extract(args) -> list[str]:
     from .tools.lora_files import extract_file
 
     conv = _rule(args, args.conv_rank) if args.conv_rank > 0 else None
@@ -93,23 +90,21 @@ def _extract(args) -> int:
                           clamp_quantile=args.clamp_quantile,
                           min_relative_change=args.min_change, save_dtype=args.save_dtype,
                           overwrite=args.overwrite)
-    return _print_result(result, args.layers)
+    return _result_lines(result, args.layers)
 
 
-def _resize(args) -> int:
+def _resize(args) -> list[str]:
     from .tools.lora_files import resize_file
 
     result = resize_file(args.lora, args.out, _rule(args), clamp_quantile=args.clamp_quantile,
                          save_dtype=args.save_dtype, overwrite=args.overwrite)
-    return _print_result(result, args.layers)
+    return _result_lines(result, args.layers)
 
 
-def _bake(args) -> int:
+def _bake(args) -> list[str]:
     from .tools.bake import bake_file
 
     text = args.strength if args.strength_text is None else args.strength_text
     result = bake_file(args.checkpoint, args.lora, args.out, strength_unet=args.strength,
                        strength_text=text, save_dtype=args.save_dtype, overwrite=args.overwrite)
-    print(result.headline)
-    print(f"wrote {result.path}")
-    return 0
+    return [result.headline, f"wrote {result.path}"]

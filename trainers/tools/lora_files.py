@@ -96,7 +96,7 @@ class ToolResult:
     headline: str
 
 
-def _lora_metadata(family: str, ranks: list[int], tool_meta: dict[str, str],
+def lora_metadata(family: str, ranks: list[int], tool_meta: dict[str, str],
                    conv: bool, base_name: str) -> dict[str, str]:
     meta = training_metadata(base_model_version=family, base_model_name=base_name)
     dim = max(ranks) if ranks else 0
@@ -127,6 +127,46 @@ def extract_from_bundles(base, tuned, rule: RankRule, conv_rule: RankRule | None
                         clamp_quantile=clamp_quantile, min_relative_change=min_relative_change)
 
 
+def extracted_lora(base, tuned, rule: RankRule, conv_rule: RankRule | None = None, *,
+                   text_encoder: bool = True, clamp_quantile: float = 1.0,
+                   min_relative_change: float = 1e-6, dtype: torch.dtype = torch.float16,
+                   sources: Mapping[str, str] | None = None):
+    """``tuned - base`` as kohya-named LoRA tensors with their metadata.
+
+    Args:
+        base / tuned: two loaded ``ModelBundle`` of one family.
+        rule / conv_rule / text_encoder / clamp_quantile / min_relative_change: see
+            :func:`extract_from_bundles`.
+        dtype: the weights' dtype.
+        sources: names of the two models for the provenance (file names, never paths).
+
+    Returns:
+        ``(tensors, metadata, reports, headline)``.
+
+    Raises:
+        ValueError: the models differ in no layer a LoRA adapts.
+    """
+    sources = dict(sources or {"base": base.source_name, "tuned": tuned.source_name})
+    lora, reports = extract_from_bundles(base, tuned, rule, conv_rule, text_encoder=text_encoder,
+                                         clamp_quantile=clamp_quantile,
+                                         min_relative_change=min_relative_change)
+    if not lora.modules:
+        raise ValueError(f"the models {path_name(sources['base'])} and "
+                         f"{path_name(sources['tuned'])} do not differ in any layer a LoRA "
+                         "adapts; nothing to extract.")
+    settings = {"rank_mode": rule.mode, "rank": rule.rank, "value": rule.value,
+                "conv": None if conv_rule is None else conv_rule.describe(),
+                "text_encoder": text_encoder, "clamp_quantile": clamp_quantile}
+    meta = lora_metadata(base.family, [r.rank for r in reports],
+                         provenance("extract", sources, settings), conv_rule is not None,
+                         sources["base"])
+    stats = summary(reports)
+    meta["tsuika.rel_error"] = f"{stats['rel_error']:.6g}"
+    headline = (f"extracted {stats['layers']} layers ({rule.describe()}; mean rank "
+                f"{stats['mean_rank']:.1f}), relative error {stats['rel_error']:.2%}")
+    return lora_tensors(lora, dtype), meta, reports, headline
+
+
 def extract_file(base_path, tuned_path, out_path, rule: RankRule,
                  conv_rule: RankRule | None = None, *, text_encoder: bool = True,
                  clamp_quantile: float = 1.0, min_relative_change: float = 1e-6,
@@ -148,24 +188,11 @@ def extract_file(base_path, tuned_path, out_path, rule: RankRule,
     _check_output(out_path, overwrite)
     base = load_model(base_path)
     tuned = load_model(tuned_path, family=base.family)
-    lora, reports = extract_from_bundles(base, tuned, rule, conv_rule, text_encoder=text_encoder,
-                                         clamp_quantile=clamp_quantile,
-                                         min_relative_change=min_relative_change)
-    if not lora.modules:
-        raise ValueError(f"the models {path_name(str(base_path))} and "
-                         f"{path_name(str(tuned_path))} do not differ in any layer a LoRA "
-                         "adapts; nothing to extract.")
-    settings = {"rank_mode": rule.mode, "rank": rule.rank, "value": rule.value,
-                "conv": None if conv_rule is None else conv_rule.describe(),
-                "text_encoder": text_encoder, "clamp_quantile": clamp_quantile}
-    meta = _lora_metadata(base.family, [r.rank for r in reports],
-                          provenance("extract", {"base": base_path, "tuned": tuned_path},
-                                     settings), conv_rule is not None, str(base_path))
-    stats = summary(reports)
-    meta["tsuika.rel_error"] = f"{stats['rel_error']:.6g}"
-    path = save_safetensors(out_path, lora_tensors(lora, dtype), meta, overwrite=overwrite)
-    headline = (f"extracted {stats['layers']} layers ({rule.describe()}; mean rank "
-                f"{stats['mean_rank']:.1f}), relative error {stats['rel_error']:.2%}")
+    tensors, meta, reports, headline = extracted_lora(
+        base, tuned, rule, conv_rule, text_encoder=text_encoder, clamp_quantile=clamp_quantile,
+        min_relative_change=min_relative_change, dtype=dtype,
+        sources={"base": str(base_path), "tuned": str(tuned_path)})
+    path = save_safetensors(out_path, tensors, meta, overwrite=overwrite)
     return ToolResult(path, reports, headline)
 
 
@@ -221,6 +248,39 @@ def raw_kohya_tensors(lora: LoraStateDict, dtype: torch.dtype) -> dict[str, torc
     return out
 
 
+def resize_tensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None,
+                   rule: RankRule, *, clamp_quantile: float = 1.0,
+                   dtype: torch.dtype = torch.float16, source: str = "LoRA"):
+    """A kohya-named LoRA's tensors re-factored to the ranks ``rule`` gives.
+
+    Args:
+        tensors: the LoRA's kohya-named tensors (a file's, or a LORA_MODEL's).
+        metadata: its metadata (kept, with the new ranks and the provenance on top).
+        rule: ``fixed`` rank or a dynamic rule (a layer never grows).
+        clamp_quantile: see :func:`ops.extract.low_rank`.
+        dtype: the weights' dtype in the result.
+        source: the source's name for the provenance (a file name, never a path).
+
+    Returns:
+        ``(tensors, metadata, reports, headline)``.
+    """
+    lora = read_kohya_raw(tensors, metadata)
+    resized, reports = resize_lora(lora, rule, clamp_quantile=clamp_quantile)
+    out_meta = dict(metadata or {})
+    dim = max((r.rank for r in reports), default=0)
+    out_meta.update({"ss_network_dim": str(dim), "ss_network_alpha": str(float(dim))})
+    out_meta.update(provenance("resize", {"lora": source},
+                               {"rank_mode": rule.mode, "rank": rule.rank, "value": rule.value,
+                                "clamp_quantile": clamp_quantile}))
+    stats = summary(reports)
+    out_meta["tsuika.rel_error"] = f"{stats['rel_error']:.6g}"
+    before = max((w.rank for w in lora.modules.values()), default=0)
+    headline = (f"resized {stats['layers']} layers from rank <= {before} to "
+                f"{rule.describe()} (mean rank {stats['mean_rank']:.1f}), relative error "
+                f"{stats['rel_error']:.2%}")
+    return raw_kohya_tensors(resized, dtype), out_meta, reports, headline
+
+
 def resize_file(lora_path, out_path, rule: RankRule, *, clamp_quantile: float = 1.0,
                 save_dtype: str = "fp16", overwrite: bool = False) -> ToolResult:
     """Write ``lora_path`` re-factored to the ranks ``rule`` gives (kohya LoRA / LoCon files).
@@ -228,30 +288,16 @@ def resize_file(lora_path, out_path, rule: RankRule, *, clamp_quantile: float = 
     Args:
         lora_path: a kohya-named LoRA file.
         out_path: the ``.safetensors`` to write.
-        rule: ``fixed`` rank or a dynamic rule (a layer never grows).
-        clamp_quantile: see :func:`ops.extract.low_rank`.
+        rule / clamp_quantile: see :func:`resize_tensors`.
         save_dtype: ``fp32`` / ``fp16`` / ``bf16``.
         overwrite: replace an existing ``out_path``.
     """
     dtype = file_dtype(save_dtype)
     _check_output(out_path, overwrite)
     tensors, meta = load_safetensors(lora_path)
-    lora = read_kohya_raw(tensors, meta)
-    resized, reports = resize_lora(lora, rule, clamp_quantile=clamp_quantile)
-    out_meta = dict(meta)
-    dim = max((r.rank for r in reports), default=0)
-    out_meta.update({"ss_network_dim": str(dim), "ss_network_alpha": str(float(dim))})
-    out_meta.update(provenance("resize", {"lora": lora_path},
-                               {"rank_mode": rule.mode, "rank": rule.rank, "value": rule.value,
-                                "clamp_quantile": clamp_quantile}))
-    stats = summary(reports)
-    out_meta["tsuika.rel_error"] = f"{stats['rel_error']:.6g}"
-    path = save_safetensors(out_path, raw_kohya_tensors(resized, dtype), out_meta,
-                            overwrite=overwrite)
-    before = max((w.rank for w in lora.modules.values()), default=0)
-    headline = (f"resized {stats['layers']} layers from rank <= {before} to "
-                f"{rule.describe()} (mean rank {stats['mean_rank']:.1f}), relative error "
-                f"{stats['rel_error']:.2%}")
+    out, out_meta, reports, headline = resize_tensors(
+        tensors, meta, rule, clamp_quantile=clamp_quantile, dtype=dtype, source=str(lora_path))
+    path = save_safetensors(out_path, out, out_meta, overwrite=overwrite)
     return ToolResult(path, reports, headline)
 
 
