@@ -134,3 +134,21 @@ def test_merged_tiny_models_load_as_a_model(tmp_path):
     torch.testing.assert_close(merged.text_encoders[0].get_submodule(te).weight,
                                ma.text_encoders[0].get_submodule(te).weight, atol=1e-3,
                                rtol=1e-3)
+
+
+def test_merge_command(tmp_path, capsys):
+    from tsuika.trainers.cli import main
+
+    pa, ta = _ckpt(tmp_path / "a.safetensors", 0)
+    pb, tb = _ckpt(tmp_path / "b.safetensors", 1)
+    out = tmp_path / "m.safetensors"
+    assert main(["merge", str(pa), str(pb), str(out), "--ratios", "1 te=0",
+                 "--save-dtype", "fp16"]) == 0
+    assert capsys.readouterr().out.startswith("merged 6 weights (weighted_sum, ratios 1 te=0)")
+    got, _ = load_safetensors(out)
+    key = f"{U}input_blocks.1.1.proj_in.weight"
+    assert got[key].dtype == torch.float16 and torch.equal(got[key], tb[key].half())
+    te = "cond_stage_model.transformer.text_model.encoder.layers.0.mlp.fc1.weight"
+    assert torch.equal(got[te], ta[te].half())
+    assert main(["merge", str(pa), str(pb), str(out), "--ratios", "in=x"]) == 2
+    assert "'in=x' is not 'name=number'" in capsys.readouterr().err

@@ -3,7 +3,7 @@
     tsuika train [CONFIG.toml] [--set train.steps=200 ...]
     tsuika fixture sd15-tiny OUT_DIR
     tsuika options
-    tsuika extract | resize | bake ...   (the model and LoRA tools: cli_tools.py)
+    tsuika extract | resize | bake | merge ...   (the model and LoRA tools: cli_tools.py)
 
 The README's demo has its own entry point (``tsuika-demo`` or ``python -m
 tsuika.reference.demo``): the backend never imports ``reference/``.
@@ -81,7 +81,7 @@ def _parser() -> argparse.ArgumentParser:
     # Kept so that `tsuika demo` still points somewhere; the demo lives in reference/.
     d = sub.add_parser("demo", help="moved: run `tsuika-demo` (or `python3 run.py demo`)")
     d.add_argument("rest", nargs=argparse.REMAINDER)
-    add_tool_parsers(sub)  # extract | resize | bake ...: trainers/cli_tools.py
+    add_tool_parsers(sub)  # extract | resize | bake | merge ...: trainers/cli_tools.py
     return p
 
 

@@ -4,6 +4,8 @@
                    [--conv-rank 16] [--no-text-encoder] [--clamp-quantile 0.99]
     tsuika resize LORA OUT.safetensors --rank 8 [--rank-mode sv_ratio --value 10]
     tsuika bake CHECKPOINT LORA OUT.safetensors [--strength 0.8] [--strength-text 1.0]
+    tsuika merge A B OUT.safetensors [--mode weighted_sum|add_difference|slerp] [--c C]
+                 [--ratios "0.5 te=0 in0-5=0.2 out=0.8"]
 
 Each sub-command sets ``run`` on its parsed arguments: it returns the lines to show, which
 ``cli.main`` prints (printing stays in the one program module), and ``cli.main`` turns the
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 
+from .ops.checkpoint_merge import MODES
 from .ops.extract import RANK_MODES, RankRule
 
 
@@ -68,6 +71,23 @@ def add_parsers(sub) -> None:
     b.add_argument("--save-dtype", choices=("fp16", "bf16", "fp32"), default="fp16")
     b.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     b.set_defaults(run=_bake)
+    m = sub.add_parser("merge", help="merge checkpoints (weighted sum, add difference, SLERP, "
+                                     "per-block ratios), streamed tensor by tensor")
+    m.add_argument("a", help="checkpoint A (.safetensors single file)")
+    m.add_argument("b", help="checkpoint B")
+    m.add_argument("out", help="the checkpoint to write (.safetensors)")
+    m.add_argument("--mode", choices=MODES, default="weighted_sum",
+                   help="weighted_sum: (1-r)A + rB; add_difference: A + r(B - C); slerp: "
+                        "spherical from A to B")
+    m.add_argument("--c", help="checkpoint C of add_difference (the model B was tuned from)")
+    m.add_argument("--ratios", default="0.5",
+                   help="a number, or per-block 'name=value' entries: default, unet, te, vae, "
+                        "in, mid, out, inN, outN, inN-M (e.g. \"0.5 te=0 in0-5=0.2\"); the "
+                        "VAE stays A's unless vae= is given")
+    m.add_argument("--save-dtype", choices=("fp16", "bf16", "fp32"), default=None,
+                   help="the weights' dtype (default: A's)")
+    m.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    m.set_defaults(run=_merge)
 
 
 def _rule(args, rank: int | None = None) -> RankRule:
@@ -107,4 +127,13 @@ def _bake(args) -> list[str]:
     text = args.strength if args.strength_text is None else args.strength_text
     result = bake_file(args.checkpoint, args.lora, args.out, strength_unet=args.strength,
                        strength_text=text, save_dtype=args.save_dtype, overwrite=args.overwrite)
+    return [result.headline, f"wrote {result.path}"]
+
+
+def _merge(args) -> list[str]:
+    from .tools.checkpoint_merge import merge_checkpoints
+
+    result = merge_checkpoints(args.a, args.b, args.out, mode=args.mode, ratios=args.ratios,
+                               path_c=args.c, save_dtype=args.save_dtype,
+                               overwrite=args.overwrite)
     return [result.headline, f"wrote {result.path}"]
