@@ -9,10 +9,15 @@ class TsuikaExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         from .dataset import TsuikaDatasetFromImages, TsuikaLoadDataset
         from .lora import TsuikaApplyLoRA, TsuikaSaveLoRA
-        from .lora_tools import TsuikaBakeLoRA, TsuikaExtractLoRA, TsuikaResizeLoRA
+        from .lora_tools import (
+            TsuikaBakeLoRA,
+            TsuikaExtractLoRA,
+            TsuikaMergeCheckpoints,
+            TsuikaResizeLoRA,
+        )
         from .train_lora import TsuikaTrainLoRA, TsuikaTrainLoRAAdvanced
         from .train_options import OPTIONS_NODES
 
         return [TsuikaLoadDataset, TsuikaDatasetFromImages, TsuikaTrainLoRA,
                 TsuikaTrainLoRAAdvanced, *OPTIONS_NODES, TsuikaApplyLoRA, TsuikaSaveLoRA,
-                TsuikaExtractLoRA, TsuikaResizeLoRA, TsuikaBakeLoRA]
+                TsuikaExtractLoRA, TsuikaResizeLoRA, TsuikaBakeLoRA, TsuikaMergeCheckpoints]

@@ -199,3 +199,79 @@ class TsuikaBakeLoRA(io.ComfyNode):
                            save_dtype=save_dtype, overwrite=overwrite)
         text = f"{result.headline}\nsaved {target.name} in models/checkpoints"
         return io.NodeOutput(target.name, ui=ui_report(text))
+
+
+NO_C = "(none)"
+
+
+class TsuikaMergeCheckpoints(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        import folder_paths
+
+        from ..trainers.ops.checkpoint_merge import MODES
+
+        names = folder_paths.get_filename_list("checkpoints")
+        return io.Schema(
+            node_id="TsuikaMergeCheckpoints", display_name="Merge Checkpoints (Tsuika)",
+            category="Tsuika/merge",
+            description="Merge two checkpoints (weighted sum, add difference with a third, "
+                        "SLERP) with per-block ratios, streamed tensor by tensor into a "
+                        "checkpoint in models/checkpoints; outputs its MODEL, CLIP and VAE.",
+            inputs=[
+                io.Combo.Input("ckpt_a", options=names, tooltip="Checkpoint A (ratio 0)."),
+                io.Combo.Input("ckpt_b", options=names, tooltip="Checkpoint B (ratio 1)."),
+                io.Combo.Input("mode", options=list(MODES), default="weighted_sum",
+                               tooltip="weighted_sum: (1 - r) A + r B. add_difference: A + "
+                                       "r (B - C). slerp: spherical from A to B."),
+                io.String.Input("ratios", default="0.5",
+                                tooltip="A number, or per-block 'name=value' entries: default, "
+                                        "unet, te, vae, in, mid, out, inN, outN, inN-M; e.g. "
+                                        "'0.5 te=0 in0-5=0.2 out=0.8'. The VAE stays A's "
+                                        "unless vae= is given."),
+                io.Combo.Input("ckpt_c", options=[NO_C, *names], default=NO_C,
+                               tooltip="Checkpoint C of add_difference (the model B was tuned "
+                                       "from)."),
+                io.String.Input("filename", default="tsuika_merged",
+                                tooltip="A plain file name without extension for "
+                                        "models/checkpoints."),
+                io.Combo.Input("save_dtype", options=["fp16", "bf16", "fp32"], default="fp16",
+                               tooltip="Precision of the merged weights."),
+                io.Boolean.Input("overwrite", default=False,
+                                 tooltip="Replace an existing file of the same name."),
+            ],
+            outputs=[io.Model.Output(display_name="model"), io.Clip.Output(display_name="clip"),
+                     io.Vae.Output(display_name="vae")],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def validate_inputs(cls, ratios=None, mode=None, ckpt_c=None, filename=None,
+                        overwrite=None, **_):
+        from ..trainers.ops.checkpoint_merge import BlockRatios, CheckpointMergeError, check_mode
+
+        try:
+            if ratios is not None:
+                BlockRatios.parse(ratios)
+            if mode is not None and ckpt_c is not None:
+                check_mode(mode, ckpt_c != NO_C)
+        except CheckpointMergeError as e:
+            refuse(str(e).replace("checkpoint C", "ckpt_c"))
+        return TsuikaBakeLoRA.validate_inputs(filename=filename, overwrite=overwrite)
+
+    @classmethod
+    def execute(cls, ckpt_a, ckpt_b, mode, ratios, ckpt_c, filename, save_dtype,
+                overwrite) -> io.NodeOutput:
+        import folder_paths
+
+        from ..trainers.tools.checkpoint_merge import merge_checkpoints
+
+        check_plain_name("filename", filename)
+        target = _host.checkpoints_dir() / f"{filename}.safetensors"
+        full = lambda name: folder_paths.get_full_path_or_raise("checkpoints", name)  # noqa: E731
+        result = merge_checkpoints(full(ckpt_a), full(ckpt_b), target, mode=mode,
+                                   ratios=ratios, path_c=None if ckpt_c == NO_C else full(ckpt_c),
+                                   save_dtype=save_dtype, overwrite=overwrite)
+        model, clip, vae = _host.load_checkpoint(result.path)
+        text = f"{result.headline}\nsaved {target.name} in models/checkpoints"
+        return io.NodeOutput(model, clip, vae, ui=ui_report(text))

@@ -71,6 +71,7 @@ def test_extract_apply_sample_and_bake_in_comfyui(tmp_path):
 
     extracted, baked = LORAS / "tsuika_tools_extracted.safetensors", \
         CHECKPOINTS / "tsuika_tools_baked.safetensors"
+    merged = CHECKPOINTS / "tsuika_tools_merged.safetensors"
     extract = {
         "1": {"class_type": "CheckpointLoaderSimple",
               "inputs": {"ckpt_name": "tsuika_tools_tuned.safetensors"}},
@@ -89,7 +90,17 @@ def test_extract_apply_sample_and_bake_in_comfyui(tmp_path):
             "ckpt_name": "sd15-hostable.safetensors", "lora_name": made_file.name,
             "strength_model": 1.0, "strength_clip": 1.0, "filename": baked.stem,
             "save_dtype": "fp16", "overwrite": True}},
-        **_sample(["5", 0], ["5", 1], ["2", 2], "tsuika_tools_extracted")}
+        "7": {"class_type": "TsuikaMergeCheckpoints", "inputs": {
+            "ckpt_a": "sd15-hostable.safetensors", "ckpt_b": "tsuika_tools_tuned.safetensors",
+            "mode": "weighted_sum", "ratios": "0.5 te=0 out=1", "ckpt_c": "(none)",
+            "filename": merged.stem, "save_dtype": "fp16", "overwrite": True}},
+        **_sample(["5", 0], ["5", 1], ["2", 2], "tsuika_tools_extracted"),
+        **{f"m{k}": v for k, v in _sample(["7", 0], ["7", 1], ["7", 2],
+                                           "tsuika_tools_merged").items()}}
+    for node in (v for k, v in extract.items() if k.startswith("m")):  # the m-copy's own links
+        for name, value in node["inputs"].items():
+            if isinstance(value, list) and str(value[0]).startswith("s"):
+                node["inputs"][name] = [f"m{value[0]}", value[1]]
     reload = {
         "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": baked.name}},
         "2": {"class_type": "LoraLoader", "inputs": {
@@ -108,6 +119,7 @@ def test_extract_apply_sample_and_bake_in_comfyui(tmp_path):
         assert r.returncode == 0 and "RESULT: PASS" in r.stdout, log[-6000:]
         assert list(out.glob("tsuika_tools_extracted*.png")), log[-3000:]
         assert list(out.glob("tsuika_tools_baked*.png")), log[-3000:]
+        assert list(out.glob("tsuika_tools_merged*.png")), log[-3000:]
         for complaint in ("unet missing", "unet unexpected", "clip missing",
                           "missing vae keys", "lora key not loaded"):
             assert complaint not in log.lower(), f"ComfyUI: {complaint}\n" + log[-4000:]
@@ -124,6 +136,10 @@ def test_extract_apply_sample_and_bake_in_comfyui(tmp_path):
         with safe_open(str(baked), "pt") as f:
             meta = f.metadata()
         assert meta["tsuika.tool"] == "bake" and str(models) not in json.dumps(meta)
+        with safe_open(str(merged), "pt") as f:
+            meta = f.metadata()
+        assert meta["tsuika.tool"] == "merge" and "te=0 out=1" in meta["tsuika.settings"]
     finally:
+        merged.unlink(missing_ok=True)
         extracted.unlink(missing_ok=True)
         baked.unlink(missing_ok=True)
