@@ -13,6 +13,7 @@ class TsuikaExtension(ComfyExtension):
             TsuikaBakeLoRA,
             TsuikaExtractLoRA,
             TsuikaMergeCheckpoints,
+            TsuikaMergeLoRAs,
             TsuikaResizeLoRA,
         )
         from .train_lora import TsuikaTrainLoRA, TsuikaTrainLoRAAdvanced
@@ -20,4 +21,5 @@ class TsuikaExtension(ComfyExtension):
 
         return [TsuikaLoadDataset, TsuikaDatasetFromImages, TsuikaTrainLoRA,
                 TsuikaTrainLoRAAdvanced, *OPTIONS_NODES, TsuikaApplyLoRA, TsuikaSaveLoRA,
-                TsuikaExtractLoRA, TsuikaResizeLoRA, TsuikaBakeLoRA, TsuikaMergeCheckpoints]
+                TsuikaExtractLoRA, TsuikaResizeLoRA, TsuikaBakeLoRA, TsuikaMergeCheckpoints,
+                TsuikaMergeLoRAs]

@@ -275,3 +275,48 @@ class TsuikaMergeCheckpoints(io.ComfyNode):
         model, clip, vae = _host.load_checkpoint(result.path)
         text = f"{result.headline}\nsaved {target.name} in models/checkpoints"
         return io.NodeOutput(model, clip, vae, ui=ui_report(text))
+
+
+class TsuikaMergeLoRAs(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        from ..trainers.ops.lora_merge import METHODS
+
+        return io.Schema(
+            node_id="TsuikaMergeLoRAs", display_name="Merge LoRAs (Tsuika)",
+            category="Tsuika/lora",
+            description="One LoRA from two: concatenated ranks (exact), their sum cut to a "
+                        "rank by SVD, or peft's TIES / DARE merges.",
+            inputs=[
+                io.LoraModel.Input("lora_a", tooltip="A LORA_MODEL with kohya names."),
+                io.LoraModel.Input("lora_b", tooltip="Another LORA_MODEL of the same model."),
+                io.Float.Input("weight_a", default=1.0, min=-10.0, max=10.0, step=0.01,
+                               tooltip="Multiplier of lora_a."),
+                io.Float.Input("weight_b", default=1.0, min=-10.0, max=10.0, step=0.01,
+                               tooltip="Multiplier of lora_b."),
+                io.Combo.Input("method", options=list(METHODS), default="concat",
+                               tooltip="concat: exact, rank = the sum of ranks. svd: the sum "
+                                       "cut to 'rank'. ties / dare_linear / dare_ties: peft's "
+                                       "task merges with 'density', then cut to 'rank'."),
+                io.Int.Input("rank", default=16, min=1, max=1024,
+                             tooltip="The merged rank (every method but concat)."),
+                io.Float.Input("density", default=0.5, min=0.01, max=1.0, step=0.01,
+                               tooltip="The fraction of each delta's values TIES / DARE keep."),
+                io.Int.Input("merge_seed", default=0, min=0, max=2**31 - 1,
+                             tooltip="DARE's random drops (repeatable by this seed)."),
+            ],
+            outputs=[io.LoraModel.Output(display_name="lora")],
+        )
+
+    @classmethod
+    def execute(cls, lora_a, lora_b, weight_a, weight_b, method, rank, density,
+                merge_seed) -> io.NodeOutput:
+        from ..trainers.ops.extract import RankRule
+        from ..trainers.tools.lora_merge import merge_lora_tensors
+
+        tensors, meta, reports, headline = merge_lora_tensors(
+            [(dict(lora_a), getattr(lora_a, "metadata", {})),
+             (dict(lora_b), getattr(lora_b, "metadata", {}))], [weight_a, weight_b], method,
+            RankRule("fixed", int(rank)), density=density, seed=merge_seed,
+            names=["lora_a", "lora_b"])
+        return io.NodeOutput(_host.LoraDict(tensors, meta), ui=_report(headline, reports))

@@ -6,6 +6,8 @@
     tsuika bake CHECKPOINT LORA OUT.safetensors [--strength 0.8] [--strength-text 1.0]
     tsuika merge A B OUT.safetensors [--mode weighted_sum|add_difference|slerp] [--c C]
                  [--ratios "0.5 te=0 in0-5=0.2 out=0.8"]
+    tsuika merge-lora A B [C ...] --out OUT.safetensors [--weights 1,0.5]
+                 [--method concat|svd|ties|dare_linear|dare_ties] [--rank 16] [--density 0.5]
 
 Each sub-command sets ``run`` on its parsed arguments: it returns the lines to show, which
 ``cli.main`` prints (printing stays in the one program module), and ``cli.main`` turns the
@@ -18,6 +20,7 @@ import argparse
 
 from .ops.checkpoint_merge import MODES
 from .ops.extract import RANK_MODES, RankRule
+from .ops.lora_merge import METHODS as LORA_METHODS
 
 
 def _rule_args(p: argparse.ArgumentParser, default_rank: int) -> None:
@@ -88,6 +91,20 @@ def add_parsers(sub) -> None:
                    help="the weights' dtype (default: A's)")
     m.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     m.set_defaults(run=_merge)
+    ml = sub.add_parser("merge-lora", help="merge LoRAs: concatenated ranks (exact), SVD to a "
+                                           "rank, TIES / DARE")
+    ml.add_argument("loras", nargs="+", help="two or more kohya-named LoRA files")
+    ml.add_argument("--out", required=True, help="the LoRA file to write (.safetensors)")
+    ml.add_argument("--weights", default=None,
+                    help="comma-separated multipliers, one per LoRA (default: 1 each)")
+    ml.add_argument("--method", choices=LORA_METHODS, default="concat",
+                    help="concat: exact, rank = sum of ranks; svd: the sum cut to --rank; "
+                         "ties / dare_linear / dare_ties: peft's task merges, then cut")
+    ml.add_argument("--density", type=float, default=0.5,
+                    help="fraction of each delta's values TIES / DARE keep")
+    ml.add_argument("--seed", type=int, default=0, help="DARE's random drops")
+    _rule_args(ml, 0)
+    ml.set_defaults(run=_merge_lora)
 
 
 def _rule(args, rank: int | None = None) -> RankRule:
@@ -137,3 +154,24 @@ def _merge(args) -> list[str]:
                                path_c=args.c, save_dtype=args.save_dtype,
                                overwrite=args.overwrite)
     return [result.headline, f"wrote {result.path}"]
+
+
+def _merge_lora(args) -> list[str]:
+    from .tools.lora_merge import merge_lora_files
+
+    if args.weights is None:
+        weights = [1.0] * len(args.loras)
+    else:
+        try:
+            weights = [float(w) for w in args.weights.split(",")]
+        except ValueError:
+            raise ValueError(f"--weights {args.weights!r} must be comma-separated numbers, one "
+                             "per LoRA, e.g. 1,0.5.") from None
+    if args.rank <= 0 and args.rank_mode == "fixed":
+        rule = None  # the largest input rank
+    else:
+        rule = _rule(args, args.rank if args.rank > 0 else 1024)
+    result = merge_lora_files(args.loras, weights, args.out, args.method, rule,
+                              density=args.density, seed=args.seed,
+                              save_dtype=args.save_dtype, overwrite=args.overwrite)
+    return _result_lines(result, args.layers)
