@@ -12,6 +12,7 @@ class TsuikaExtension(ComfyExtension):
         from .lora_tools import (
             TsuikaBakeLoRA,
             TsuikaExtractLoRA,
+            TsuikaInspectLoRA,
             TsuikaMergeCheckpoints,
             TsuikaMergeLoRAs,
             TsuikaResizeLoRA,
@@ -22,4 +23,4 @@ class TsuikaExtension(ComfyExtension):
         return [TsuikaLoadDataset, TsuikaDatasetFromImages, TsuikaTrainLoRA,
                 TsuikaTrainLoRAAdvanced, *OPTIONS_NODES, TsuikaApplyLoRA, TsuikaSaveLoRA,
                 TsuikaExtractLoRA, TsuikaResizeLoRA, TsuikaBakeLoRA, TsuikaMergeCheckpoints,
-                TsuikaMergeLoRAs]
+                TsuikaMergeLoRAs, TsuikaInspectLoRA]

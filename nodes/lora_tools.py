@@ -320,3 +320,32 @@ class TsuikaMergeLoRAs(io.ComfyNode):
             RankRule("fixed", int(rank)), density=density, seed=merge_seed,
             names=["lora_a", "lora_b"])
         return io.NodeOutput(_host.LoraDict(tensors, meta), ui=_report(headline, reports))
+
+
+class TsuikaInspectLoRA(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        import folder_paths
+
+        return io.Schema(
+            node_id="TsuikaInspectLoRA", display_name="Inspect LoRA (Tsuika)",
+            category="Tsuika/lora",
+            description="What a LoRA file in models/loras holds: layout, algorithm, ranks and "
+                        "alphas per block, delta norms, base-model family, metadata.",
+            inputs=[io.Combo.Input("lora_name", options=folder_paths.get_filename_list("loras"),
+                                   tooltip="A file in models/loras.")],
+            outputs=[io.String.Output(display_name="report")],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, lora_name) -> io.NodeOutput:
+        import folder_paths
+
+        from ..trainers.tools.inspect import inspect_file, report_lines
+
+        lines = report_lines(inspect_file(folder_paths.get_full_path_or_raise("loras",
+                                                                              lora_name)))
+        text = "\n".join(lines)
+        return io.NodeOutput(text, ui=ui_report(text, "warning" if any(
+            line.startswith("warning:") for line in lines) else "info"))

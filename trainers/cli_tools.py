@@ -8,6 +8,7 @@
                  [--ratios "0.5 te=0 in0-5=0.2 out=0.8"]
     tsuika merge-lora A B [C ...] --out OUT.safetensors [--weights 1,0.5]
                  [--method concat|svd|ties|dare_linear|dare_ties] [--rank 16] [--density 0.5]
+    tsuika inspect FILE [--json] [--scrub OUT.safetensors]
 
 Each sub-command sets ``run`` on its parsed arguments: it returns the lines to show, which
 ``cli.main`` prints (printing stays in the one program module), and ``cli.main`` turns the
@@ -105,6 +106,15 @@ def add_parsers(sub) -> None:
     ml.add_argument("--seed", type=int, default=0, help="DARE's random drops")
     _rule_args(ml, 0)
     ml.set_defaults(run=_merge_lora)
+    i = sub.add_parser("inspect", help="what a LoRA / checkpoint file holds: layout, algorithm, "
+                                       "ranks and alphas per block, norms, family, metadata")
+    i.add_argument("file", help="a .safetensors file")
+    i.add_argument("--json", action="store_true", help="print the findings as JSON")
+    i.add_argument("--scrub", metavar="OUT",
+                   help="also write a copy whose metadata has no local paths or dataset tags "
+                        "(hyper-parameters kept)")
+    i.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    i.set_defaults(run=_inspect)
 
 
 def _rule(args, rank: int | None = None) -> RankRule:
@@ -175,3 +185,15 @@ def _merge_lora(args) -> list[str]:
                               density=args.density, seed=args.seed,
                               save_dtype=args.save_dtype, overwrite=args.overwrite)
     return _result_lines(result, args.layers)
+
+
+def _inspect(args) -> list[str]:
+    from .tools.inspect import as_json, inspect_file, report_lines, scrub_file
+
+    info = inspect_file(args.file)
+    lines = [as_json(info)] if args.json else report_lines(info)
+    if args.scrub:
+        path, dropped = scrub_file(args.file, args.scrub, overwrite=args.overwrite)
+        lines.append(f"wrote {path} without {', '.join(dropped) or 'nothing to drop'} (paths "
+                     "reduced to file names)")
+    return lines
