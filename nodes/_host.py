@@ -259,6 +259,24 @@ def models_dir(kind: str) -> Path:
     return Path(folder_paths.get_folder_paths(kind)[0])
 
 
+def checkpoints_dir() -> Path:
+    """The folder the tools write checkpoints into: ComfyUI's first ``checkpoints`` folder."""
+    import folder_paths
+
+    return Path(folder_paths.get_folder_paths("checkpoints")[0])
+
+
+def load_checkpoint(path: Path):
+    """(MODEL, CLIP, VAE) of a single-file checkpoint, as Load Checkpoint gives them."""
+    import comfy.sd
+    import folder_paths
+
+    out = comfy.sd.load_checkpoint_guess_config(
+        str(path), output_vae=True, output_clip=True,
+        embedding_directory=folder_paths.get_folder_paths("embeddings"))
+    return out[:3]
+
+
 def metadata_allowed() -> bool:
     """False when the server runs with ``--disable-metadata`` (no workflow in saved files)."""
     try:

@@ -3,6 +3,7 @@
     tsuika train [CONFIG.toml] [--set train.steps=200 ...]
     tsuika fixture sd15-tiny OUT_DIR
     tsuika options
+    tsuika extract | resize | bake | merge ...   (the model and LoRA tools: cli_tools.py)
 
 The README's demo has its own entry point (``tsuika-demo`` or ``python -m
 tsuika.reference.demo``): the backend never imports ``reference/``.
@@ -19,6 +20,7 @@ import sys
 import textwrap
 
 from .callbacks import Callbacks, StepInfo, TrainingStopped
+from .cli_tools import add_parsers as add_tool_parsers
 from .config import SECTIONS, ConfigError, load_config, option_help, option_names
 
 log = logging.getLogger("tsuika")
@@ -79,6 +81,7 @@ def _parser() -> argparse.ArgumentParser:
     # Kept so that `tsuika demo` still points somewhere; the demo lives in reference/.
     d = sub.add_parser("demo", help="moved: run `tsuika-demo` (or `python3 run.py demo`)")
     d.add_argument("rest", nargs=argparse.REMAINDER)
+    add_tool_parsers(sub)  # extract | resize | bake | merge ...: trainers/cli_tools.py
     return p
 
 
@@ -144,6 +147,10 @@ def _main(argv: list[str] | None) -> int:
     rank = int(os.environ.get("RANK", "0"))
     configure_logging(rank)
     try:
+        if getattr(args, "run", None) is not None:  # a tool sub-command (cli_tools.py)
+            for line in args.run(args):
+                print(line)
+            return 0
         if args.command == "options":
             _print_options()
             return 0

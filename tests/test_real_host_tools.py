@@ -1,0 +1,145 @@
+"""The model and LoRA tool nodes inside a real ComfyUI (../shared/tools/real_host.py):
+extract from two checkpoints -> apply -> sample, the extracted file through LoraLoader with
+zero unmatched keys, and a baked checkpoint loaded and sampled with no missing keys.
+
+Runs when COMFYUI_DIR is set (see test_real_host.py); skipped, visibly, otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from test_real_host import COMFY, HARNESS, _run
+
+pytestmark = pytest.mark.skipif(
+    not COMFY or not HARNESS.is_file(),
+    reason="set COMFYUI_DIR to a ComfyUI checkout (and have ../shared/tools/real_host.py)")
+
+LORAS = Path(COMFY or ".") / "models" / "loras"
+CHECKPOINTS = Path(COMFY or ".") / "models" / "checkpoints"
+TRAINED = [("unet", "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"),
+           ("unet", "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"),
+           ("unet", "down_blocks.0.resnets.0.conv1"),
+           ("text_encoder", "encoder.layers.0.self_attn.v_proj")]
+
+
+def _sample(model, clip, vae, prefix):
+    return {
+        "s1": {"class_type": "CLIPTextEncode", "inputs": {"clip": clip, "text": "a heart"}},
+        "s2": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64,
+                                                            "batch_size": 1}},
+        "s3": {"class_type": "KSampler", "inputs": {
+            "model": model, "positive": ["s1", 0], "negative": ["s1", 0],
+            "latent_image": ["s2", 0], "seed": 0, "steps": 2, "cfg": 1.0,
+            "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
+        "s4": {"class_type": "VAEDecode", "inputs": {"samples": ["s3", 0], "vae": vae}},
+        "s5": {"class_type": "SaveImage", "inputs": {"images": ["s4", 0],
+                                                     "filename_prefix": prefix}}}
+
+
+def test_extract_apply_sample_and_bake_in_comfyui(tmp_path):
+    from tsuika.trainers.families import load_model
+    from tsuika.trainers.fixtures import write_fixture
+    from tsuika.trainers.formats.lora_state import LoraStateDict, LoraWeights
+    from tsuika.trainers.formats.safetensors_io import save_safetensors
+    from tsuika.trainers.ops.merge import lora_delta
+    from tsuika.trainers.tools.bake import bake_file
+    from tsuika.trainers.tools.lora_files import lora_tensors, read_lora_for
+
+    models = tmp_path / "models"
+    base = write_fixture("sd15-hostable", models / "build", dtype="fp16")["single_file"]
+    for sub in ("checkpoints", "loras"):
+        (models / sub).mkdir()
+    os.symlink(base, models / "checkpoints" / "sd15-hostable.safetensors")
+    bundle = load_model(base)
+    g = torch.Generator().manual_seed(5)
+    made = LoraStateDict()
+    for comp, path in TRAINED:
+        w = bundle.components[comp].get_submodule(path).weight
+        conv = [1, 1] if w.ndim == 4 else []
+        made.add(comp, path, LoraWeights(torch.randn(4, *w.shape[1:], generator=g) * 0.05,
+                                         torch.randn(w.shape[0], 4, *conv, generator=g) * 0.05,
+                                         4.0), "test")
+    made_file = save_safetensors(models / "loras" / "tsuika_tools_made.safetensors",
+                                 lora_tensors(made, torch.float32))
+    bake_file(base, made_file, models / "checkpoints" / "tsuika_tools_tuned.safetensors",
+              save_dtype="fp32")
+
+    extracted, baked = LORAS / "tsuika_tools_extracted.safetensors", \
+        CHECKPOINTS / "tsuika_tools_baked.safetensors"
+    merged = CHECKPOINTS / "tsuika_tools_merged.safetensors"
+    extract = {
+        "1": {"class_type": "CheckpointLoaderSimple",
+              "inputs": {"ckpt_name": "tsuika_tools_tuned.safetensors"}},
+        "2": {"class_type": "CheckpointLoaderSimple",
+              "inputs": {"ckpt_name": "sd15-hostable.safetensors"}},
+        "3": {"class_type": "TsuikaExtractLoRA", "inputs": {
+            "model": ["1", 0], "clip": ["1", 1], "model_base": ["2", 0], "clip_base": ["2", 1],
+            "vae": ["2", 2], "rank": 4, "rank_mode": "fixed", "rank_value": 0.9,
+            "clamp_quantile": 1.0, "conv_rank": 4, "text_encoder": True}},
+        "4": {"class_type": "TsuikaSaveLoRA", "inputs": {
+            "lora": ["3", 0], "filename": extracted.stem, "overwrite": True}},
+        "5": {"class_type": "TsuikaApplyLoRA", "inputs": {
+            "model": ["2", 0], "clip": ["2", 1], "lora": ["3", 0], "strength_model": 1.0,
+            "strength_clip": 1.0}},
+        "6": {"class_type": "TsuikaBakeLoRA", "inputs": {
+            "ckpt_name": "sd15-hostable.safetensors", "lora_name": made_file.name,
+            "strength_model": 1.0, "strength_clip": 1.0, "filename": baked.stem,
+            "save_dtype": "fp16", "overwrite": True}},
+        "7": {"class_type": "TsuikaMergeCheckpoints", "inputs": {
+            "ckpt_a": "sd15-hostable.safetensors", "ckpt_b": "tsuika_tools_tuned.safetensors",
+            "mode": "weighted_sum", "ratios": "0.5 te=0 out=1", "ckpt_c": "(none)",
+            "filename": merged.stem, "save_dtype": "fp16", "overwrite": True}},
+        **_sample(["5", 0], ["5", 1], ["2", 2], "tsuika_tools_extracted"),
+        **{f"m{k}": v for k, v in _sample(["7", 0], ["7", 1], ["7", 2],
+                                           "tsuika_tools_merged").items()}}
+    for node in (v for k, v in extract.items() if k.startswith("m")):  # the m-copy's own links
+        for name, value in node["inputs"].items():
+            if isinstance(value, list) and str(value[0]).startswith("s"):
+                node["inputs"][name] = [f"m{value[0]}", value[1]]
+    reload = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": baked.name}},
+        "2": {"class_type": "LoraLoader", "inputs": {
+            "model": ["1", 0], "clip": ["1", 1], "lora_name": extracted.name,
+            "strength_model": 1.0, "strength_clip": 1.0}},
+        **_sample(["2", 0], ["2", 1], ["1", 2], "tsuika_tools_baked")}
+    files = []
+    for name, graph in (("extract_apply_sample.json", extract), ("baked_reload.json", reload)):
+        files.append(tmp_path / name)
+        files[-1].write_text(json.dumps(graph))
+    out = tmp_path / "out"
+    try:
+        r = _run(["--models", str(models), "--output-dir", str(out), "--strict-lora",
+                  "--show-log", *map(str, files)])
+        log = r.stdout + r.stderr
+        assert r.returncode == 0 and "RESULT: PASS" in r.stdout, log[-6000:]
+        assert list(out.glob("tsuika_tools_extracted*.png")), log[-3000:]
+        assert list(out.glob("tsuika_tools_baked*.png")), log[-3000:]
+        assert list(out.glob("tsuika_tools_merged*.png")), log[-3000:]
+        for complaint in ("unet missing", "unet unexpected", "clip missing",
+                          "missing vae keys", "lora key not loaded"):
+            assert complaint not in log.lower(), f"ComfyUI: {complaint}\n" + log[-4000:]
+        # what ComfyUI's weights gave the node is the LoRA baked in, layer by layer
+        got = read_lora_for(bundle, extracted)
+        assert set(got.modules) == set(made.modules)
+        for key, w in made.modules.items():
+            shape = bundle.components[key[0]].get_submodule(key[1]).weight.shape
+            want = lora_delta(w, shape)
+            torch.testing.assert_close(lora_delta(got.modules[key], shape), want,
+                                       atol=2e-3 * float(want.abs().max()), rtol=1e-2)
+        from safetensors import safe_open
+
+        with safe_open(str(baked), "pt") as f:
+            meta = f.metadata()
+        assert meta["tsuika.tool"] == "bake" and str(models) not in json.dumps(meta)
+        with safe_open(str(merged), "pt") as f:
+            meta = f.metadata()
+        assert meta["tsuika.tool"] == "merge" and "te=0 out=1" in meta["tsuika.settings"]
+    finally:
+        merged.unlink(missing_ok=True)
+        extracted.unlink(missing_ok=True)
+        baked.unlink(missing_ok=True)
