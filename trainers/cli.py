@@ -3,6 +3,7 @@
     tsuika train [CONFIG.toml] [--set train.steps=200 ...]
     tsuika fixture sd15-tiny OUT_DIR
     tsuika options
+    tsuika lint DIR [--json]   (trainers/cli_lint.py)
 
 The README's demo has its own entry point (``tsuika-demo`` or ``python -m
 tsuika.reference.demo``): the backend never imports ``reference/``.
@@ -18,6 +19,7 @@ import os
 import sys
 import textwrap
 
+from . import cli_lint
 from .callbacks import Callbacks, StepInfo, TrainingStopped
 from .config import SECTIONS, ConfigError, load_config, option_help, option_names
 
@@ -76,6 +78,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="write only OUT_DIR/NAME.safetensors, no diffusers/ folder (use it when "
                         "OUT_DIR is ComfyUI's models/checkpoints)")
     sub.add_parser("options", help="list every option with its default and help")
+    cli_lint.add_parser(sub)
     # Kept so that `tsuika demo` still points somewhere; the demo lives in reference/.
     d = sub.add_parser("demo", help="moved: run `tsuika-demo` (or `python3 run.py demo`)")
     d.add_argument("rest", nargs=argparse.REMAINDER)
@@ -144,6 +147,8 @@ def _main(argv: list[str] | None) -> int:
     rank = int(os.environ.get("RANK", "0"))
     configure_logging(rank)
     try:
+        if getattr(args, "run", None) is not None:  # subcommands in their own cli_* modules
+            return args.run(args)
         if args.command == "options":
             _print_options()
             return 0
