@@ -176,6 +176,7 @@ def run_training(node_id, model, clip, vae, dataset, kwargs: dict[str, Any],
     model_out, clip_out = _host.apply_lora(model, clip, lora, 1.0, 1.0)
     text = train_report(result.steps, list(result.losses), result.file_path,
                         progress.start_info.get("buckets", {}))
+    text = "\n".join(t for t in (text, progress.start_info.get("preflight")) if t)  # pre-flight
     return io.NodeOutput(model_out, clip_out, lora, {"loss": list(result.losses)},
                          _host.images_to_tensor(result.samples_after), ui=ui_report(text))
 

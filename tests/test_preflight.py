@@ -9,7 +9,12 @@ from PIL import Image, ImageDraw
 
 from tsuika.trainers.config import DataConfig
 from tsuika.trainers.data.folder import scan_folder
-from tsuika.trainers.data.phash import hamming, near_duplicate_groups, perceptual_hash
+from tsuika.trainers.data.phash import (
+    colour_signature,
+    hamming,
+    near_duplicate_groups,
+    perceptual_hash,
+)
 from tsuika.trainers.preflight import check_dataset, default_tokenizers
 
 LONG = ", ".join(f"detail number {i} of the outfit" for i in range(20))
@@ -118,13 +123,26 @@ def test_trigger_counts_toward_the_token_length(tmp_path):
 def test_perceptual_hash_separates_copies_from_other_pictures(tmp_path):
     paths = make_images(tmp_path, n=5, size=(128, 128))
     base = Image.open(paths[0])
-    copies = [base.resize((77, 77)), base.convert("L").convert("RGB"),
+    base.save(tmp_path / "copy.jpg", quality=70)
+    copies = [base.resize((77, 77)), Image.open(tmp_path / "copy.jpg"),
               base.crop((2, 2, 126, 126))]
     h0 = perceptual_hash(base)
     assert all(hamming(h0, perceptual_hash(c)) <= 6 for c in copies)
     others = [perceptual_hash(Image.open(p)) for p in paths[1:]]
     assert all(hamming(h0, h) > 6 for h in others)
     assert near_duplicate_groups([h0, *others, perceptual_hash(copies[0])]) == [[0, 5]]
+    # The same drawing on another background colour: same hash, not a duplicate.
+    recoloured = Image.new("RGB", base.size, (0, 0, 0))
+    recoloured.paste(base)
+    px = recoloured.load()
+    for x in range(recoloured.width):
+        for y in range(recoloured.height):
+            if px[x, y] != (220, 20, 20):
+                px[x, y] = (20, 220, 40)
+    pair = [base, recoloured]
+    hashes = [perceptual_hash(im) for im in pair]
+    assert near_duplicate_groups(hashes) == [[0, 1]]  # by shape alone
+    assert near_duplicate_groups(hashes, colours=[colour_signature(im) for im in pair]) == []
 
 
 def test_cli_lint_json_names_each_problem(tmp_path):
@@ -143,3 +161,31 @@ def test_cli_lint_json_names_each_problem(tmp_path):
     r = subprocess.run([sys.executable, "-m", "tsuika.trainers.cli", "lint",
                         str(tmp_path / "nope")], capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "does not exist" in r.stderr
+
+
+def test_every_training_runs_the_check_and_starts_with_its_report(tiny_model, tmp_path):
+    from conftest import tiny_overrides
+
+    from tsuika.trainers.callbacks import Callbacks
+    from tsuika.trainers.config import build_config
+    from tsuika.trainers.loop import train
+
+    data = tmp_path / "d"
+    make_images(data, n=3)
+    (data / "img_01.txt").unlink()
+
+    class Listen(Callbacks):
+        def __init__(self):
+            self.start, self.messages = {}, []
+
+        def on_start(self, info):
+            self.start = info
+
+        def on_message(self, text):
+            self.messages.append(text)
+
+    cb = Listen()
+    train(build_config(overrides=tiny_overrides(tiny_model["single_file"], data,
+                                                tmp_path / "out", steps=1)), cb)
+    assert cb.start["preflight"].splitlines()[0] == f"pre-flight: 1 problem in 3 images of {data}"
+    assert any(m.startswith("warning: img_01.png has no caption file") for m in cb.messages)

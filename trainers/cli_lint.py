@@ -62,7 +62,8 @@ def run(args: argparse.Namespace) -> int:
     if args.estimate:
         from .estimate import estimate_run
 
-        report.estimate = estimate_run(config, scan, bundle=bundle).to_dict()
+        bundle = None  # the probe loads the model as the run will; one copy in memory
+        report.estimate = estimate_run(config, scan).to_dict()
     # The command's output (stdout), not a log line: the library never prints.
     sys.stdout.write((json.dumps(report.to_dict(), indent=2, ensure_ascii=False) if args.json
                       else report.to_text()) + "\n")

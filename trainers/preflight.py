@@ -36,7 +36,12 @@ from .data.buckets import assign_bucket, make_buckets
 from .data.captions import CaptionAugment, split_tags
 from .data.folder import DatasetScan, captions_without_image
 from .data.images import ImageLoadError, load_image_rgb
-from .data.phash import DEFAULT_MAX_DISTANCE, near_duplicate_groups, perceptual_hash
+from .data.phash import (
+    DEFAULT_MAX_DISTANCE,
+    colour_signature,
+    near_duplicate_groups,
+    perceptual_hash,
+)
 
 log = logging.getLogger(__name__)
 
@@ -275,10 +280,10 @@ def _sizes_and_buckets(scan: DatasetScan, data: DataConfig, batch_size: int,
                 "of its shape", [path], {"bucket": [w, h]}))
 
 
-def _hash(path: Path) -> int | None:
+def _hash(path: Path) -> tuple[int, tuple[int, ...]] | None:
     try:
         with load_image_rgb(path) as image:
-            return perceptual_hash(image)
+            return perceptual_hash(image), colour_signature(image)
     except (ImageLoadError, OSError) as exc:  # changed since the scan: the scan reported it
         log.warning("cannot hash %s: %s", path, exc)
         return None
@@ -289,8 +294,9 @@ def _duplicates(scan: DatasetScan, max_distance: int, workers: int | None, add) 
     with ThreadPoolExecutor(max_workers=max(1, workers or 8)) as pool:
         hashes = list(pool.map(_hash, paths))
     kept = [(p, h) for p, h in zip(paths, hashes) if h is not None]
-    for group in near_duplicate_groups([h for _, h in kept], max_distance):
+    for group in near_duplicate_groups([h for _, (h, _) in kept], max_distance,
+                                       [c for _, (_, c) in kept]):
         files = [scan._relative(kept[i][0]) for i in group]
         add(Finding("near_duplicate", f"near-duplicate images: {', '.join(files)}; keep one "
                     "(duplicates train that picture more often than the others)", files,
-                    {"hashes": [f"{kept[i][1]:016x}" for i in group]}))
+                    {"hashes": [f"{kept[i][1][0]:016x}" for i in group]}))
