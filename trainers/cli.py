@@ -4,6 +4,7 @@
     tsuika fixture sd15-tiny OUT_DIR
     tsuika options
     tsuika lint DIR [--json]   (trainers/cli_lint.py)
+    tsuika captions DIR [--prefix sks --write]   (trainers/cli_captions.py)
 
 The README's demo has its own entry point (``tsuika-demo`` or ``python -m
 tsuika.reference.demo``): the backend never imports ``reference/``.
@@ -19,7 +20,7 @@ import os
 import sys
 import textwrap
 
-from . import cli_lint
+from . import cli_captions, cli_lint
 from .callbacks import Callbacks, StepInfo, TrainingStopped
 from .config import SECTIONS, ConfigError, load_config, option_help, option_names
 
@@ -79,6 +80,7 @@ def _parser() -> argparse.ArgumentParser:
                         "OUT_DIR is ComfyUI's models/checkpoints)")
     sub.add_parser("options", help="list every option with its default and help")
     cli_lint.add_parser(sub)
+    cli_captions.add_parser(sub)
     # Kept so that `tsuika demo` still points somewhere; the demo lives in reference/.
     d = sub.add_parser("demo", help="moved: run `tsuika-demo` (or `python3 run.py demo`)")
     d.add_argument("rest", nargs=argparse.REMAINDER)
