@@ -40,11 +40,11 @@ SETTINGS = [
 RUN_TRAIN = """
 import re, sys, time
 from tsuika.trainers.cli import main
-t = time.perf_counter()
+t, c = time.perf_counter(), time.process_time()
 rc = main(sys.argv[1:])
-dt = time.perf_counter() - t
+dt, dc = time.perf_counter() - t, time.process_time() - c
 hwm = int(re.search(r"VmHWM:\\s+(\\d+)", open("/proc/self/status").read()).group(1)) * 1024
-print("RESULT", rc, dt, hwm, file=sys.stderr)
+print("RESULT", rc, dt, dc, hwm, file=sys.stderr)
 """
 
 
@@ -93,8 +93,9 @@ def check(work: Path, setting) -> dict:
     line = [x for x in real.stderr.splitlines() if x.startswith("RESULT ")]
     if real.returncode or not line:
         raise SystemExit(f"{sid}: train failed:\n{real.stderr[-3000:]}")
-    _, rc, seconds, peak = line[-1].split()
+    _, rc, seconds, cpu, peak = line[-1].split()
     return {"id": sid, "est_s": estimate["seconds"], "real_s": float(seconds),
+            "est_cpu": estimate["cpu_seconds"], "real_cpu": float(cpu),
             "est_gib": estimate["peak_bytes"] / 2**30, "real_gib": int(peak) / 2**30,
             "probe_s": estimate["probe_seconds"]}
 
@@ -107,14 +108,16 @@ def main() -> None:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     rows = [check(work, s) for s in SETTINGS if not args.only or s[0] in args.only]
-    print("| setting | estimated s | real s | time error | estimated peak GiB | real peak GiB "
-          "| memory error | probe s |")
+    print("| setting | CPU s est. / real | CPU error | wall s est. / real | wall error "
+          "| peak GiB est. / real | memory error | probe wall s |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
+        ce = (r["est_cpu"] - r["real_cpu"]) / r["real_cpu"] * 100
         te = (r["est_s"] - r["real_s"]) / r["real_s"] * 100
         me = (r["est_gib"] - r["real_gib"]) / r["real_gib"] * 100
-        print(f"| {r['id']} | {r['est_s']:.1f} | {r['real_s']:.1f} | {te:+.0f} % | "
-              f"{r['est_gib']:.2f} | {r['real_gib']:.2f} | {me:+.0f} % | {r['probe_s']:.1f} |")
+        print(f"| {r['id']} | {r['est_cpu']:.1f} / {r['real_cpu']:.1f} | {ce:+.0f} % | "
+              f"{r['est_s']:.1f} / {r['real_s']:.1f} | {te:+.0f} % | "
+              f"{r['est_gib']:.2f} / {r['real_gib']:.2f} | {me:+.0f} % | {r['probe_s']:.1f} |")
 
 
 if __name__ == "__main__":

@@ -50,6 +50,11 @@ def run(args: argparse.Namespace) -> int:
     config = load_config(args.config, [*args.overrides, f"data.dir={args.dir}"]
                          + ([f"model.path={args.model}"] if args.model else []))
     scan = scan_folder(config.data.dir, caption_extension=config.data.caption_extension)
+    estimate = None
+    if args.estimate:  # first, so that its memory peak is the run's alone
+        from .estimate import estimate_run
+
+        estimate = estimate_run(config, scan).to_dict()
     bundle = None
     if config.model.path:
         from .families import load_model
@@ -59,11 +64,7 @@ def run(args: argparse.Namespace) -> int:
     distance = DEFAULT_MAX_DISTANCE if args.max_distance is None else args.max_distance
     report = check_dataset(scan, config.data, tokenizers, trigger_word=args.trigger,
                            batch_size=config.train.batch_size, max_distance=distance)
-    if args.estimate:
-        from .estimate import estimate_run
-
-        bundle = None  # the probe loads the model as the run will; one copy in memory
-        report.estimate = estimate_run(config, scan).to_dict()
+    report.estimate = estimate
     # The command's output (stdout), not a log line: the library never prints.
     sys.stdout.write((json.dumps(report.to_dict(), indent=2, ensure_ascii=False) if args.json
                       else report.to_text()) + "\n")

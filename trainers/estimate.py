@@ -58,6 +58,8 @@ class RunEstimate:
         setup_seconds: loading the model and scanning/caching the images.
         step_seconds: one optimizer step (after the first).
         sampling_seconds: every sample round of the run.
+        cpu_seconds: the run's CPU time in this process: independent of other programs
+            sharing the machine (with one compute thread, the wall time of an idle machine).
         peak_bytes: peak memory; ``memory_kind`` says which ("cpu resident" or "cuda").
         probe_seconds: how long the probe itself took.
         images, steps: what the run holds and does.
@@ -67,6 +69,7 @@ class RunEstimate:
     setup_seconds: float
     step_seconds: float
     sampling_seconds: float
+    cpu_seconds: float
     peak_bytes: int
     memory_kind: str
     probe_seconds: float
@@ -79,7 +82,8 @@ class RunEstimate:
         """One line for reports."""
         return (f"estimate on this machine ({self.device}): {_duration(self.seconds)} for "
                 f"{self.steps} steps ({self.step_seconds:.2f} s/step, setup "
-                f"{_duration(self.setup_seconds)}, samples {_duration(self.sampling_seconds)}), "
+                f"{_duration(self.setup_seconds)}, samples {_duration(self.sampling_seconds)}; "
+                f"{_duration(self.cpu_seconds)} of CPU time), "
                 f"peak memory {self.peak_bytes / 2**30:.2f} GiB ({self.memory_kind})")
 
     def to_dict(self) -> dict:
@@ -95,11 +99,21 @@ def _duration(seconds: float) -> str:
 
 
 class _Timed(Callbacks):
+    """Each step's wall and CPU seconds (from the start report to the first step)."""
+
     def __init__(self):
         self.steps: list[float] = []
+        self.cpu_steps: list[float] = []
+        self._cpu = 0.0
+
+    def on_start(self, info) -> None:
+        self._cpu = time.process_time()
 
     def on_step(self, info: StepInfo) -> None:
         self.steps.append(info.seconds_per_step)
+        now = time.process_time()
+        self.cpu_steps.append(now - self._cpu)
+        self._cpu = now
 
 
 class _TimedRun(TrainingRun):
@@ -107,13 +121,16 @@ class _TimedRun(TrainingRun):
 
     def __init__(self, *args):
         super().__init__(*args)
-        self.times: dict[str, float] = {}
+        self.times: dict[str, float] = {}  # wall seconds
+        self.cpu: dict[str, float] = {}  # this process's CPU seconds, same keys
 
     def _phase(self, name: str, fn, *args):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         out = fn(*args)
         self.times[name] = time.perf_counter() - t
+        self.cpu[name] = time.process_time() - c
         self.times[name + "_end"] = time.perf_counter()
+        self.cpu[name + "_end"] = time.process_time()
         return out
 
     def _load_model(self) -> None:
@@ -126,15 +143,16 @@ class _TimedRun(TrainingRun):
         # for timed ones only while this probe's data phase runs.
         from . import loop
 
-        self.times["per_image"] = 0.0
+        self.times["per_image"] = self.cpu["per_image"] = 0.0
 
         def timed(fn):
             def wrapper(*args, **kwargs):
-                t = time.perf_counter()
+                t, c = time.perf_counter(), time.process_time()
                 try:
                     return fn(*args, **kwargs)
                 finally:
                     self.times["per_image"] += time.perf_counter() - t
+                    self.cpu["per_image"] += time.process_time() - c
             return wrapper
 
         class TimedData(loop.TrainingData):
@@ -148,6 +166,7 @@ class _TimedRun(TrainingRun):
     def _prepare_method(self) -> None:
         # Between the end of the data phase and here: the sample round before training.
         self.times["samples_before"] = time.perf_counter() - self.times["data_end"]
+        self.cpu["samples_before"] = time.process_time() - self.cpu["data_end"]
         super()._prepare_method()
 
     def save(self, final: bool):
@@ -211,7 +230,6 @@ def estimate_run(config: TsuikaConfig, scan: DatasetScan) -> RunEstimate:
     batch = config.train.batch_size * config.train.gradient_accumulation
     items = _probe_items(scan, config, max(2, batch))
     prompts = config.sample.prompts
-    probe_sample_steps = min(config.sample.steps, PROBE_SAMPLE_STEPS)
     with tempfile.TemporaryDirectory(prefix="tsuika-estimate-") as tmp:
         tmp = Path(tmp)
         _write_probe_folder(items, tmp / "data")
@@ -220,7 +238,8 @@ def estimate_run(config: TsuikaConfig, scan: DatasetScan) -> RunEstimate:
                               "class_images": 0},
                         train={"steps": PROBE_STEPS, "resume": "", "lr_warmup_steps": 0},
                         output={"dir": str(tmp / "out"), "save_every": 0, "overwrite": True},
-                        sample={"every": 0, "steps": probe_sample_steps})
+                        sample={"every": 0,
+                                "steps": min(config.sample.steps, PROBE_SAMPLE_STEPS)})
         _reset_peak(device)
         cb = _Timed()
         t0 = time.perf_counter()
@@ -228,35 +247,45 @@ def estimate_run(config: TsuikaConfig, scan: DatasetScan) -> RunEstimate:
         with torch.random.fork_rng(devices=cuda), contextlib.ExitStack() as scope:
             run = _TimedRun(probe, cb, None, None, scope)
             run.run()
-            end = time.perf_counter()
+            end, cpu_end = time.perf_counter(), time.process_time()
         probe_seconds = end - t0
         peak, kind = _peak(device)
-    times = run.times
-    after = end - times["save_end"]  # the last sample round and the loss plot
-    steady = statistics.median(cb.steps[1:]) if len(cb.steps) > 1 else cb.steps[0]
-    warmup = max(0.0, cb.steps[0] - steady)
+    distinct = len({it.path for it in items})
+    wall = _extrapolate(config, run.times, cb.steps, end, distinct, len(scan.items), prompts)
+    cpu = _extrapolate(config, run.cpu, cb.cpu_steps, cpu_end, distinct, len(scan.items),
+                       prompts)
     n = len(scan.items)
+    latent_bytes = _latent_bytes(config) * max(0, n - len(items)) * (2 if config.data.flip else 1)
+    del run
+    give_back_freed_memory()
+    return RunEstimate(seconds=wall["total"], setup_seconds=wall["setup"],
+                       step_seconds=wall["step"], sampling_seconds=wall["sampling"],
+                       cpu_seconds=cpu["total"], peak_bytes=peak + latent_bytes,
+                       memory_kind=kind, probe_seconds=probe_seconds, images=n,
+                       steps=config.train.steps, device=str(device))
+
+
+def _extrapolate(config: TsuikaConfig, times: dict, steps_seen: list[float], end: float,
+                 distinct: int, n: int, prompts: list) -> dict[str, float]:
+    """The run's phases from the probe's (wall or CPU seconds; see the module docstring)."""
+    after = end - times["save_end"]  # the last sample round and the loss plot
+    steady = statistics.median(steps_seen[1:]) if len(steps_seen) > 1 else steps_seen[0]
+    warmup = max(0.0, steps_seen[0] - steady)
     fixed = times["data"] - times["per_image"]
     # Copies of one image (a bucket with fewer images than a batch) hit the cache: per file.
-    setup = times["load"] + fixed + times["per_image"] / len({it.path for it in items}) * n
+    setup = times["load"] + fixed + times["per_image"] / distinct * n
     rounds = 0
     if prompts:
         rounds = 2 + ((config.train.steps - 1) // config.sample.every
                       if config.sample.every else 0)
-    sample_scale = config.sample.steps / probe_sample_steps
+    sample_scale = config.sample.steps / min(config.sample.steps, PROBE_SAMPLE_STEPS)
     sampling = rounds * times["samples_before"] * sample_scale if prompts else 0.0
     saves = 1 + ((config.train.steps - 1) // config.output.save_every
                  if config.output.save_every else 0)
     total = (setup + warmup + config.train.steps * steady + sampling
              + saves * times["save"] + max(0.0, after - (times["samples_before"]
                                                          if prompts else 0.0)))
-    latent_bytes = _latent_bytes(config) * max(0, n - len(items)) * (2 if config.data.flip else 1)
-    del run
-    give_back_freed_memory()
-    return RunEstimate(seconds=total, setup_seconds=setup, step_seconds=steady,
-                       sampling_seconds=sampling, peak_bytes=peak + latent_bytes,
-                       memory_kind=kind, probe_seconds=probe_seconds, images=n,
-                       steps=config.train.steps, device=str(device))
+    return {"total": total, "setup": setup, "step": steady, "sampling": sampling}
 
 
 def _latent_bytes(config: TsuikaConfig) -> int:
