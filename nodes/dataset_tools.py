@@ -175,4 +175,117 @@ class TsuikaEditCaptionText(io.ComfyNode):
         return io.NodeOutput(out, text, ui=ui_report(text))
 
 
-__all__ = ["TsuikaCheckDataset", "TsuikaEditCaptions", "TsuikaEditCaptionText"]
+
+
+NO_CAPTIONER = "(none found: put a model folder in models/captioners)"
+
+
+def captioner_folders() -> dict[str, str]:
+    """``{name: folder}`` of the model folders in ComfyUI's ``models/captioners`` (the folder
+    is registered with folder_paths here, once, so extra_model_paths.yaml can add more)."""
+    import os
+
+    import folder_paths
+
+    if "captioners" not in folder_paths.folder_names_and_paths:
+        folder_paths.add_model_folder_path(
+            "captioners", os.path.join(folder_paths.models_dir, "captioners"))
+    found: dict[str, str] = {}
+    for base in folder_paths.get_folder_paths("captioners"):
+        if os.path.isdir(base):
+            for name in sorted(os.listdir(base)):
+                if not name.startswith(".") and os.path.isdir(os.path.join(base, name)):
+                    found.setdefault(name, os.path.join(base, name))
+    return found
+
+
+def _writable(root) -> bool:
+    """Caption files may be written into ComfyUI's input and temp folders only (a dataset
+    from the pack's own examples is read-only)."""
+    from pathlib import Path
+
+    import folder_paths
+
+    from .paths import inside
+
+    return inside(Path(root), [Path(folder_paths.get_input_directory()),
+                               Path(folder_paths.get_temp_directory())])
+
+
+class TsuikaCaptionDataset(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="TsuikaCaptionDataset", display_name="Caption Dataset (Tsuika)",
+            category="Tsuika/dataset",
+            description="Write a caption file for every image of the dataset that has none, "
+                        "with a captioning model from models/captioners (BLIP, GIT or an "
+                        "image-text-to-text model). Existing captions are kept unless "
+                        "'overwrite'; a cancel keeps the captions written so far.",
+            inputs=[
+                Dataset.Input("dataset", tooltip="From Load Training Dataset (a folder inside "
+                              "ComfyUI's input folder)."),
+                io.Combo.Input("captioner", options=list(captioner_folders()) or [NO_CAPTIONER],
+                               tooltip="A model folder in models/captioners (what "
+                               "save_pretrained writes; nothing is downloaded)."),
+                io.String.Input("prompt", default="", tooltip="BLIP/GIT: the words every "
+                                "caption starts with (e.g. 'a photo of'); vision-language "
+                                "models: the question (empty = 'Describe this image in one "
+                                "sentence.')."),
+                io.String.Input("prefix", default="", tooltip="Tag(s) put first in every new "
+                                "caption, e.g. your trigger word."),
+                io.Boolean.Input("overwrite", default=False, tooltip="Also caption images that "
+                                 "have a caption file, replacing it."),
+                io.Int.Input("batch_size", default=4, min=1, max=64,
+                             tooltip="Images per model call."),
+                io.Int.Input("max_new_tokens", default=40, min=1, max=512,
+                             tooltip="Longest caption, in tokens."),
+            ],
+            outputs=[Dataset.Output(display_name="dataset"),
+                     io.String.Output(display_name="report")],
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def validate_inputs(cls, captioner=None, **_):
+        if isinstance(captioner, str) and captioner not in captioner_folders():
+            refuse(f"captioner {captioner!r} is not a folder in models/captioners; copy a "
+                   "captioning model folder there and refresh the page.")
+        return True
+
+    @classmethod
+    def execute(cls, dataset, captioner, prompt, prefix, overwrite, batch_size,
+                max_new_tokens) -> io.NodeOutput:
+        from ..trainers.captioning.captioners import caption_folder, load_captioner
+        from . import _host
+
+        folders = captioner_folders()
+        if captioner not in folders:
+            raise ValueError(f"captioner {captioner!r} is not a folder in models/captioners.")
+        if not _writable(dataset.root):
+            raise ValueError("dataset: captions can be written only into a folder inside "
+                             "ComfyUI's input folder; copy the images there.")
+        model = load_captioner(folders[captioner], prompt=prompt or None,
+                               max_new_tokens=max_new_tokens)
+        todo = sum(1 for it in dataset.items if overwrite or it.caption_file is None)
+        progress = _host.ComfyProgress(cls.hidden.unique_id, max(1, todo))
+        result = caption_folder(dataset, model, overwrite=overwrite, batch_size=batch_size,
+                                extension=_extension(dataset), prefix=prefix,
+                                on_progress=lambda done, _total: progress._update(done),
+                                should_stop=progress.should_stop)
+        del model
+        lines = [f"captioned {len(result.written)} images with {captioner}; "
+                 f"{len(result.kept)} kept their caption files"]
+        lines += [f"warning: the model gave no caption for {p.name}" for p in result.empty]
+        if result.stopped:
+            lines.append(f"cancelled: the {len(result.written)} captions written are kept; "
+                         "queue again to caption the rest")
+            _host.emit("tsuika.stopped", {"node": cls.hidden.unique_id, "text": "\n".join(lines)})
+            _host.interrupted()
+        out = scan_folder(dataset.root, caption_extension=_extension(dataset))
+        text = "\n".join(lines)
+        return io.NodeOutput(out, text, ui=ui_report(text, "warning" if result.empty else "info"))
+
+
+__all__ = ["TsuikaCaptionDataset", "TsuikaCheckDataset", "TsuikaEditCaptions",
+           "TsuikaEditCaptionText"]

@@ -101,3 +101,21 @@ def test_missing_or_incomplete_folder_names_the_files(captioner_dir, tmp_path):
     assert str(broken) in msg and "model.safetensors" in msg
     assert "preprocessor_config.json" in msg and "tokenizer.json or vocab.txt" in msg
     assert "the model's configuration" not in msg  # config.json is there: not asked for
+
+
+def test_cli_caption(captioner_dir, tmp_path):
+    import subprocess
+    import sys
+
+    make_images(tmp_path, n=2)
+    (tmp_path / "img_01.txt").unlink()
+    r = subprocess.run([sys.executable, "-m", "tsuika.trainers.cli", "caption", str(tmp_path),
+                        "--model", str(captioner_dir), "--prompt", "a photo of",
+                        "--max-new-tokens", "4"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "wrote 1 caption files; 1 kept" in r.stdout
+    assert (tmp_path / "img_01.txt").read_text().startswith("a photo of")
+    r = subprocess.run([sys.executable, "-m", "tsuika.trainers.cli", "caption", str(tmp_path),
+                        "--model", str(tmp_path / "none")], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 2 and "does not exist" in r.stderr

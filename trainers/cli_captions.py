@@ -2,6 +2,7 @@
 
     tsuika captions DIR [--prefix sks] [--suffix TAGS] [--remove TAGS] [--replace OLD=NEW,...]
                         [--dedupe] [--sort] [--write] [--freq] [--json]
+    tsuika caption DIR --model CAPTIONER_FOLDER [--prompt TEXT] [--prefix sks] [--overwrite]
 
 Without ``--write`` it only shows what would change (nothing is written); with it, each
 changed caption file is replaced atomically. ``--freq`` prints the tag-frequency table (of
@@ -32,6 +33,41 @@ def add_parser(sub) -> None:
     p.add_argument("--freq", action="store_true", help="print the tag-frequency table")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(run=run)
+    c = sub.add_parser("caption", help="write caption files with a captioning model from a "
+                       "local folder (only where an image has none, unless --overwrite)")
+    c.add_argument("dir", help="the dataset folder")
+    c.add_argument("--model", required=True, help="captioner folder (BLIP, GIT or an "
+                   "image-text-to-text model, as save_pretrained writes it)")
+    c.add_argument("--prompt", default=None, help="BLIP/GIT: start of every caption; "
+                   "vision-language models: the question")
+    c.add_argument("--prefix", default="", help="tag(s) put first, e.g. a trigger word")
+    c.add_argument("--overwrite", action="store_true", help="replace existing caption files")
+    c.add_argument("--batch-size", type=int, default=4)
+    c.add_argument("--max-new-tokens", type=int, default=40)
+    c.add_argument("--device", default="cpu")
+    c.add_argument("--caption-extension", default=".txt")
+    c.set_defaults(run=run_caption)
+
+
+def run_caption(args: argparse.Namespace) -> int:
+    """Caption the folder; Ctrl-C stops after the current batch, keeping what was written."""
+    import logging
+
+    from .captioning.captioners import caption_folder, load_captioner
+    from .data.folder import scan_folder
+
+    log = logging.getLogger("tsuika")
+    scan = scan_folder(args.dir, caption_extension=args.caption_extension)
+    model = load_captioner(args.model, prompt=args.prompt, max_new_tokens=args.max_new_tokens,
+                           device=args.device)
+    result = caption_folder(scan, model, overwrite=args.overwrite, batch_size=args.batch_size,
+                            extension=args.caption_extension, prefix=args.prefix,
+                            on_progress=lambda done, total: log.info("captioned %d/%d",
+                                                                     done, total))
+    for path in result.empty:
+        log.warning("no caption for %s (the model gave none)", path.name)
+    sys.stdout.write(f"wrote {len(result.written)} caption files; {len(result.kept)} kept\n")
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
