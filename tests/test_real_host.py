@@ -17,7 +17,8 @@ COMFY = os.environ.get("COMFYUI_DIR")
 NODES = ["TsuikaLoadDataset", "TsuikaDatasetFromImages", "TsuikaTrainLoRA",
          "TsuikaTrainLoRAAdvanced", "TsuikaApplyLoRA", "TsuikaSaveLoRA", "TsuikaDataOptions",
          "TsuikaNetworkOptions", "TsuikaTrainingOptions", "TsuikaSavingOptions",
-         "TsuikaSamplingOptions"]
+         "TsuikaSamplingOptions", "TsuikaCheckDataset", "TsuikaEditCaptions",
+         "TsuikaEditCaptionText", "TsuikaCaptionDataset"]
 LORAS = Path(COMFY or ".") / "models" / "loras"  # ComfyUI's first loras folder: Save LoRA's
 
 pytestmark = pytest.mark.skipif(
