@@ -107,18 +107,20 @@ def main() -> None:
     args = p.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    rows = [check(work, s) for s in SETTINGS if not args.only or s[0] in args.only]
     print("| setting | CPU s est. / real | CPU error | wall s est. / real | wall error "
           "| peak GiB est. / real | memory error | probe wall s |")
-    print("|---|---|---|---|---|---|---|---|")
-    for r in rows:
+    print("|---|---|---|---|---|---|---|---|", flush=True)
+    for setting in SETTINGS:
+        if args.only and setting[0] not in args.only:
+            continue
+        r = check(work, setting)  # each row as soon as it is measured
         ce = (r["est_cpu"] - r["real_cpu"]) / r["real_cpu"] * 100
         te = (r["est_s"] - r["real_s"]) / r["real_s"] * 100
         me = (r["est_gib"] - r["real_gib"]) / r["real_gib"] * 100
         print(f"| {r['id']} | {r['est_cpu']:.1f} / {r['real_cpu']:.1f} | {ce:+.0f} % | "
               f"{r['est_s']:.1f} / {r['real_s']:.1f} | {te:+.0f} % | "
-              f"{r['est_gib']:.2f} / {r['real_gib']:.2f} | {me:+.0f} % | {r['probe_s']:.1f} |")
-
+              f"{r['est_gib']:.2f} / {r['real_gib']:.2f} | {me:+.0f} % | {r['probe_s']:.1f} |",
+              flush=True)
 
 if __name__ == "__main__":
     main()
