@@ -215,13 +215,16 @@ def _peak(device: torch.device) -> tuple[int, str]:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "cpu resident"
 
 
-def estimate_run(config: TsuikaConfig, scan: DatasetScan) -> RunEstimate:
+def estimate_run(config: TsuikaConfig, scan: DatasetScan,
+                 startup: tuple[float, float] = (0.0, 0.0)) -> RunEstimate:
     """Estimate ``config``'s run on ``scan`` by timing a short probe run (module docstring).
 
     Args:
         config: the run's validated config (``model.path`` set: the probe loads the model
             as the run will).
         scan: the dataset the run trains on.
+        startup: (wall, CPU) seconds the run spends before the loop that this process spent
+            earlier (importing torch and the loop: a fresh ``tsuika train`` pays for it).
     """
     from .device import resolve_device
 
@@ -258,9 +261,10 @@ def estimate_run(config: TsuikaConfig, scan: DatasetScan) -> RunEstimate:
     latent_bytes = _latent_bytes(config) * max(0, n - len(items)) * (2 if config.data.flip else 1)
     del run
     give_back_freed_memory()
-    return RunEstimate(seconds=wall["total"], setup_seconds=wall["setup"],
+    return RunEstimate(seconds=wall["total"] + startup[0],
+                       setup_seconds=wall["setup"] + startup[0],
                        step_seconds=wall["step"], sampling_seconds=wall["sampling"],
-                       cpu_seconds=cpu["total"], peak_bytes=peak + latent_bytes,
+                       cpu_seconds=cpu["total"] + startup[1], peak_bytes=peak + latent_bytes,
                        memory_kind=kind, probe_seconds=probe_seconds, images=n,
                        steps=config.train.steps, device=str(device))
 
