@@ -59,7 +59,7 @@ class TsuikaCheckDataset(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="TsuikaCheckDataset", display_name="Check Dataset (Tsuika)",
-            category="Tsuika/dataset",
+            category="Tsuika/dataset", is_output_node=True,
             description="Pre-flight check before training: missing, empty or orphan captions, "
                         "trigger-word coverage, captions longer than the text encoder reads, "
                         "near-duplicate images, images smaller than the resolution, the "
@@ -99,7 +99,7 @@ class TsuikaEditCaptions(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="TsuikaEditCaptions", display_name="Edit Captions (Tsuika)",
-            category="Tsuika/dataset",
+            category="Tsuika/dataset", is_output_node=True,
             description="Edit every caption of a dataset (trigger word, remove/replace tags, "
                         "dedupe, sort) and show the tag-frequency table. The edited captions "
                         "go to the output dataset; the caption files change only with "
@@ -187,9 +187,10 @@ def captioner_folders() -> dict[str, str]:
 
     import folder_paths
 
-    if "captioners" not in folder_paths.folder_names_and_paths:
-        folder_paths.add_model_folder_path(
-            "captioners", os.path.join(folder_paths.models_dir, "captioners"))
+    default = os.path.join(folder_paths.models_dir, "captioners")
+    if ("captioners" not in folder_paths.folder_names_and_paths
+            or default not in folder_paths.get_folder_paths("captioners")):
+        folder_paths.add_model_folder_path("captioners", default)  # beside extra paths
     found: dict[str, str] = {}
     for base in folder_paths.get_folder_paths("captioners"):
         if os.path.isdir(base):
@@ -217,7 +218,7 @@ class TsuikaCaptionDataset(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="TsuikaCaptionDataset", display_name="Caption Dataset (Tsuika)",
-            category="Tsuika/dataset",
+            category="Tsuika/dataset", is_output_node=True,
             description="Write a caption file for every image of the dataset that has none, "
                         "with a captioning model from models/captioners (BLIP, GIT or an "
                         "image-text-to-text model). Existing captions are kept unless "

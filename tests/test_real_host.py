@@ -274,3 +274,32 @@ print(json.dumps(out))
     assert len(info["TsuikaTrainLoRAAdvanced"]["inputs"]) <= len(simple["inputs"]) + 2
     assert set(info["TsuikaSaveLoRA"]["hidden"]) == {"PROMPT", "EXTRA_PNGINFO"}
     assert info["refused"].startswith("resolution = 32 is below bucket_step = 64")
+
+
+def test_caption_edit_check_nodes_in_comfyui(tmp_path):
+    """Caption Dataset writes only the missing captions (tiny BLIP in models/captioners),
+    Edit Captions and Check Dataset report on the node, Edit Caption Text feeds text on."""
+    import json
+    import shutil
+
+    import torch
+    from test_captioning_models import _blip
+
+    torch.manual_seed(0)
+    _blip(tmp_path / "models" / "captioners" / "tiny_blip")
+    ds = tmp_path / "input" / "ds"
+    shutil.copytree(ROOT / "examples" / "sample_data" / "heart", ds)
+    (ds / "00001.txt").unlink()
+    (ds / "00002.txt").unlink()
+    kept = (ds / "00000.txt").read_text()
+    report = tmp_path / "report.json"
+    r = _run(["--models", str(tmp_path / "models"), "--input-dir", str(tmp_path / "input"),
+              "--report", str(report), str(ROOT / "tests/workflows/dataset_tools.json")])
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    out = json.loads(report.read_text())["workflows"][0]["raw_outputs"]
+    assert out["2"]["tsuika_report"][0].startswith("captioned 2 images with tiny_blip; 10 kept")
+    assert (ds / "00001.txt").read_text().startswith("hrt, a photo of")
+    assert (ds / "00000.txt").read_text() == kept
+    check = out["4"]["tsuika_report"][0]
+    assert check.startswith("pre-flight: ") and "trigger word 'hrt': in 12 of 12" in check
+    assert out["6"]["text"] == ["sks, a, b\nsks, c"]
