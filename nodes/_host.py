@@ -161,16 +161,16 @@ def class_images_dir(prompt: str, resolution, model) -> Path:
             / f"{slug}-{digest.hexdigest()[:12]}")
 
 
-def load_checkpoint(path: str | Path, with_clip: bool):
-    """MODEL (and CLIP, when ``with_clip``) of a single-file checkpoint, as Load Checkpoint
-    gives them; its VAE is not loaded (the graph's own is the same)."""
+def load_checkpoint(path: str | Path, with_clip: bool = True, with_vae: bool = False):
+    """(MODEL, CLIP, VAE) of a single-file checkpoint, as Load Checkpoint gives them; CLIP and
+    VAE are None unless asked for (a trained checkpoint's VAE is the graph's own)."""
     import comfy.sd
     import folder_paths
 
     out = comfy.sd.load_checkpoint_guess_config(
-        str(path), output_vae=False, output_clip=with_clip,
+        str(path), output_vae=with_vae, output_clip=with_clip,
         embedding_directory=folder_paths.get_folder_paths("embeddings"))
-    return out[0], out[1]
+    return out[0], out[1], out[2]
 
 
 def latest_state(name: str) -> str:
@@ -264,17 +264,6 @@ def checkpoints_dir() -> Path:
     import folder_paths
 
     return Path(folder_paths.get_folder_paths("checkpoints")[0])
-
-
-def load_checkpoint(path: Path):
-    """(MODEL, CLIP, VAE) of a single-file checkpoint, as Load Checkpoint gives them."""
-    import comfy.sd
-    import folder_paths
-
-    out = comfy.sd.load_checkpoint_guess_config(
-        str(path), output_vae=True, output_clip=True,
-        embedding_directory=folder_paths.get_folder_paths("embeddings"))
-    return out[:3]
 
 
 def metadata_allowed() -> bool:

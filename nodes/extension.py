@@ -8,6 +8,12 @@ from comfy_api.latest import ComfyExtension, io
 class TsuikaExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         from .dataset import TsuikaDatasetFromImages, TsuikaLoadDataset
+        from .dataset_tools import (
+            TsuikaCaptionDataset,
+            TsuikaCheckDataset,
+            TsuikaEditCaptions,
+            TsuikaEditCaptionText,
+        )
         from .lora import TsuikaApplyLoRA, TsuikaSaveLoRA
         from .lora_tools import (
             TsuikaBakeLoRA,
@@ -31,4 +37,6 @@ class TsuikaExtension(ComfyExtension):
                 TsuikaTrainCheckpoint, TsuikaTrainCheckpointAdvanced, TsuikaTrainHypernetwork,
                 TsuikaTrainHypernetworkAdvanced, TsuikaTrainEmbedding,
                 TsuikaTrainEmbeddingAdvanced, TsuikaExtractLoRA, TsuikaResizeLoRA,
-                TsuikaBakeLoRA, TsuikaMergeCheckpoints, TsuikaMergeLoRAs, TsuikaInspectLoRA]
+                TsuikaBakeLoRA, TsuikaMergeCheckpoints, TsuikaMergeLoRAs, TsuikaInspectLoRA,
+                TsuikaCaptionDataset, TsuikaCheckDataset, TsuikaEditCaptions,
+                TsuikaEditCaptionText]

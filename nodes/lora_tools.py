@@ -272,7 +272,7 @@ class TsuikaMergeCheckpoints(io.ComfyNode):
         result = merge_checkpoints(full(ckpt_a), full(ckpt_b), target, mode=mode,
                                    ratios=ratios, path_c=None if ckpt_c == NO_C else full(ckpt_c),
                                    save_dtype=save_dtype, overwrite=overwrite)
-        model, clip, vae = _host.load_checkpoint(result.path)
+        model, clip, vae = _host.load_checkpoint(result.path, with_vae=True)
         text = f"{result.headline}\nsaved {target.name} in models/checkpoints"
         return io.NodeOutput(model, clip, vae, ui=ui_report(text))
 

@@ -52,7 +52,7 @@ def finish_checkpoint(done: Finished) -> tuple:
     # The user's MODEL stays valid for the rest of the graph, so the fine-tuned weights are
     # a second model in memory; the VAE is never trained and never loaded again, and an
     # untrained text encoder is the input CLIP itself.
-    model, clip = _host.load_checkpoint(path, with_clip=trained_te)
+    model, clip, _ = _host.load_checkpoint(path, with_clip=trained_te)
     done.lines.append(f"saved as {name} in models/checkpoints (Load Checkpoint lists it)")
     return model, clip if trained_te else done.clip, name
 

@@ -292,6 +292,8 @@ def run_training(spec: TrainNodeSpec, node_id, model, clip, vae, dataset,
     outputs = tuple(spec.finish(done))
     text = train_report(result.steps, list(result.losses), result.file_path, done.buckets,
                         file_word=spec.file_word, lines=done.lines)
+    preflight = progress.start_info.get("preflight")  # the dataset check, every method
+    text = "\n".join(t for t in (text, preflight) if t)
     return io.NodeOutput(*outputs, {"loss": list(result.losses)},
                          _host.images_to_tensor(result.samples_after), ui=ui_report(text))
 

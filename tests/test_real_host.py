@@ -18,8 +18,12 @@ COMFY = os.environ.get("COMFYUI_DIR")
 NODES = ["TsuikaLoadDataset", "TsuikaDatasetFromImages", "TsuikaTrainLoRA",
          "TsuikaTrainLoRAAdvanced", "TsuikaApplyLoRA", "TsuikaSaveLoRA", "TsuikaDataOptions",
          "TsuikaNetworkOptions", "TsuikaTrainingOptions", "TsuikaSavingOptions",
-         "TsuikaSamplingOptions"]
+         "TsuikaSamplingOptions", "TsuikaCheckDataset", "TsuikaEditCaptions",
+         "TsuikaEditCaptionText", "TsuikaCaptionDataset"]
 LORAS = Path(COMFY or ".") / "models" / "loras"  # ComfyUI's first loras folder: Save LoRA's
+# The examples on the SD1 fixture; the SDXL ones run in test_real_host_sdxl.py.
+SD1_EXAMPLES = [str(p) for p in sorted((ROOT / "example_workflows").glob("*.json"))
+                if "sdxl" not in p.name]
 
 pytestmark = pytest.mark.skipif(
     not COMFY or not HARNESS.is_file(),
@@ -72,7 +76,7 @@ def _workflows_and_examples(host_models, tmp_path):
               str(ROOT / "tests/workflows/load_saved_lora.json"),
               str(ROOT / "tests/workflows/dataset_from_generated_images.json"),
               str(ROOT / "tests/workflows/train_advanced_with_options.json"),
-              str(ROOT / "example_workflows"), "--expect-nodes", *NODES])  # flags last: nargs
+              *SD1_EXAMPLES, "--expect-nodes", *NODES])  # flags last: nargs
     assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-2000:]
     assert "RESULT: PASS" in r.stdout and report.is_file()
     import json
@@ -502,6 +506,9 @@ def test_cancelled_hypernetwork_is_published_as_a_pt_the_loader_reads(host_model
         assert 768 in sd and sd["activation_func"] == "linear"
     finally:
         for p in partial:
+            p.unlink()
+
+
 _ENCODE_IN_COMFY = """
 import sys
 from comfy.cli_args import args
@@ -594,3 +601,32 @@ def test_train_embedding_then_prompt_with_it_in_one_graph(host_models, tmp_path)
     finally:
         for p in made:
             p.unlink()
+
+
+def test_caption_edit_check_nodes_in_comfyui(tmp_path):
+    """Caption Dataset writes only the missing captions (tiny BLIP in models/captioners),
+    Edit Captions and Check Dataset report on the node, Edit Caption Text feeds text on."""
+    import json
+    import shutil
+
+    import torch
+    from test_captioning_models import _blip
+
+    torch.manual_seed(0)
+    _blip(tmp_path / "models" / "captioners" / "tiny_blip")
+    ds = tmp_path / "input" / "ds"
+    shutil.copytree(ROOT / "examples" / "sample_data" / "heart", ds)
+    (ds / "00001.txt").unlink()
+    (ds / "00002.txt").unlink()
+    kept = (ds / "00000.txt").read_text()
+    report = tmp_path / "report.json"
+    r = _run(["--models", str(tmp_path / "models"), "--input-dir", str(tmp_path / "input"),
+              "--report", str(report), str(ROOT / "tests/workflows/dataset_tools.json")])
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    out = json.loads(report.read_text())["workflows"][0]["raw_outputs"]
+    assert out["2"]["tsuika_report"][0].startswith("captioned 2 images with tiny_blip; 10 kept")
+    assert (ds / "00001.txt").read_text().startswith("hrt, a photo of")
+    assert (ds / "00000.txt").read_text() == kept
+    check = out["4"]["tsuika_report"][0]
+    assert check.startswith("pre-flight: ") and "trigger word 'hrt': in 12 of 12" in check
+    assert out["6"]["text"] == ["sks, a, b\nsks, c"]

@@ -4,6 +4,8 @@
     tsuika fixture sd15-tiny OUT_DIR
     tsuika options
     tsuika extract | resize | bake | merge ...   (the model and LoRA tools: cli_tools.py)
+    tsuika lint DIR [--json]   (trainers/cli_lint.py)
+    tsuika captions DIR [--prefix sks --write]   (trainers/cli_captions.py)
 
 The README's demo has its own entry point (``tsuika-demo`` or ``python -m
 tsuika.reference.demo``): the backend never imports ``reference/``.
@@ -19,6 +21,7 @@ import os
 import sys
 import textwrap
 
+from . import cli_captions, cli_lint
 from .callbacks import Callbacks, StepInfo, TrainingStopped
 from .cli_tools import add_parsers as add_tool_parsers
 from .config import SECTIONS, ConfigError, load_config, option_help, option_names
@@ -78,6 +81,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="write only OUT_DIR/NAME.safetensors, no diffusers/ folder (use it when "
                         "OUT_DIR is ComfyUI's models/checkpoints)")
     sub.add_parser("options", help="list every option with its default and help")
+    cli_lint.add_parser(sub)
+    cli_captions.add_parser(sub)
     # Kept so that `tsuika demo` still points somewhere; the demo lives in reference/.
     d = sub.add_parser("demo", help="moved: run `tsuika-demo` (or `python3 run.py demo`)")
     d.add_argument("rest", nargs=argparse.REMAINDER)
@@ -147,8 +152,11 @@ def _main(argv: list[str] | None) -> int:
     rank = int(os.environ.get("RANK", "0"))
     configure_logging(rank)
     try:
-        if getattr(args, "run", None) is not None:  # a tool sub-command (cli_tools.py)
-            for line in args.run(args):
+        if getattr(args, "run", None) is not None:  # sub-commands in their own cli_* modules
+            out = args.run(args)  # an exit code, or the lines to show (cli_tools.py)
+            if isinstance(out, int):
+                return out
+            for line in out:
                 print(line)
             return 0
         if args.command == "options":

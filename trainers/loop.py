@@ -171,6 +171,8 @@ class TrainingRun:
         self.data = data = TrainingData(
             config, bundle, self.precision, self.out.cache_dir, scan=self.scan,
             caption_hook=None if hook is None else functools.partial(hook, config))
+        if self.is_main:  # the pre-flight check, shown with the start report (scan done)
+            self.preflight = _preflight(config, bundle, data.scan, cb)
         for skipped in data.scan.skipped:
             cb.on_message(f"skipped {skipped.path}: {skipped.reason}")
         for warning in data.scan.warnings:
@@ -370,7 +372,8 @@ class TrainingRun:
                      "start_step": self.step_count,
                      "buckets": {f"{w}x{h}": n for (w, h), n in self.data.bucket_counts.items()},
                      "trainable_parameters": sum(p.numel() for p in self.params),
-                     "device": str(self.device), "dtype": str(self.precision.compute_dtype)})
+                     "device": str(self.device), "dtype": str(self.precision.compute_dtype),
+                     "preflight": getattr(self, "preflight", "")})
         if self.in_backward:  # until the run ends: the hooks go when the scope closes
             self.scope.enter_context(StepInBackward(self.optimizer, config.train.max_grad_norm))
             cb.on_message("optimizer steps inside the backward pass (gradients freed as they "
@@ -411,6 +414,19 @@ class TrainingRun:
                            steps=self.step_count, losses=[r[1] for r in self.out.losses],
                            samples_before=self.samples_before, samples_after=samples_after,
                            files=files)
+
+
+def _preflight(config, bundle, scan, cb) -> str:
+    """The pre-flight check's problems as warnings (what the scan said is told below) and
+    its report text for the start report."""
+    from .preflight import check_dataset, named_tokenizers
+
+    report = check_dataset(scan, config.data, named_tokenizers(bundle),
+                           batch_size=config.train.batch_size)
+    for finding in report.findings:
+        if finding.check not in ("skipped", "dataset_warning"):
+            cb.on_message(f"warning: {finding.message}")
+    return report.to_text()
 
 
 def _move(module: torch.nn.Module, device, dtype) -> None:

@@ -433,3 +433,25 @@ def quick_fingerprint(root: str | Path) -> str:
             rel = os.path.relpath(entry.path, root)
             h.update(f"{rel}|{st.st_size}|{st.st_mtime_ns}\n".encode("utf-8", "surrogatepass"))
     return h.hexdigest()
+
+
+def captions_without_image(root: str | Path, caption_extension: str = ".txt") -> list[Path]:
+    """Caption files in the folders ``scan_folder`` reads that no image file goes with
+    (matched by stem, case-insensitively; an image in a format we cannot read still counts
+    as its image, it is reported as skipped instead). Sorted by path.
+
+    Args:
+        root: the dataset folder.
+        caption_extension: extension of caption files, with its dot; "" finds none.
+    """
+    root = Path(root).expanduser()
+    if not caption_extension or not root.is_dir():
+        return []
+    ext = caption_extension.lower()
+    orphans = []
+    for folder, _, _ in _folders(root, DatasetScan(root=root)):
+        files = _visible_files(folder)
+        stems = {p.stem.lower() for p in files
+                 if p.suffix.lower() in IMAGE_EXTENSIONS | _UNSUPPORTED_IMAGE_EXTENSIONS}
+        orphans += [p for p in files if p.suffix.lower() == ext and p.stem.lower() not in stems]
+    return sorted(orphans)

@@ -1,0 +1,1 @@
+"""Captions for datasets: editing tools (``tools``), and captioners that write them."""
