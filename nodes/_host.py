@@ -42,8 +42,15 @@ def supported_comfy_models() -> dict[str, str]:
     return {kind: f.name for f in FAMILIES.values() for kind in f.facts.host_models}
 
 
+# ComfyUI's ModelType names -> the prediction types the backend trains. EDM and flow
+# models (Playground v2.5, EDM v-prediction fine-tunes) have other noise schedules: training
+# them with the DDPM schedule would teach the wrong thing, so they are refused by name.
+HOST_PREDICTION = {"EPS": "epsilon", "V_PREDICTION": "v_prediction"}
+
+
 def comfy_family(model) -> str:
-    """The backend family of a ComfyUI MODEL, or a clear error naming what it is."""
+    """The backend family of a ComfyUI MODEL, or a clear error naming what it is (its kind,
+    or a noise schedule the backend does not train)."""
     from ..trainers.families import FAMILIES, family_for_host_model
 
     kind = type(model.model.model_config).__name__
@@ -53,7 +60,20 @@ def comfy_family(model) -> str:
         raise ValueError(f"model: this is a {kind} model; Tsuika trains "
                          f"{', '.join(supported_comfy_models())} models so far. Load an "
                          f"{names} checkpoint with Load Checkpoint.")
+    host_prediction_type(model)
     return family.name
+
+
+def host_prediction_type(model) -> str:
+    """The prediction type of a ComfyUI MODEL as the backend names it; a clear error for a
+    model ComfyUI samples with another schedule (EDM, flow)."""
+    schedule = model.model.model_type.name
+    if schedule not in HOST_PREDICTION:
+        raise ValueError(f"model: ComfyUI loaded this checkpoint as a {schedule} model; Tsuika "
+                         f"trains {' and '.join(HOST_PREDICTION.values())} models only (model "
+                         f"types {', '.join(HOST_PREDICTION)}). Load an epsilon or "
+                         "v-prediction checkpoint.")
+    return HOST_PREDICTION[schedule]
 
 
 def free_host_memory() -> None:
@@ -105,13 +125,22 @@ def bundle_from_comfy(model, clip, vae) -> ModelBundle:
     from ..trainers.families import get_family
 
     family = get_family(comfy_family(model))
+    pred = host_prediction_type(model)
     free_host_memory()  # unpatches shared weights, so we read the originals
     with torch.inference_mode(False):
         # ComfyUI hands back the original checkpoint layout, which the family's own hook reads.
         sd = model.model.state_dict_for_saving(clip.get_sd(), vae.get_sd())
-        sd = {k: v.detach().clone() for k, v in sd.items()}
-        pred = "v_prediction" if model.model.model_type.name == "V_PREDICTION" else "epsilon"
-        bundle = family.bundle_from_ldm(sd, source_name="ComfyUI model", prediction_type=pred)
+        for key in list(sd):
+            # In place, one tensor at a time: tensors ComfyUI built for the dict (SDXL's fused
+            # OpenCLIP attention weights) are freed as soon as they are copied.
+            sd[key] = sd[key].detach().clone()
+        if getattr(model.model.model_config, "sampling_settings", {}).get("zsnr"):
+            # ComfyUI read the file's "ztsnr" marker into its sampling settings and does not
+            # write it back: put it where a single file has it.
+            sd["ztsnr"] = torch.tensor([])
+        # consume: the copies are ours, so each is dropped once its module holds it.
+        bundle = family.bundle_from_ldm(sd, source_name="ComfyUI model", prediction_type=pred,
+                                        consume=True)
     return bundle
 
 

@@ -14,12 +14,20 @@ from tsuika.trainers.formats.safetensors_io import load_safetensors
 class _FakeComfyModel:
     """The parts of a ComfyUI MODEL / CLIP / VAE the bridge reads."""
 
-    def __init__(self, kind: str, ldm: dict, v_prediction: bool = False):
-        config_cls = type(kind, (), {})
-        model_type = types.SimpleNamespace(name="V_PREDICTION" if v_prediction else "EPS")
+    def __init__(self, kind: str, ldm: dict, v_prediction: bool = False,
+                 model_type: str | None = None, sampling_settings: dict | None = None):
+        config_cls = type(kind, (), {"sampling_settings": dict(sampling_settings or {})})
+        model_type = types.SimpleNamespace(
+            name=model_type or ("V_PREDICTION" if v_prediction else "EPS"))
+        self.handed_out: list[dict] = []  # the dicts state_dict_for_saving returned
+
+        def state_dict_for_saving(clip_sd, vae_sd):
+            self.handed_out.append(dict(ldm))  # a fresh dict of the same tensors, as ComfyUI's
+            return self.handed_out[-1]
+
         self.model = types.SimpleNamespace(
             model_config=config_cls(), model_type=model_type,
-            state_dict_for_saving=lambda clip_sd, vae_sd: dict(ldm))
+            state_dict_for_saving=state_dict_for_saving)
 
 
 def test_the_host_model_table_comes_from_the_families():
@@ -57,3 +65,31 @@ def test_an_unsupported_host_model_is_refused_naming_it(tiny_model):
     with pytest.raises(ValueError, match=r"this is a SDXL model; Tsuika trains SD15 models "
                                          r"so far\. Load an SD1\.x checkpoint"):
         _host.comfy_family(_FakeComfyModel("SDXL", {}))
+
+
+@pytest.mark.parametrize("schedule", ["EDM", "V_PREDICTION_EDM", "FLOW"])
+def test_a_model_comfyui_samples_with_another_schedule_is_refused_naming_it(schedule):
+    from tsuika.nodes import _host
+
+    model = _FakeComfyModel("SD15", {}, model_type=schedule)
+    with pytest.raises(ValueError, match=rf"loaded this checkpoint as a {schedule} model; "
+                                         r"Tsuika trains epsilon and v_prediction models only"):
+        _host.comfy_family(model)  # what the train node calls before any work
+
+
+def test_bundle_from_comfy_copies_into_its_own_dict_and_keeps_the_zsnr_marker(
+        tiny_model, fake_comfy):
+    from tsuika.nodes import _host
+
+    ldm, _ = load_safetensors(tiny_model["single_file"])
+    before = {k: v.clone() for k, v in ldm.items()}
+    model = _FakeComfyModel("SD15", ldm, v_prediction=True,
+                            sampling_settings={"zsnr": True})  # what ComfyUI read from "ztsnr"
+    bundle = _host.bundle_from_comfy(model, types.SimpleNamespace(get_sd=dict),
+                                     types.SimpleNamespace(get_sd=dict))
+    assert bundle.extra["ldm_info"]["zero_terminal_snr"] is True
+    assert model.handed_out == [{}]  # consumed: no copy outlives its module's load
+    assert all(torch.equal(ldm[k], before[k]) for k in before)  # ComfyUI's tensors untouched
+    plain = _host.bundle_from_comfy(_FakeComfyModel("SD15", ldm), types.SimpleNamespace(
+        get_sd=dict), types.SimpleNamespace(get_sd=dict))
+    assert plain.extra["ldm_info"]["zero_terminal_snr"] is False
