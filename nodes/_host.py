@@ -88,6 +88,31 @@ def free_host_memory() -> None:
     give_back_freed_memory()  # freed heap pages back to the OS: the server's RSS shrinks too
 
 
+def offload_host_copies(model, clip, vae) -> list[str]:
+    """Move ComfyUI's copies of MODEL / CLIP / VAE that still sit on an accelerator after
+    unloading to the CPU, so training has the device to itself (VRAM near the CLI's).
+
+    In ComfyUI's default memory modes unloading already puts them in RAM; with
+    ``--highvram`` / ``--gpu-only`` the offload device is the GPU itself and they would stay
+    there beside the training copy. ComfyUI moves them back by itself the next time a node
+    needs them (its own ``unpatch_model(device_to=...)`` also records where they are).
+    Returns the names of what was moved."""
+    moved = []
+    cpu = torch.device("cpu")
+    for name, patcher in (("MODEL", model), ("CLIP", getattr(clip, "patcher", None)),
+                          ("VAE", getattr(vae, "patcher", None))):
+        module = getattr(patcher, "model", None)
+        if not isinstance(module, torch.nn.Module):
+            continue
+        tensors = (*module.parameters(), *module.buffers())
+        if any(t.device.type != "cpu" for t in tensors):
+            patcher.unpatch_model(device_to=cpu)
+            moved.append(name)
+    if moved:
+        log.info("moved ComfyUI's %s to the CPU while training", ", ".join(moved))
+    return moved
+
+
 def _drop_frame_locals(exc: BaseException | None) -> None:
     """Release what the frames of a failed run hold (the model copy, adapters, optimizer).
 
@@ -127,6 +152,7 @@ def bundle_from_comfy(model, clip, vae) -> ModelBundle:
     family = get_family(comfy_family(model))
     pred = host_prediction_type(model)
     free_host_memory()  # unpatches shared weights, so we read the originals
+    offload_host_copies(model, clip, vae)
     with torch.inference_mode(False):
         # ComfyUI hands back the original checkpoint layout, which the family's own hook reads.
         sd = model.model.state_dict_for_saving(clip.get_sd(), vae.get_sd())

@@ -93,3 +93,27 @@ def test_bundle_from_comfy_copies_into_its_own_dict_and_keeps_the_zsnr_marker(
     plain = _host.bundle_from_comfy(_FakeComfyModel("SD15", ldm), types.SimpleNamespace(
         get_sd=dict), types.SimpleNamespace(get_sd=dict))
     assert plain.extra["ldm_info"]["zero_terminal_snr"] is False
+
+
+class _Patcher:
+    """A ComfyUI ModelPatcher's part the offload reads: its module, and unpatch_model."""
+
+    def __init__(self, device: str):
+        self.model = torch.nn.Linear(2, 2, device=device)
+        self.calls: list[torch.device] = []
+
+    def unpatch_model(self, device_to=None, unpatch_weights=True):
+        self.calls.append(device_to)
+
+
+def test_host_copies_left_on_an_accelerator_are_offloaded_to_the_cpu_while_training():
+    from tsuika.nodes import _host
+
+    # "meta" stands for a GPU here: any non-CPU device (ComfyUI's --highvram keeps the
+    # unloaded UNet on its GPU); the CLIP and VAE already sit in RAM as after a plain unload.
+    model, clip_patcher, vae_patcher = _Patcher("meta"), _Patcher("cpu"), _Patcher("cpu")
+    moved = _host.offload_host_copies(model, types.SimpleNamespace(patcher=clip_patcher),
+                                      types.SimpleNamespace(patcher=vae_patcher))
+    assert moved == ["MODEL"]
+    assert model.calls == [torch.device("cpu")]  # through ComfyUI's own API: it tracks it
+    assert clip_patcher.calls == [] and vae_patcher.calls == []
