@@ -62,8 +62,8 @@ def test_malformed_entries_are_refused_with_what_is_wrong():
 def test_unknown_names_list_the_known_ones():
     with pytest.raises(ConfigError, match="network.algorithm = 'loha'.*lora, locon"):
         build_config(overrides=["network.algorithm=loha"])
-    with pytest.raises(RegistryError, match="model.family = 'sdxl'.*known families: sd15"):
-        FAMILIES.get("sdxl")
+    with pytest.raises(RegistryError, match="model.family = 'flux'.*known families: sd15, sdxl"):
+        FAMILIES.get("flux")
     with pytest.raises(RegistryError, match="no method is registered as 'nope'"):
         METHODS.unregister("nope")
 

@@ -33,7 +33,7 @@ from tsuika.trainers.methods.base import load_named_tensors
 from tsuika.trainers.registry import ALGORITHMS, FAMILIES, METHODS
 
 # family -> its tiny fixture in trainers/fixtures.py; every row runs on every family.
-FAMILY_FIXTURES = {"sd15": "sd15-tiny"}
+FAMILY_FIXTURES = {"sd15": "sd15-tiny", "sdxl": "sdxl-tiny"}
 
 
 # -- how each kind of file is read back ---------------------------------------------------------

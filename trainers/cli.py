@@ -67,7 +67,7 @@ def _parser() -> argparse.ArgumentParser:
                    metavar="SECTION.KEY=VALUE", help="override one option (repeatable)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     f = sub.add_parser("fixture", help="write a random-weight model for tests and trials")
-    f.add_argument("name", help="sd15-tiny or sd15-hostable")
+    f.add_argument("name", help="sd15-tiny, sd15-hostable, sdxl-tiny or sdxl-hostable")
     f.add_argument("out_dir")
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32")

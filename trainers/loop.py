@@ -270,6 +270,8 @@ class TrainingRun:
         with torch.set_grad_enabled(self.train_te), precision.context():
             cond = _encode(self.family, bundle, batch.captions, device, self.text_cache,
                            cache_ok=self.data.captions_static and not self.train_te)
+        if batch.time_ids is not None:  # per-sample size / crop conditioning (SDXL)
+            cond = dict(cond, time_ids=batch.time_ids.to(device))
         # Dropout inside the adapters uses the global RNG: seed it per micro-batch.
         torch.manual_seed(seed)
         with precision.context():

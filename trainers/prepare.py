@@ -5,6 +5,8 @@ flip), so a changed image or model never reuses a stale entry and an unchanged d
 encoded once across runs. With flip on, both variants are cached and each step picks one.
 Text embeddings are cached in memory per caption when captions never change between steps
 (no shuffle or dropout) and the text encoder is frozen; otherwise they are encoded per step.
+Each latent travels with its ``CropInfo`` time ids (original size, crop offset, bucket), the
+size conditioning SDXL wants; a cache entry stores them beside the latent.
 """
 
 from __future__ import annotations
@@ -45,6 +47,9 @@ class Example:
 class MicroBatch:
     latents: torch.Tensor  # (B, C, h, w), already multiplied by the VAE scaling factor
     captions: list[str]
+    # (B, 6) float: CropInfo.sdxl_time_ids of each sample (families that do not use them
+    # ignore them).
+    time_ids: torch.Tensor | None = None
 
 
 def image_to_tensor(image) -> torch.Tensor:
@@ -78,7 +83,7 @@ class TrainingData:
         self.precision = precision
         self.scale = float(bundle.vae.config.scaling_factor)
         self.cache = ContentCache(cache_root / "latents") if d.cache_latents else None
-        self._latents: dict[tuple[int, bool], torch.Tensor] = {}
+        self._latents: dict[tuple[int, bool], tuple[torch.Tensor, torch.Tensor]] = {}
         self.sampler = BucketBatchSampler([(ex.repeats, ex.bucket) for ex in self.examples],
                                           batch_size=config.train.batch_size,
                                           seed=config.train.seed)
@@ -106,22 +111,24 @@ class TrainingData:
                 key = self.cache.key(image=ex.sha256, vae=vae_hash, bucket=ex.bucket,
                                      crop="center", flip=flip)
                 got = self.cache.get(key)
-                if got is None:
-                    latent = self._encode(ex, flip, random.Random(0), sample=False)
-                    self.cache.put(key, {"latent": latent})
+                if got is None or "time_ids" not in got:  # entries from before time ids
+                    latent, ids = self._encode(ex, flip, random.Random(0), sample=False)
+                    self.cache.put(key, {"latent": latent, "time_ids": ids})
                     encoded += 1
                 else:
-                    latent = got["latent"]
+                    latent, ids = got["latent"], got["time_ids"]
                     hits += 1
-                self._latents[(i, flip)] = latent
+                self._latents[(i, flip)] = (latent, ids)
         return hits, encoded
 
     @torch.no_grad()
     def _encode(self, ex: Example, flip: bool, rng: random.Random, sample: bool,
-                generator: torch.Generator | None = None) -> torch.Tensor:
+                generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The image's latent and its (6,) time ids (what the crop did to it)."""
         image = load_image_rgb(ex.path)
         crop = "center" if self.cache is not None else self.config.data.crop
-        image, _ = resize_and_crop(image, ex.bucket, crop=crop, rng=rng, flip=flip)
+        image, info = resize_and_crop(image, ex.bucket, crop=crop, rng=rng, flip=flip)
+        ids = torch.tensor(info.sdxl_time_ids(), dtype=torch.float32)
         x = image_to_tensor(image).unsqueeze(0)
         vae = self.bundle.vae
         x = x.to(self.precision.device, vae.dtype)
@@ -129,7 +136,7 @@ class TrainingData:
         # The cache stores the distribution's mean (deterministic, so it is content-keyed);
         # uncached runs draw a fresh sample each step like the reference scripts.
         z = dist.sample(generator) if sample else dist.mean
-        return z[0].float().cpu()
+        return z[0].float().cpu(), ids
 
     # -- deterministic order ----------------------------------------------------------------
     def epoch_order(self, epoch: int) -> list[list[int]]:
@@ -144,15 +151,17 @@ class TrainingData:
         epoch, pos = divmod(index, per_epoch)
         members = self.epoch_order(epoch)[pos]
         rng = random.Random(f"{self.config.train.seed}:batch:{index}")
-        latents, captions = [], []
+        latents, captions, time_ids = [], [], []
         for i in members:
             ex = self.examples[i]
             flip = self.config.data.flip and rng.random() < 0.5
             if self.cache is not None:
-                z = self._latents[(i, flip)]
+                z, ids = self._latents[(i, flip)]
             else:
                 g = torch.Generator("cpu").manual_seed(rng.randrange(2**63))
-                z = self._encode(ex, flip, rng, sample=True, generator=g)
+                z, ids = self._encode(ex, flip, rng, sample=True, generator=g)
             latents.append(z)
+            time_ids.append(ids)
             captions.append(self.augment.apply(ex.caption, rng))
-        return MicroBatch(torch.stack(latents) * self.scale, captions), epoch
+        return MicroBatch(torch.stack(latents) * self.scale, captions,
+                          torch.stack(time_ids)), epoch

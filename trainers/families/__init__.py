@@ -17,8 +17,10 @@ from ..device.host_memory import give_back_freed_memory
 from ..registry import FAMILIES, RegistryError
 from .base import Family, FamilyFacts, ModelBundle, ModelLoadError
 from .sd15 import Sd15Family
+from .sdxl import SdxlFamily
 
 FAMILIES.register(Sd15Family())
+FAMILIES.register(SdxlFamily())
 
 
 def get_family(name: str) -> Family:

@@ -196,6 +196,23 @@ class Sd15Family:
             tokenizers=[load_tokenizer()], scheduler_config=dict(sched, prediction_type=pred),
             prediction_type=pred, source_name=source_name, extra={"ldm_info": conv.info})
 
+    def checkpoint_tensors(self, bundle: ModelBundle) -> dict[str, torch.Tensor]:
+        """The bundle as one original-layout SD1.x state dict (the modules' own tensors)."""
+        from ..formats.ldm_checkpoint import diffusers_to_ldm
+
+        return diffusers_to_ldm(bundle.unet.state_dict(), bundle.vae.state_dict(),
+                                bundle.text_encoders[0].state_dict(),
+                                unet_config=dict(bundle.unet.config),
+                                vae_config=dict(bundle.vae.config),
+                                prediction_type=bundle.prediction_type)
+
+    def checkpoint_metadata(self, bundle: ModelBundle) -> dict[str, str]:
+        """The ``tsuika.*`` hints our loader reads where shapes cannot tell."""
+        from ..formats.ldm_checkpoint import config_metadata_hints
+
+        return config_metadata_hints(dict(bundle.unet.config), dict(bundle.vae.config),
+                                     bundle.text_encoders[0].config)
+
     # -- training-time behaviour ----------------------------------------------------------
     def encode_text(self, bundle: ModelBundle, captions: list[str],
                     device: torch.device) -> dict[str, torch.Tensor]:

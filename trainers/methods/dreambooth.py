@@ -1,7 +1,9 @@
 """DreamBooth: train the UNet's own weights (and optionally the text encoder's), save a checkpoint.
 
-The result is a single-file checkpoint in the original SD layout (``model.diffusion_model.*``,
-``first_stage_model.*``, ``cond_stage_model.*``): what ComfyUI's CheckpointLoaderSimple,
+The result is a single-file checkpoint in the family's original layout (SD1:
+``model.diffusion_model.*``, ``first_stage_model.*``, ``cond_stage_model.*``; SDXL:
+``conditioner.embedders.0/1`` for its two text encoders), written by the family's
+``checkpoint_tensors`` / ``checkpoint_metadata``: what ComfyUI's CheckpointLoaderSimple,
 A1111/Forge and our own loader read. Prior preservation (class images trained beside the
 instance images) is the loop's and the data's business, not the method's: it works the same
 for every method.
@@ -37,10 +39,12 @@ class DreamBoothMethod:
         return config.network.train_text_encoder
 
     def validate(self, config: TsuikaConfig, bundle: ModelBundle) -> None:
-        if bundle.family != "sd15":
-            raise MethodError(f"network.method = 'dreambooth' writes SD1.x checkpoints; the "
-                              f"model is {bundle.family!r}. Use network.method = 'lora'.")
-        if bundle.unet.config.get("cross_attention_dim") == 1024:
+        from ..families import get_family
+
+        if not hasattr(get_family(bundle.family), "checkpoint_tensors"):
+            raise MethodError(f"network.method = 'dreambooth' cannot write {bundle.family!r} "
+                              "checkpoints yet; use network.method = 'lora'.")
+        if bundle.family == "sd15" and bundle.unet.config.get("cross_attention_dim") == 1024:
             raise MethodError("network.method = 'dreambooth' cannot write SD2 checkpoints yet "
                               "(their text encoder layout); use network.method = 'lora'.")
 
@@ -83,22 +87,17 @@ class DreamBoothMethod:
         """The whole model in the original single-file layout: the modules' own tensors,
         which the writer converts to ``dtype`` one at a time (a converted copy of the whole
         model would be the run's memory peak)."""
-        from ..formats.ldm_checkpoint import diffusers_to_ldm
+        from ..families import get_family
 
-        te = bundle.text_encoders[0]
-        ldm = diffusers_to_ldm(bundle.unet.state_dict(), bundle.vae.state_dict(),
-                               te.state_dict(), unet_config=dict(bundle.unet.config),
-                               vae_config=dict(bundle.vae.config),
-                               prediction_type=bundle.prediction_type)
+        ldm = get_family(bundle.family).checkpoint_tensors(bundle)
         return {k: v.detach() for k, v in ldm.items()}
 
     def file_metadata(self, config: TsuikaConfig, bundle: ModelBundle,
                       metadata: dict[str, str]) -> dict[str, str]:
         """A checkpoint's metadata: the training record plus the architecture hints our
         loader reads where shapes cannot tell (heads, norm groups)."""
-        from ..formats.ldm_checkpoint import config_metadata_hints
+        from ..families import get_family
 
         meta = dict(metadata)
-        meta.update(config_metadata_hints(dict(bundle.unet.config), dict(bundle.vae.config),
-                                          bundle.text_encoders[0].config))
+        meta.update(get_family(bundle.family).checkpoint_metadata(bundle))
         return meta
