@@ -35,7 +35,7 @@ def test_the_host_model_table_comes_from_the_families():
 
     table = _host.supported_comfy_models()
     assert table == {kind: f.name for f in FAMILIES.values() for kind in f.facts.host_models}
-    assert table["SD15"] == "sd15" and family_for_host_model("SDXL") is None
+    assert table["SD15"] == "sd15" and family_for_host_model("Flux") is None
     for family in FAMILIES.values():
         # Every fact a family states names things the rest of the code knows.
         assert family_facts(family.name) is family.facts
@@ -62,9 +62,9 @@ def test_bundle_from_comfy_uses_the_family_hook_with_the_hosts_prediction_type(
 def test_an_unsupported_host_model_is_refused_naming_it(tiny_model):
     from tsuika.nodes import _host
 
-    with pytest.raises(ValueError, match=r"this is a SDXL model; Tsuika trains SD15 models "
-                                         r"so far\. Load an SD1\.x checkpoint"):
-        _host.comfy_family(_FakeComfyModel("SDXL", {}))
+    with pytest.raises(ValueError, match=r"this is a Flux model; Tsuika trains SD15, SDXL "
+                                         r"models so far\. Load an SD1\.x or SDXL checkpoint"):
+        _host.comfy_family(_FakeComfyModel("Flux", {}))
 
 
 @pytest.mark.parametrize("schedule", ["EDM", "V_PREDICTION_EDM", "FLOW"])
@@ -117,3 +117,20 @@ def test_host_copies_left_on_an_accelerator_are_offloaded_to_the_cpu_while_train
     assert moved == ["MODEL"]
     assert model.calls == [torch.device("cpu")]  # through ComfyUI's own API: it tracks it
     assert clip_patcher.calls == [] and vae_patcher.calls == []
+
+
+def test_an_sdxl_host_model_becomes_a_bundle_with_both_text_encoders(tmp_path, fake_comfy):
+    """What ComfyUI holds for an SDXL checkpoint (its original layout, as the single file of
+    the sdxl-tiny fixture) goes through the family's hook: no family named in the bridge."""
+    from tsuika.nodes import _host
+    from tsuika.trainers.fixtures import write_fixture
+
+    ldm, _ = load_safetensors(write_fixture("sdxl-tiny", tmp_path, seed=0)["single_file"])
+    proj = ldm["conditioner.embedders.1.model.text_projection"].clone()
+    bundle = _host.bundle_from_comfy(_FakeComfyModel("SDXL", ldm),
+                                     types.SimpleNamespace(get_sd=dict),
+                                     types.SimpleNamespace(get_sd=dict))
+    assert bundle.family == "sdxl" and bundle.prediction_type == "epsilon"
+    assert list(bundle.components) == ["unet", "text_encoder_1", "text_encoder_2"]
+    # OpenCLIP's projection (x @ P) is the transformers Linear's weight transposed
+    assert torch.equal(bundle.text_encoders[1].text_projection.weight, proj.T)
