@@ -79,7 +79,9 @@ def unet_step_flops(config_name: str, resolution: int, device: str,
     from peft import LoraConfig
     from torch.utils.flop_counter import FlopCounterMode
 
-    unet = build_bundle(config_name).unet.to(device)
+    from tsuika.trainers.fixtures import build_modules
+
+    unet = build_modules(config_name, seed=0)[0].requires_grad_(False).to(device)
     if method == "dreambooth":
         unet.requires_grad_(True)
     elif method == "textual_inversion":
@@ -91,8 +93,16 @@ def unet_step_flops(config_name: str, resolution: int, device: str,
     x = torch.randn(1, 4, lat, lat, device=device)
     ctx = torch.randn(1, 77, unet.config.cross_attention_dim, device=device,
                       requires_grad=method == "textual_inversion")
+    added = None
+    if unet.config.addition_embed_type == "text_time":  # SDXL: pooled text + 6 time ids
+        cfg = unet.config
+        pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+        added = {"text_embeds": torch.randn(1, pooled, device=device),
+                 "time_ids": torch.tensor([[resolution, resolution, 0, 0, resolution,
+                                            resolution]], dtype=torch.float32, device=device)}
     with FlopCounterMode(display=False) as fc:
-        unet(x, torch.tensor([500], device=device), ctx).sample.float().pow(2).mean().backward()
+        unet(x, torch.tensor([500], device=device), ctx,
+             added_cond_kwargs=added).sample.float().pow(2).mean().backward()
     return float(fc.get_total_flops())
 
 

@@ -34,26 +34,27 @@ def _harness(path: str | Path | None = None):
     return module
 
 
-def write_models(folder: Path) -> Path:
-    """``folder/checkpoints/sd15-hostable.safetensors`` (fp16) unless already there; ``folder``
-    is a base directory's ``models``.
+def write_models(folder: Path, fixture: str = "sd15-hostable") -> Path:
+    """``folder/checkpoints/<fixture>.safetensors`` (fp16) unless already there; ``folder``
+    is a base directory's ``models``; ``fixture`` a ``tsuika fixture`` name.
 
     Runs in a subprocess of the calling Python (which must import ``tsuika``), so the
     benchmark process itself stays small and stdlib-only."""
     import subprocess
 
-    target = folder / "checkpoints" / CKPT
+    target = folder / "checkpoints" / f"{fixture}.safetensors"
     if target.is_file():
         return folder
     code = ("import sys, shutil; from pathlib import Path; "
             "from tsuika.trainers.fixtures import write_fixture; "
-            "p = write_fixture('sd15-hostable', Path(sys.argv[1]) / 'build', dtype='fp16', "
+            "p = write_fixture(sys.argv[3], Path(sys.argv[1]) / 'build', dtype='fp16', "
             "overwrite=True); (Path(sys.argv[1]) / 'checkpoints').mkdir(exist_ok=True); "
             "shutil.move(str(p['single_file']), sys.argv[2]); "
             "shutil.rmtree(Path(sys.argv[1]) / 'build')")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [str(ROOT.parent), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
-    subprocess.run([sys.executable, "-c", code, str(folder), str(target)], check=True, env=env)
+    subprocess.run([sys.executable, "-c", code, str(folder), str(target), fixture], check=True,
+                   env=env)
     return folder
 
 

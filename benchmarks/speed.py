@@ -13,6 +13,12 @@ and the fraction of the device's measured matmul rate.
     python benchmarks/speed.py --resolution 256 --steps 8 --pairs 2
     python benchmarks/speed.py --device cuda --resolution 512 --steps 30 --pairs 2
     python benchmarks/speed.py --method dreambooth --resolution 256 --steps 4 --pairs 2
+    python benchmarks/speed.py --family sdxl --config full --resolution 256 --steps 4 --pairs 2
+
+With ``--family sdxl`` the reference is the step of diffusers'
+``train_text_to_image_lora_sdxl.py`` (both text encoders and the VAE every step, time ids
+and pooled embedding as added conditioning); ``--config tiny`` runs the same on the
+test-sized architecture (to check the script: the full SDXL needs ~20 GiB of memory).
 
 With ``--method dreambooth`` both sides train every UNet weight (AdamW, lr 5e-6); the
 reference is the step of diffusers' ``train_dreambooth.py`` (no class images on either side).
@@ -42,6 +48,9 @@ sys.path.insert(0, str(HERE))
 
 from _bench_common import make_images, matmul_rate, model_folder, peak_rss_gib, unet_step_flops  # noqa: E402
 
+# --family / --config -> the shipped architecture (trainers/families/configs/<name>).
+CONFIGS = {"sd15": {"full": "sd15", "tiny": "sd15_tiny"},
+           "sdxl": {"full": "sdxl", "tiny": "sdxl_tiny"}}
 # The reference scripts' usual rates; the same on both sides.
 LEARNING_RATE = {"lora": 1e-4, "dreambooth": 5e-6, "textual_inversion": 1e-4}
 
@@ -117,6 +126,66 @@ def run_reference(args) -> dict:
             "dtype": "fp32"}
 
 
+def run_reference_sdxl(args) -> dict:
+    """The step of diffusers' ``train_text_to_image_lora_sdxl.py`` (UNet LoRA, fp32): the
+    image goes through the VAE and the caption through both text encoders every step (the
+    penultimate hidden states of each, concatenated; the pooled projection of the second),
+    the time ids are the image's original size, crop corner and target size, and the UNet
+    gets them with the pooled embedding as ``added_cond_kwargs``."""
+    import torch
+    import torch.nn.functional as F
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from peft import LoraConfig
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    device = torch.device(args.device)
+    folder = model_folder(args.model)
+    toks = [CLIPTokenizer.from_pretrained(folder, subfolder=s) for s in ("tokenizer",
+                                                                         "tokenizer_2")]
+    tes = [CLIPTextModel.from_pretrained(folder, subfolder="text_encoder"),
+           CLIPTextModelWithProjection.from_pretrained(folder, subfolder="text_encoder_2")]
+    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae")
+    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet")
+    for m in (unet, vae, *tes):
+        m.requires_grad_(False).to(device)
+    unet.add_adapter(LoraConfig(r=16, lora_alpha=16, init_lora_weights="gaussian",
+                                target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    params = [p for p in unet.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=LEARNING_RATE[args.method], weight_decay=1e-2)
+    sched = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
+    images = make_images(args.resolution, 4, device)
+    ids = [tok(["a photo of a sks dog"], padding="max_length", max_length=tok.model_max_length,
+               truncation=True, return_tensors="pt").input_ids.to(device) for tok in toks]
+    side = args.resolution  # original size = target size, no crop (the images are square)
+    time_ids = torch.tensor([[side, side, 0, 0, side, side]], dtype=torch.float32, device=device)
+    times = []
+    for step in range(args.steps + args.warmup):
+        t0 = time.perf_counter()
+        pixels = images[step % len(images)]
+        latents = vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor
+        noise = torch.randn_like(latents)
+        t = torch.randint(0, sched.config.num_train_timesteps, (1,), device=device)
+        noisy = sched.add_noise(latents, noise, t)
+        hidden = []
+        for te, i in zip(tes, ids):
+            out = te(i, output_hidden_states=True)
+            pooled = out[0]
+            hidden.append(out.hidden_states[-2])
+        pred = unet(noisy, t, torch.cat(hidden, dim=-1), return_dict=False,
+                    added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids})[0]
+        loss = F.mse_loss(pred.float(), noise.float())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if step >= args.warmup:
+            times.append(time.perf_counter() - t0)
+    return {"s_per_step": statistics.median(times), "images_per_s": 1 / statistics.median(times),
+            "dtype": "fp32"}
+
+
 def run_tsuika(args) -> dict:
     """Tsuika's default path through its real loop (trainers.loop.train)."""
     import tempfile
@@ -160,7 +229,14 @@ def run_tsuika(args) -> dict:
 
 
 def worker(args) -> None:
-    fn = run_tsuika if args.impl == "tsuika" else run_reference
+    if args.impl == "tsuika":
+        fn = run_tsuika
+    elif (model_folder(args.model) / "text_encoder_2").is_dir():
+        if args.method != "lora":
+            sys.exit("the SDXL reference is the LoRA step only (--method lora)")
+        fn = run_reference_sdxl
+    else:
+        fn = run_reference
     result = fn(args)
     result["peak_rss_gib"] = peak_rss_gib()
     if args.device.startswith("cuda"):
@@ -172,7 +248,13 @@ def worker(args) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--model", default="sd15", help="shipped config name (sd15, sd15_tiny)")
+    p.add_argument("--family", choices=sorted(CONFIGS), default="sd15",
+                   help="model family: sd15, or sdxl (reference: diffusers' "
+                        "train_text_to_image_lora_sdxl.py step)")
+    p.add_argument("--config", choices=("full", "tiny"), default="full",
+                   help="full: the real architecture (SDXL full needs ~20 GiB); tiny: the "
+                        "test-sized one, to check the script")
+    p.add_argument("--model", help="a shipped config name instead (sd15_hostable, ...)")
     p.add_argument("--method", choices=("lora", "dreambooth", "textual_inversion"),
                    default="lora",
                    help="lora: the LoRA step; dreambooth: full fine-tuning of the UNet "
@@ -187,8 +269,12 @@ def main() -> None:
     p.add_argument("--precision", default="auto", help="Tsuika's train.mixed_precision")
     p.add_argument("--tsuika-set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="extra Tsuika options, e.g. train.compile=true")
+    p.add_argument("--no-rates", action="store_true",
+                   help="skip the FLOP count and the matmul-rate measurement (slow in bf16 "
+                        "on CPUs without native bf16)")
     p.add_argument("--impl", choices=("tsuika", "reference"), help=argparse.SUPPRESS)
     args = p.parse_args()
+    args.model = args.model or CONFIGS[args.family][args.config]
     if args.impl:
         worker(args)
         return
@@ -198,7 +284,7 @@ def main() -> None:
         for impl in ("tsuika", "reference"):
             cmd = [sys.executable, __file__, "--impl", impl] + [
                 f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
-                if k not in ("impl", "tsuika_set") and v is not None]
+                if k not in ("impl", "tsuika_set", "no_rates") and v is not None]
             cmd += [f"--tsuika-set={s}" for s in args.tsuika_set]
             out = subprocess.run(cmd, capture_output=True, text=True)
             line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
@@ -208,8 +294,6 @@ def main() -> None:
             print(impl, runs[impl][-1], flush=True)
     med = {k: {m: statistics.median(r[m] for r in v) for m in v[0] if isinstance(v[0][m], float)}
            for k, v in runs.items()}
-    flops = unet_step_flops(args.model, args.resolution, args.device, args.method)
-    rate32, rate16 = matmul_rate(args.device)
     t, r = med["tsuika"], med["reference"]
     print(f"\nmodel {args.model}, {args.resolution}x{args.resolution}, batch 1, "
           f"device {args.device}")
@@ -218,7 +302,12 @@ def main() -> None:
     print(f"s/step      tsuika {t['s_per_step']:.3f}  reference {r['s_per_step']:.3f}  "
           f"ratio {t['s_per_step'] / r['s_per_step']:.2f}")
     mem = "peak_vram_gib" if "peak_vram_gib" in t else "peak_rss_gib"
-    print(f"{mem:12s}tsuika {t[mem]:.2f}  reference {r[mem]:.2f}  ratio {t[mem] / r[mem]:.2f}")
+    print(f"{mem:12s}tsuika {t[mem]:.2f}  reference {r[mem]:.2f}  ratio {t[mem] / r[mem]:.2f}",
+          flush=True)
+    if args.no_rates:
+        return
+    flops = unet_step_flops(args.model, args.resolution, args.device, args.method)
+    rate32, rate16 = matmul_rate(args.device)
     print(f"UNet {args.method}-step FLOPs {flops / 1e9:.1f} G; matmul rate fp32 {rate32 / 1e9:.0f} "
           f"GFLOP/s, bf16 {rate16 / 1e9:.0f} GFLOP/s")
     tflops = flops * t["images_per_s"]

@@ -42,8 +42,15 @@ def supported_comfy_models() -> dict[str, str]:
     return {kind: f.name for f in FAMILIES.values() for kind in f.facts.host_models}
 
 
+# ComfyUI's ModelType names -> the prediction types the backend trains. EDM and flow
+# models (Playground v2.5, EDM v-prediction fine-tunes) have other noise schedules: training
+# them with the DDPM schedule would teach the wrong thing, so they are refused by name.
+HOST_PREDICTION = {"EPS": "epsilon", "V_PREDICTION": "v_prediction"}
+
+
 def comfy_family(model) -> str:
-    """The backend family of a ComfyUI MODEL, or a clear error naming what it is."""
+    """The backend family of a ComfyUI MODEL, or a clear error naming what it is (its kind,
+    or a noise schedule the backend does not train)."""
     from ..trainers.families import FAMILIES, family_for_host_model
 
     kind = type(model.model.model_config).__name__
@@ -53,7 +60,20 @@ def comfy_family(model) -> str:
         raise ValueError(f"model: this is a {kind} model; Tsuika trains "
                          f"{', '.join(supported_comfy_models())} models so far. Load an "
                          f"{names} checkpoint with Load Checkpoint.")
+    host_prediction_type(model)
     return family.name
+
+
+def host_prediction_type(model) -> str:
+    """The prediction type of a ComfyUI MODEL as the backend names it; a clear error for a
+    model ComfyUI samples with another schedule (EDM, flow)."""
+    schedule = model.model.model_type.name
+    if schedule not in HOST_PREDICTION:
+        raise ValueError(f"model: ComfyUI loaded this checkpoint as a {schedule} model; Tsuika "
+                         f"trains {' and '.join(HOST_PREDICTION.values())} models only (model "
+                         f"types {', '.join(HOST_PREDICTION)}). Load an epsilon or "
+                         "v-prediction checkpoint.")
+    return HOST_PREDICTION[schedule]
 
 
 def free_host_memory() -> None:
@@ -66,6 +86,31 @@ def free_host_memory() -> None:
     gc.collect()
     mm.soft_empty_cache()
     give_back_freed_memory()  # freed heap pages back to the OS: the server's RSS shrinks too
+
+
+def offload_host_copies(model, clip, vae) -> list[str]:
+    """Move ComfyUI's copies of MODEL / CLIP / VAE that still sit on an accelerator after
+    unloading to the CPU, so training has the device to itself (VRAM near the CLI's).
+
+    In ComfyUI's default memory modes unloading already puts them in RAM; with
+    ``--highvram`` / ``--gpu-only`` the offload device is the GPU itself and they would stay
+    there beside the training copy. ComfyUI moves them back by itself the next time a node
+    needs them (its own ``unpatch_model(device_to=...)`` also records where they are).
+    Returns the names of what was moved."""
+    moved = []
+    cpu = torch.device("cpu")
+    for name, patcher in (("MODEL", model), ("CLIP", getattr(clip, "patcher", None)),
+                          ("VAE", getattr(vae, "patcher", None))):
+        module = getattr(patcher, "model", None)
+        if not isinstance(module, torch.nn.Module):
+            continue
+        tensors = (*module.parameters(), *module.buffers())
+        if any(t.device.type != "cpu" for t in tensors):
+            patcher.unpatch_model(device_to=cpu)
+            moved.append(name)
+    if moved:
+        log.info("moved ComfyUI's %s to the CPU while training", ", ".join(moved))
+    return moved
 
 
 def _drop_frame_locals(exc: BaseException | None) -> None:
@@ -105,13 +150,23 @@ def bundle_from_comfy(model, clip, vae) -> ModelBundle:
     from ..trainers.families import get_family
 
     family = get_family(comfy_family(model))
+    pred = host_prediction_type(model)
     free_host_memory()  # unpatches shared weights, so we read the originals
+    offload_host_copies(model, clip, vae)
     with torch.inference_mode(False):
         # ComfyUI hands back the original checkpoint layout, which the family's own hook reads.
         sd = model.model.state_dict_for_saving(clip.get_sd(), vae.get_sd())
-        sd = {k: v.detach().clone() for k, v in sd.items()}
-        pred = "v_prediction" if model.model.model_type.name == "V_PREDICTION" else "epsilon"
-        bundle = family.bundle_from_ldm(sd, source_name="ComfyUI model", prediction_type=pred)
+        for key in list(sd):
+            # In place, one tensor at a time: tensors ComfyUI built for the dict (SDXL's fused
+            # OpenCLIP attention weights) are freed as soon as they are copied.
+            sd[key] = sd[key].detach().clone()
+        if getattr(model.model.model_config, "sampling_settings", {}).get("zsnr"):
+            # ComfyUI read the file's "ztsnr" marker into its sampling settings and does not
+            # write it back: put it where a single file has it.
+            sd["ztsnr"] = torch.tensor([])
+        # consume: the copies are ours, so each is dropped once its module holds it.
+        bundle = family.bundle_from_ldm(sd, source_name="ComfyUI model", prediction_type=pred,
+                                        consume=True)
     return bundle
 
 

@@ -14,12 +14,20 @@ from tsuika.trainers.formats.safetensors_io import load_safetensors
 class _FakeComfyModel:
     """The parts of a ComfyUI MODEL / CLIP / VAE the bridge reads."""
 
-    def __init__(self, kind: str, ldm: dict, v_prediction: bool = False):
-        config_cls = type(kind, (), {})
-        model_type = types.SimpleNamespace(name="V_PREDICTION" if v_prediction else "EPS")
+    def __init__(self, kind: str, ldm: dict, v_prediction: bool = False,
+                 model_type: str | None = None, sampling_settings: dict | None = None):
+        config_cls = type(kind, (), {"sampling_settings": dict(sampling_settings or {})})
+        model_type = types.SimpleNamespace(
+            name=model_type or ("V_PREDICTION" if v_prediction else "EPS"))
+        self.handed_out: list[dict] = []  # the dicts state_dict_for_saving returned
+
+        def state_dict_for_saving(clip_sd, vae_sd):
+            self.handed_out.append(dict(ldm))  # a fresh dict of the same tensors, as ComfyUI's
+            return self.handed_out[-1]
+
         self.model = types.SimpleNamespace(
             model_config=config_cls(), model_type=model_type,
-            state_dict_for_saving=lambda clip_sd, vae_sd: dict(ldm))
+            state_dict_for_saving=state_dict_for_saving)
 
 
 def test_the_host_model_table_comes_from_the_families():
@@ -27,7 +35,7 @@ def test_the_host_model_table_comes_from_the_families():
 
     table = _host.supported_comfy_models()
     assert table == {kind: f.name for f in FAMILIES.values() for kind in f.facts.host_models}
-    assert table["SD15"] == "sd15" and family_for_host_model("SDXL") is None
+    assert table["SD15"] == "sd15" and family_for_host_model("Flux") is None
     for family in FAMILIES.values():
         # Every fact a family states names things the rest of the code knows.
         assert family_facts(family.name) is family.facts
@@ -54,6 +62,75 @@ def test_bundle_from_comfy_uses_the_family_hook_with_the_hosts_prediction_type(
 def test_an_unsupported_host_model_is_refused_naming_it(tiny_model):
     from tsuika.nodes import _host
 
-    with pytest.raises(ValueError, match=r"this is a SDXL model; Tsuika trains SD15 models "
-                                         r"so far\. Load an SD1\.x checkpoint"):
-        _host.comfy_family(_FakeComfyModel("SDXL", {}))
+    with pytest.raises(ValueError, match=r"this is a Flux model; Tsuika trains SD15, SDXL "
+                                         r"models so far\. Load an SD1\.x or SDXL checkpoint"):
+        _host.comfy_family(_FakeComfyModel("Flux", {}))
+
+
+@pytest.mark.parametrize("schedule", ["EDM", "V_PREDICTION_EDM", "FLOW"])
+def test_a_model_comfyui_samples_with_another_schedule_is_refused_naming_it(schedule):
+    from tsuika.nodes import _host
+
+    model = _FakeComfyModel("SD15", {}, model_type=schedule)
+    with pytest.raises(ValueError, match=rf"loaded this checkpoint as a {schedule} model; "
+                                         r"Tsuika trains epsilon and v_prediction models only"):
+        _host.comfy_family(model)  # what the train node calls before any work
+
+
+def test_bundle_from_comfy_copies_into_its_own_dict_and_keeps_the_zsnr_marker(
+        tiny_model, fake_comfy):
+    from tsuika.nodes import _host
+
+    ldm, _ = load_safetensors(tiny_model["single_file"])
+    before = {k: v.clone() for k, v in ldm.items()}
+    model = _FakeComfyModel("SD15", ldm, v_prediction=True,
+                            sampling_settings={"zsnr": True})  # what ComfyUI read from "ztsnr"
+    bundle = _host.bundle_from_comfy(model, types.SimpleNamespace(get_sd=dict),
+                                     types.SimpleNamespace(get_sd=dict))
+    assert bundle.extra["ldm_info"]["zero_terminal_snr"] is True
+    assert model.handed_out == [{}]  # consumed: no copy outlives its module's load
+    assert all(torch.equal(ldm[k], before[k]) for k in before)  # ComfyUI's tensors untouched
+    plain = _host.bundle_from_comfy(_FakeComfyModel("SD15", ldm), types.SimpleNamespace(
+        get_sd=dict), types.SimpleNamespace(get_sd=dict))
+    assert plain.extra["ldm_info"]["zero_terminal_snr"] is False
+
+
+class _Patcher:
+    """A ComfyUI ModelPatcher's part the offload reads: its module, and unpatch_model."""
+
+    def __init__(self, device: str):
+        self.model = torch.nn.Linear(2, 2, device=device)
+        self.calls: list[torch.device] = []
+
+    def unpatch_model(self, device_to=None, unpatch_weights=True):
+        self.calls.append(device_to)
+
+
+def test_host_copies_left_on_an_accelerator_are_offloaded_to_the_cpu_while_training():
+    from tsuika.nodes import _host
+
+    # "meta" stands for a GPU here: any non-CPU device (ComfyUI's --highvram keeps the
+    # unloaded UNet on its GPU); the CLIP and VAE already sit in RAM as after a plain unload.
+    model, clip_patcher, vae_patcher = _Patcher("meta"), _Patcher("cpu"), _Patcher("cpu")
+    moved = _host.offload_host_copies(model, types.SimpleNamespace(patcher=clip_patcher),
+                                      types.SimpleNamespace(patcher=vae_patcher))
+    assert moved == ["MODEL"]
+    assert model.calls == [torch.device("cpu")]  # through ComfyUI's own API: it tracks it
+    assert clip_patcher.calls == [] and vae_patcher.calls == []
+
+
+def test_an_sdxl_host_model_becomes_a_bundle_with_both_text_encoders(tmp_path, fake_comfy):
+    """What ComfyUI holds for an SDXL checkpoint (its original layout, as the single file of
+    the sdxl-tiny fixture) goes through the family's hook: no family named in the bridge."""
+    from tsuika.nodes import _host
+    from tsuika.trainers.fixtures import write_fixture
+
+    ldm, _ = load_safetensors(write_fixture("sdxl-tiny", tmp_path, seed=0)["single_file"])
+    proj = ldm["conditioner.embedders.1.model.text_projection"].clone()
+    bundle = _host.bundle_from_comfy(_FakeComfyModel("SDXL", ldm),
+                                     types.SimpleNamespace(get_sd=dict),
+                                     types.SimpleNamespace(get_sd=dict))
+    assert bundle.family == "sdxl" and bundle.prediction_type == "epsilon"
+    assert list(bundle.components) == ["unet", "text_encoder_1", "text_encoder_2"]
+    # OpenCLIP's projection (x @ P) is the transformers Linear's weight transposed
+    assert torch.equal(bundle.text_encoders[1].text_projection.weight, proj.T)
