@@ -51,7 +51,19 @@ def _metadata(path: Path) -> dict:
         return dict(f.metadata() or {})
 
 
-def test_workflows_and_examples_run_with_zero_unmatched_lora_keys(host_models, tmp_path):
+@pytest.fixture
+def example_checkpoints():
+    """The DreamBooth example publishes its checkpoint into ComfyUI's models/checkpoints:
+    removed again after the test (only files the test made)."""
+    folder = Path(COMFY) / "models" / "checkpoints"
+    before = set(folder.glob("tsuika_example_dreambooth*.safetensors"))
+    yield
+    for p in set(folder.glob("tsuika_example_dreambooth*.safetensors")) - before:
+        p.unlink()
+
+
+def test_workflows_and_examples_run_with_zero_unmatched_lora_keys(host_models, tmp_path,
+                                                                  example_checkpoints):
     report = tmp_path / "report.json"
     again = tmp_path / "requeued.json"  # the same graph queued twice: served from cache
     again.write_text((ROOT / "tests/workflows/train_then_generate.json").read_text())
