@@ -56,17 +56,21 @@ def _metadata(path: Path) -> dict:
         return dict(f.metadata() or {})
 
 
-def test_workflows_and_examples_run_with_zero_unmatched_lora_keys(host_models, tmp_path):
-    embeddings = Path(COMFY) / "models" / "embeddings"  # the embedding example publishes here
-    before = set(embeddings.glob("tsuika_example_embedding*"))
-    try:
-        _workflows_and_examples(host_models, tmp_path)
-    finally:
-        for p in set(embeddings.glob("tsuika_example_embedding*")) - before:
+@pytest.fixture
+def example_outputs():
+    """The examples publish a checkpoint (DreamBooth) and an embedding into ComfyUI's models
+    folders: removed again after the test (only files the test made)."""
+    made = {Path(COMFY) / "models" / "checkpoints": "tsuika_example_dreambooth*.safetensors",
+            Path(COMFY) / "models" / "embeddings": "tsuika_example_embedding*"}
+    before = {folder: set(folder.glob(pattern)) for folder, pattern in made.items()}
+    yield
+    for folder, pattern in made.items():
+        for p in set(folder.glob(pattern)) - before[folder]:
             p.unlink()
 
 
-def _workflows_and_examples(host_models, tmp_path):
+def test_workflows_and_examples_run_with_zero_unmatched_lora_keys(host_models, tmp_path,
+                                                                  example_outputs):
     report = tmp_path / "report.json"
     again = tmp_path / "requeued.json"  # the same graph queued twice: served from cache
     again.write_text((ROOT / "tests/workflows/train_then_generate.json").read_text())
