@@ -72,3 +72,39 @@ def test_example_trains_a_checkpoint_that_load_checkpoint_reads(host_models, tmp
     finally:
         for p in saved - before:
             p.unlink()
+
+
+def test_advanced_node_with_options_a_class_dataset_and_the_text_encoder(host_models, tmp_path):  # noqa: F811
+    """Train Checkpoint Advanced: options nodes reach the run (fp32 file), the node's own
+    name widget wins over the Saving Options one, a connected class dataset is used, and the
+    trained CLIP (train_text_encoder) comes back from the saved checkpoint."""
+    from safetensors import safe_open
+
+    name = "tsuika_checkpoint_advanced_test"
+    before = set(CHECKPOINTS.glob(f"{name}*.safetensors"))
+    assert not before, f"remove {sorted(before)} first"
+    out, report = tmp_path / "out", tmp_path / "report.json"
+    r = _run(["--models", str(host_models), "--output-dir", str(out), "--report", str(report),
+              "--show-log", str(ROOT / "tests/workflows/train_checkpoint_advanced.json")])
+    log = r.stdout + r.stderr
+    saved = set(CHECKPOINTS.glob(f"{name}*.safetensors")) | set(
+        CHECKPOINTS.glob("not_this_name*.safetensors"))
+    try:
+        assert r.returncode == 0 and "RESULT: PASS" in r.stdout, log[-6000:]
+        assert saved == {CHECKPOINTS / f"{name}.safetensors"}, saved
+        with safe_open(str(CHECKPOINTS / f"{name}.safetensors"), "pt") as f:
+            key = next(k for k in f.keys() if k.startswith("model.diffusion_model."))
+            assert str(f.get_tensor(key).dtype) == "torch.float32"  # Saving Options' save_dtype
+        assert "prior preservation: 12 class images" in log, log[-4000:]
+        assert "DreamBooth: " in log and " in 2 groups" in log, log[-4000:]  # UNet + text encoder
+        runs = json.loads(report.read_text())["workflows"]
+        text = runs[0]["raw_outputs"]["4"]["tsuika_report"][0]
+        assert text.startswith("trained 2 steps, loss ")
+        assert f"saved as {name}.safetensors in models/checkpoints" in text, text
+        assert list(out.glob("tsuika_checkpoint_advanced*.png"))
+        for complaint in ("unet missing", "unet unexpected", "clip missing",
+                          "no clip/text encoder weights"):
+            assert complaint not in log.lower(), f"ComfyUI: {complaint}\n" + log[-4000:]
+    finally:
+        for p in saved:
+            p.unlink()
