@@ -73,3 +73,18 @@ def test_drawn_class_images_have_a_folder_per_prompt_resolution_and_base_model(m
               _host.class_images_dir("a photo of a dog", 512, b)}
     assert folder not in others and len(others) == 3
     assert _host.class_images_dir("../../etc", None, a).parent == folder.parent  # no escape
+
+
+def test_a_hypernetwork_is_published_as_the_pt_its_loader_reads(models, tmp_path):
+    from tsuika.nodes import _host
+
+    run_file = tmp_path / "run" / "hn-step00000004.pt"
+    run_file.parent.mkdir()
+    run_file.write_bytes(b"plain data")
+    (models / "hypernetworks").mkdir(parents=True)
+    (models / "hypernetworks" / "hn-partial-step4.pt").write_bytes(b"the user's own")
+    name = _host.publish_partial(run_file, "hn", 4, "hypernetworks", ".pt")
+    assert name == "hn-partial-step4-2.pt"
+    assert (models / "hypernetworks" / "hn-partial-step4.pt").read_bytes() == b"the user's own"
+    assert _host.publish_file(run_file, "hn", "hypernetworks", suffix=".pt") == "hn.pt"
+    assert not list((models / "hypernetworks").glob("*.safetensors"))
