@@ -87,13 +87,16 @@ def check(work: Path, setting) -> dict:
         raise SystemExit(f"{sid}: lint failed:\n{est.stderr[-3000:]}")
     estimate = json.loads(est.stdout)["estimate"]
     out = work / "out" / sid
-    real = subprocess.run([sys.executable, "-c", RUN_TRAIN, "train", "--quiet",
+    real = subprocess.run([sys.executable, "-c", RUN_TRAIN, "train", "--quiet", "--set",
+                           f"data.dir={data}",
                            *_sets(model, data, out, resolution, batch, steps, extra)],
                           capture_output=True, text=True, env=env)
     line = [x for x in real.stderr.splitlines() if x.startswith("RESULT ")]
     if real.returncode or not line:
         raise SystemExit(f"{sid}: train failed:\n{real.stderr[-3000:]}")
     _, rc, seconds, cpu, peak = line[-1].split()
+    if rc != "0":  # the command's own error: no figure to compare with
+        raise SystemExit(f"{sid}: train exited with {rc}:\n{real.stderr[-3000:]}")
     return {"id": sid, "est_s": estimate["seconds"], "real_s": float(seconds),
             "est_cpu": estimate["cpu_seconds"], "real_cpu": float(cpu),
             "est_gib": estimate["peak_bytes"] / 2**30, "real_gib": int(peak) / 2**30,
