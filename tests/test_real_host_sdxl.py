@@ -24,19 +24,24 @@ HOST_KIND = {"sd15-hostable": "SD15", "sdxl-hostable": "SDXL"}
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    """``{fixture name: single file}`` written once, fp16 as checkpoints are shared, and a
-    ComfyUI models folder listing them."""
+def models(tmp_path_factory) -> Path:
+    """A ComfyUI models folder; ``_checkpoint`` writes a fixture into it when a test needs it."""
+    folder = tmp_path_factory.mktemp("models")
+    (folder / "checkpoints").mkdir()
+    return folder
+
+
+def _checkpoint(models: Path, name: str) -> Path:
+    """``models/checkpoints/<name>.safetensors`` (fp16, as checkpoints are shared), written
+    once per module."""
     from tsuika.trainers.fixtures import write_fixture
 
-    models = tmp_path_factory.mktemp("models")
-    (models / "checkpoints").mkdir()
-    files = {}
-    for name in HOST_KIND:
-        files[name] = write_fixture(name, models / "build" / name, dtype="fp16",
-                                    single_file_only=True)["single_file"]
-        os.symlink(files[name], models / "checkpoints" / f"{name}.safetensors")
-    return models, files
+    link = models / "checkpoints" / f"{name}.safetensors"
+    if not link.exists():
+        path = write_fixture(name, models / "build" / name, dtype="fp16",
+                             single_file_only=True)["single_file"]
+        os.symlink(path, link)
+    return link
 
 
 def _comfy_python() -> str:
@@ -44,14 +49,14 @@ def _comfy_python() -> str:
 
 
 @pytest.mark.parametrize("fixture", sorted(HOST_KIND))
-def test_noise_prediction_matches_comfyuis_own_model(checkpoints, fixture, tmp_path):
+def test_noise_prediction_matches_comfyuis_own_model(models, fixture, tmp_path):
     """The same checkpoint loaded by ComfyUI: its CLIP, encode_adm (pooled + size/crop ids)
     and apply_model against the host bridge's bundle, the family's encode_text and
     predict (tests/host_scripts/predict_match.py)."""
     report = tmp_path / "match.json"
     r = subprocess.run(
         [_comfy_python(), str(PREDICT), "--comfy", COMFY, "--checkpoint",
-         str(checkpoints[1][fixture]), "--report", str(report)],
+         str(_checkpoint(models, fixture)), "--report", str(report)],
         capture_output=True, text=True, timeout=1800, cwd=tmp_path,
         env={**os.environ, "PYTHONPATH": str(ROOT.parent), "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0 and report.is_file(), r.stdout[-3000:] + r.stderr[-5000:]
@@ -65,11 +70,11 @@ def test_noise_prediction_matches_comfyuis_own_model(checkpoints, fixture, tmp_p
         assert got["pooled_rel"] < 1e-3, got
 
 
-def test_sdxl_train_apply_sample_and_load_with_zero_unmatched_lora_keys(checkpoints, tmp_path):
+def test_sdxl_train_apply_sample_and_load_with_zero_unmatched_lora_keys(models, tmp_path):
     """Load Checkpoint -> Train LoRA (UNet and both text encoders) -> KSampler, the saved
     file through LoraLoader, and the shipped SDXL example, with ComfyUI's log showing no
     unmatched LoRA key (--strict-lora)."""
-    models, _ = checkpoints
+    _checkpoint(models, "sdxl-hostable")
     out = tmp_path / "out"
     saved = LORAS / "tsuika_sdxl_test.safetensors"
     wf = ROOT / "tests/workflows"
@@ -97,21 +102,21 @@ def test_sdxl_train_apply_sample_and_load_with_zero_unmatched_lora_keys(checkpoi
         (LORAS / "tsuika_sdxl_example.safetensors").unlink(missing_ok=True)
 
 
-def test_sdxl_dreambooth_checkpoint_loads_and_samples_in_comfyui(checkpoints, tmp_path):
+def test_sdxl_dreambooth_checkpoint_loads_and_samples_in_comfyui(models, tmp_path):
     """A DreamBooth checkpoint trained from the SDXL hostable model, loaded by
     CheckpointLoaderSimple (detected as SDXL, no missing or unexpected keys) and sampled."""
     from tsuika.trainers.config import build_config
     from tsuika.trainers.loop import train
 
     cfg = build_config(overrides=[
-        f"model.path={checkpoints[1]['sdxl-hostable']}",
+        f"model.path={_checkpoint(models, 'sdxl-hostable')}",
         f"data.dir={ROOT / 'examples/sample_data/heart'}", f"output.dir={tmp_path / 'train'}",
         "output.name=tsuika_sdxl_dreambooth", "network.method=dreambooth", "train.steps=2",
         "data.resolution=64", "train.learning_rate=1e-5", "train.device=cpu"])
     result = train(cfg)
-    models = tmp_path / "models"
-    (models / "checkpoints").mkdir(parents=True)
-    os.symlink(result.file_path, models / "checkpoints" / "tsuika_sdxl_dreambooth.safetensors")
+    trained = tmp_path / "models"
+    (trained / "checkpoints").mkdir(parents=True)
+    os.symlink(result.file_path, trained / "checkpoints" / "tsuika_sdxl_dreambooth.safetensors")
     graph = json.loads((ROOT / "tests/workflows/sdxl_load_saved_lora.json").read_text())
     graph["1"]["inputs"]["ckpt_name"] = "tsuika_sdxl_dreambooth.safetensors"
     del graph["2"]  # no LoRA: the checkpoint itself
@@ -121,7 +126,7 @@ def test_sdxl_dreambooth_checkpoint_loads_and_samples_in_comfyui(checkpoints, tm
     wf = tmp_path / "sdxl_dreambooth_checkpoint.json"
     wf.write_text(json.dumps(graph))
     out = tmp_path / "out"
-    r = _run(["--models", str(models), "--output-dir", str(out), "--timeout", "2400",
+    r = _run(["--models", str(trained), "--output-dir", str(out), "--timeout", "2400",
               "--show-log", str(wf)])
     log = r.stdout + r.stderr
     assert r.returncode == 0 and "RESULT: PASS" in r.stdout, log[-6000:]
