@@ -55,6 +55,6 @@ def test_bundle_from_comfy_uses_the_family_hook_with_the_hosts_prediction_type(
 def test_an_unsupported_host_model_is_refused_naming_it(tiny_model):
     from tsuika.nodes import _host
 
-    with pytest.raises(ValueError, match=r"this is a SDXL model; Tsuika trains SD15 models "
-                                         r"so far\. Load an SD1\.x checkpoint"):
-        _host.comfy_family(_FakeComfyModel("SDXL", {}))
+    with pytest.raises(ValueError, match=r"this is a SD3 model; Tsuika trains SD15, SDXL "
+                                         r"models so far\. Load an SD1\.x or SDXL checkpoint"):
+        _host.comfy_family(_FakeComfyModel("SD3", {}))
