@@ -35,7 +35,8 @@ def test_the_host_model_table_comes_from_the_families():
 
     table = _host.supported_comfy_models()
     assert table == {kind: f.name for f in FAMILIES.values() for kind in f.facts.host_models}
-    assert table["SD15"] == "sd15" and family_for_host_model("Flux") is None
+    assert table["SD15"] == "sd15" and family_for_host_model("SDXL").name == "sdxl"
+    assert family_for_host_model("Flux") is None
     for family in FAMILIES.values():
         # Every fact a family states names things the rest of the code knows.
         assert family_facts(family.name) is family.facts
