@@ -61,6 +61,9 @@ class FamilyFacts:
             whose weights this family's ``bundle_from_ldm`` reads.
         text_encoders: the bundle's text-encoder component names; their kohya prefixes are
             in ``formats.lora_keys.COMPONENTS``.
+        embedding_keys: with several text encoders, each one's key in an embedding file
+            (ComfyUI's and A1111's ``clip_l`` / ``clip_g``), in ``text_encoders`` order; empty:
+            named by width (a single encoder writes ``emb_params``).
     """
 
     display_name: str
@@ -71,6 +74,7 @@ class FamilyFacts:
     implementation: str = "diffusers"
     host_models: tuple[str, ...] = ()
     text_encoders: tuple[str, ...] = ("text_encoder",)
+    embedding_keys: tuple[str, ...] = ()
 
 
 class Family(Protocol):

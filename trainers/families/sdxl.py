@@ -54,7 +54,8 @@ class SdxlFamily:
                         architecture="stable-diffusion-xl-v1-base", resolution=1024,
                         implementation="https://github.com/Stability-AI/generative-models",
                         host_models=("SDXL",),
-                        text_encoders=("text_encoder_1", "text_encoder_2"))
+                        text_encoders=("text_encoder_1", "text_encoder_2"),
+                        embedding_keys=("clip_l", "clip_g"))
 
     # -- detection and loading ------------------------------------------------------------
     def detect(self, path: Path) -> bool:

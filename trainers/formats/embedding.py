@@ -74,7 +74,8 @@ def encoder_key(width: int) -> str:
     return ENCODER_KEYS[width]
 
 
-def embedding_tensors(vectors: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+def embedding_tensors(vectors: list[torch.Tensor],
+                      keys: list[str] | tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
     """The file's tensors for one token's vectors per text encoder, in the bundle's order.
 
     One encoder gives ``{"emb_params": (n, width)}``; several give one key per encoder named
@@ -82,6 +83,8 @@ def embedding_tensors(vectors: list[torch.Tensor]) -> dict[str, torch.Tensor]:
 
     Args:
         vectors: per text encoder, a (vectors, width) tensor; all with the same vector count.
+        keys: with several encoders, their keys in order (the family's
+            ``FamilyFacts.embedding_keys``); empty: named by width.
 
     Raises:
         EmbeddingFormatError: no vectors, a tensor that is not 2-D, counts that differ, or
@@ -98,7 +101,10 @@ def embedding_tensors(vectors: list[torch.Tensor]) -> dict[str, torch.Tensor]:
                                    f"{[v.shape[0] for v in vectors]}.")
     if len(vectors) == 1:
         return {SINGLE_KEY: vectors[0]}
-    keys = [encoder_key(v.shape[1]) for v in vectors]
+    keys = list(keys) or [encoder_key(v.shape[1]) for v in vectors]
+    if len(keys) != len(vectors):
+        raise EmbeddingFormatError(f"{len(vectors)} text encoders but {len(keys)} embedding "
+                                   f"keys {keys}.")
     if len(set(keys)) != len(keys):
         raise EmbeddingFormatError(f"two text encoders share the key {keys}; cannot write "
                                    "them into one file.")

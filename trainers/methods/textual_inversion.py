@@ -166,7 +166,7 @@ class TextualInversionMethod:
         widths = [te.get_input_embeddings().weight.shape[1] for te in bundle.text_encoders]
         if len(widths) > 1:
             try:
-                keys = [encoder_key(w) for w in widths]
+                keys = list(_embedding_keys(bundle)) or [encoder_key(w) for w in widths]
             except EmbeddingFormatError as e:
                 raise MethodError(f"network.method = 'textual_inversion': {e}") from None
             if len(set(keys)) != len(keys):
@@ -251,7 +251,8 @@ class TextualInversionMethod:
         """``emb_params`` (one encoder) or ``clip_l`` / ``clip_g`` ... (several)."""
         from ..formats.embedding import embedding_tensors
 
-        return embedding_tensors([layer.vectors.detach() for layer in self.layers(bundle)])
+        return embedding_tensors([layer.vectors.detach() for layer in self.layers(bundle)],
+                                 _embedding_keys(bundle))
 
     def file_metadata(self, config: TsuikaConfig, bundle: ModelBundle,
                       metadata: dict[str, str]) -> dict[str, str]:
@@ -263,3 +264,11 @@ class TextualInversionMethod:
                 META_INIT: net.init_word,
                 "modelspec.architecture": f"{metadata.get('modelspec.architecture', '')}"
                                           "/textual-inversion".lstrip("/")}
+
+
+def _embedding_keys(bundle: ModelBundle) -> tuple[str, ...]:
+    """The family's embedding-file key of each text encoder (SDXL: clip_l, clip_g); empty
+    when it names none (keys by width)."""
+    from ..families import family_facts
+
+    return family_facts(bundle.family).embedding_keys
