@@ -153,12 +153,13 @@ def _main(argv: list[str] | None) -> int:
     configure_logging(rank)
     try:
         if getattr(args, "run", None) is not None:  # sub-commands in their own cli_* modules
-            out = args.run(args)  # an exit code, or the lines to show (cli_tools.py)
-            if isinstance(out, int):
-                return out
-            for line in out:
+            # A sub-command returns the lines to show, or (lines, exit code): only this
+            # program module writes to stdout.
+            out = args.run(args)
+            lines, code = out if isinstance(out, tuple) else (out, 0)
+            for line in lines:
                 print(line)
-            return 0
+            return code
         if args.command == "options":
             _print_options()
             return 0

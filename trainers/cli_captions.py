@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 
 def add_parser(sub) -> None:
@@ -49,7 +48,7 @@ def add_parser(sub) -> None:
     c.set_defaults(run=run_caption)
 
 
-def run_caption(args: argparse.Namespace) -> int:
+def run_caption(args: argparse.Namespace) -> list[str]:
     """Caption the folder; Ctrl-C stops after the current batch, keeping what was written."""
     import logging
 
@@ -66,11 +65,10 @@ def run_caption(args: argparse.Namespace) -> int:
                                                                      done, total))
     for path in result.empty:
         log.warning("no caption for %s (the model gave none)", path.name)
-    sys.stdout.write(f"wrote {len(result.written)} caption files; {len(result.kept)} kept\n")
-    return 0
+    return [f"wrote {len(result.written)} caption files; {len(result.kept)} kept"]
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> list[str]:
     from .captioning.tools import (
         TagEdit,
         edit_caption_folder,
@@ -96,8 +94,7 @@ def run(args: argparse.Namespace) -> int:
                "unchanged": result.unchanged, "written": args.write,
                "without_caption_file": [rel(p) for p in result.without_file],
                "tag_frequency": freq}
-        sys.stdout.write(json.dumps(out, indent=2, ensure_ascii=False) + "\n")
-        return 0
+        return [json.dumps(out, indent=2, ensure_ascii=False)]
     verb = "rewrote" if args.write else "would change (run again with --write)"
     lines = [f"{verb} {len(result.changes)} caption files; {result.unchanged} unchanged"]
     lines += [f"  {rel(p)}: {o!r} -> {n!r}" for p, (o, n) in result.changes.items()]
@@ -107,5 +104,4 @@ def run(args: argparse.Namespace) -> int:
     if args.freq:
         lines += ["tag frequency (captions holding the tag):",
                   frequency_table(freq, len(scan.items))]
-    sys.stdout.write("\n".join(lines) + "\n")
-    return 0
+    return lines

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 STRICT_EXIT = 5
 
@@ -40,7 +39,7 @@ def add_parser(sub) -> None:
     p.set_defaults(run=run)
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> tuple[list[str], int]:
     """Run the check and print it; errors propagate to the CLI's one-line handler."""
     from .config import load_config
     from .data.folder import scan_folder
@@ -70,7 +69,6 @@ def run(args: argparse.Namespace) -> int:
     report = check_dataset(scan, config.data, tokenizers, trigger_word=args.trigger,
                            batch_size=config.train.batch_size, max_distance=distance)
     report.estimate = estimate
-    # The command's output (stdout), not a log line: the library never prints.
-    sys.stdout.write((json.dumps(report.to_dict(), indent=2, ensure_ascii=False) if args.json
-                      else report.to_text()) + "\n")
-    return STRICT_EXIT if args.strict and report.findings else 0
+    text = (json.dumps(report.to_dict(), indent=2, ensure_ascii=False) if args.json
+            else report.to_text())
+    return [text], (STRICT_EXIT if args.strict and report.findings else 0)
