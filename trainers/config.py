@@ -315,6 +315,10 @@ class TrainConfig(_Section):
                                  "(it equals the weights until then).", min=0)
     ema_every: int = opt(1, "With train.ema_decay: update the average every N steps.",
                          min=1, max=10_000)
+    offload_text_encoders: bool = opt(
+        True, "When no text encoder trains and captions are fixed (no shuffling or dropout): "
+        "encode every caption once before the first step, then move the text encoders off the "
+        "GPU for the run (SDXL's two: 1.6 GB); previews bring them back for a moment.")
 
     def text_encoder_lrs(self) -> dict[str, float]:
         """The learning rate of each text-encoder component (the kohya names'

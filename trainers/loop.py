@@ -40,6 +40,7 @@ from .optimizers import (
 from .prepare import TrainingData
 from .run_io import FIX_LR, RunWriter, open_output
 from .state import TrainingState, load_resume
+from .text_conditioning import TextConditioning
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +121,7 @@ class TrainingRun:
         self.samples_before = self.out.sample(self.family, self.bundle, self.precision, step=0,
                                               cb=self.cb)
         self._prepare_method()
+        self._encode_captions_once()
         self._make_optimizer()
         self._prepare_ema()
         self._resume()
@@ -178,15 +180,17 @@ class TrainingRun:
         for warning in data.scan.warnings:
             cb.on_message(f"warning: {warning}")
         self.out.identity = run_identity(config, bundle, data.scan.fingerprint())  # before training
+        if acc is not None and not acc.is_main_process:
+            acc.wait_for_everyone()  # rank 0 draws class images and fills the shared cache first
+        # The VAE alone on the device while it encodes: at 1024 px its activations and an
+        # SDXL UNet beside it would set the run's peak (measured in docs/BENCHMARKS.md).
+        hits, encoded = data.fill_latent_cache()
         _move(bundle.unet, device, self.unet_dtype)
         for te in bundle.text_encoders:
             te.to(device, self.te_dtype)
         if self.is_main:
             prior.generate_missing(config, self.family, bundle, self.precision, cb)  # base model
-        if acc is not None and not acc.is_main_process:
-            acc.wait_for_everyone()  # rank 0 draws class images and fills the shared cache first
         self.class_data = prior.class_data(config, bundle, self.precision, self.out.cache_dir)
-        hits, encoded = data.fill_latent_cache()
         if self.class_data is not None:
             class_hits, class_encoded = self.class_data.fill_latent_cache()
             cb.on_message(f"prior preservation: {len(self.class_data.examples)} class images; "
@@ -204,7 +208,8 @@ class TrainingRun:
         torch.manual_seed(config.train.seed)  # adapter initialisation draws from the global RNG
         self.groups = self.method.prepare(config, bundle)
         self.train_te = self.method.trains_text_encoder(config)
-        self.text_cache: dict[str, dict] = {}
+        self.text = TextConditioning(self.family, bundle, self.device,
+                                     cacheable=self.data.captions_static and not self.train_te)
         if config.train.gradient_checkpointing:
             bundle.unet.enable_gradient_checkpointing()
         bundle.unet.train()
@@ -214,6 +219,22 @@ class TrainingRun:
             # Until the run ends (or fails): the plain weights come back when the scope closes.
             self.scope.enter_context(packed_frozen_convs(bundle.unet,
                                                          config.train.cpu_prepack_pixels))
+
+    def _encode_captions_once(self) -> None:
+        """Every caption's conditioning before the first step, then the text encoders off
+        the accelerator (``train.offload_text_encoders``), when no caption can change."""
+        if not (self.config.train.offload_text_encoders and self.text.cacheable):
+            return
+        captions = [d.fixed_captions() for d in (self.data, self.class_data) if d is not None]
+        if any(c is None for c in captions):
+            return
+        with self.precision.context():
+            count = self.text.encode_all([c for cs in captions for c in cs])
+        moved = self.text.offload()
+        self.scope.callback(self.text.restore)  # where they were, when the run ends or fails
+        if moved:
+            self.cb.on_message(f"text encoders moved off {self.device} ({moved / 2**30:.2f} GiB) "
+                               f"after encoding the {count} captions once")
 
     def _make_optimizer(self) -> None:
         """The optimizer over the method's parameter groups, and the learning-rate schedule."""
@@ -297,8 +318,7 @@ class TrainingRun:
         target = noise if bundle.prediction_type == "epsilon" else \
             noise_sched.get_velocity(latents, noise, t)
         with torch.set_grad_enabled(self.train_te), precision.context():
-            cond = _encode(self.family, bundle, batch.captions, device, self.text_cache,
-                           cache_ok=self.data.captions_static and not self.train_te)
+            cond = self.text(batch.captions)
         if batch.time_ids is not None:  # per-sample size / crop conditioning (SDXL)
             cond = dict(cond, time_ids=batch.time_ids.to(device))
         # Dropout inside the adapters uses the global RNG: seed it per micro-batch.
@@ -432,18 +452,6 @@ def _preflight(config, bundle, scan, cb) -> str:
 def _move(module: torch.nn.Module, device, dtype) -> None:
     # torch's own .to(): diffusers' override warns about fp32-kept modules these models lack.
     torch.nn.Module.to(module, device=device, dtype=dtype)
-
-
-def _encode(family, bundle, captions, device, cache, cache_ok):
-    if not cache_ok:
-        return family.encode_text(bundle, captions, device)
-    missing = [c for c in dict.fromkeys(captions) if c not in cache]
-    if missing:
-        with torch.no_grad():
-            enc = family.encode_text(bundle, missing, device)
-        for i, c in enumerate(missing):
-            cache[c] = {k: v[i:i + 1].detach() for k, v in enc.items()}
-    return {k: torch.cat([cache[c][k] for c in captions]) for k in cache[captions[0]]}
 
 
 def _min_snr_weight(alphas_cumprod, t, gamma, prediction_type):

@@ -102,6 +102,14 @@ class TrainingData:
     def captions_static(self) -> bool:
         return self.augment.is_static
 
+    def fixed_captions(self) -> list[str] | None:
+        """Every caption the run will use, when each image's caption is the same at every
+        step (no shuffling, dropout or method-made captions); None otherwise."""
+        if not self.captions_static or self.caption_hook is not None:
+            return None
+        rng = random.Random(0)  # a static augmentation draws nothing from it
+        return list(dict.fromkeys(self.augment.apply(ex.caption, rng) for ex in self.examples))
+
     def fill_latent_cache(self) -> tuple[int, int]:
         """Encode every (image, flip variant) once; returns (cache hits, newly encoded)."""
         if self.cache is None:
