@@ -4,7 +4,8 @@ modelled.
 The estimate runs the real loop (``loop.TrainingRun``) for a few steps on a probe: a copy of
 a few of the dataset's own images (from its most common bucket, so the batches are full),
 with the run's options, in a throwaway folder with its own cache. Each phase is timed:
-loading the model, scanning and caching the images (per image), the sample round before
+loading the model, scanning and caching the images and encoding their captions (per
+image), the sample round before
 training, each step, the final save and what comes after it (the last samples, the loss
 plot). The run's time is then
 
@@ -32,7 +33,6 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from unittest import mock
 
 import torch
 
@@ -138,30 +138,23 @@ class _TimedRun(TrainingRun):
 
     def _prepare_data(self) -> None:
         # The per-image parts of the data phase (scan, pre-flight, latent cache) are timed on
-        # their own: the rest (moving the models, the run's identity) does not grow with the
-        # dataset. The loop looks both up in its module when it runs, so they are swapped
-        # for timed ones only while this probe's data phase runs.
-        from . import loop
-
+        # their own (``per_image``): the rest (moving the models, the run's identity) does
+        # not grow with the dataset.
         self.times["per_image"] = self.cpu["per_image"] = 0.0
+        self._phase("data", super()._prepare_data)
 
-        def timed(fn):
-            def wrapper(*args, **kwargs):
-                t, c = time.perf_counter(), time.process_time()
-                try:
-                    return fn(*args, **kwargs)
-                finally:
-                    self.times["per_image"] += time.perf_counter() - t
-                    self.cpu["per_image"] += time.process_time() - c
-            return wrapper
+    @contextlib.contextmanager
+    def per_image(self):
+        t, c = time.perf_counter(), time.process_time()
+        try:
+            yield
+        finally:
+            self.times["per_image"] += time.perf_counter() - t
+            self.cpu["per_image"] += time.process_time() - c
 
-        class TimedData(loop.TrainingData):
-            __init__ = timed(loop.TrainingData.__init__)
-            fill_latent_cache = timed(loop.TrainingData.fill_latent_cache)
-
-        with mock.patch.object(loop, "TrainingData", TimedData), \
-                mock.patch.object(loop, "_preflight", timed(loop._preflight)):
-            self._phase("data", super()._prepare_data)
+    def encode_captions_once(self) -> None:
+        # Every distinct caption up front (train.offload_text_encoders): grows with the data.
+        self._phase("captions", super().encode_captions_once)
 
     def _prepare_method(self) -> None:
         # Between the end of the data phase and here: the sample round before training.
@@ -277,7 +270,7 @@ def _extrapolate(config: TsuikaConfig, times: dict, steps_seen: list[float], end
     warmup = max(0.0, steps_seen[0] - steady)
     fixed = times["data"] - times["per_image"]
     # Copies of one image (a bucket with fewer images than a batch) hit the cache: per file.
-    setup = times["load"] + fixed + times["per_image"] / distinct * n
+    setup = times["load"] + fixed + (times["per_image"] + times["captions"]) / distinct * n
     rounds = 0
     if prompts:
         rounds = 2 + ((config.train.steps - 1) // config.sample.every

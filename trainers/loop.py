@@ -114,6 +114,11 @@ class TrainingRun:
         self.step_count = 0
 
     # -- setup ------------------------------------------------------------------------------
+    def per_image(self) -> contextlib.AbstractContextManager:
+        """Around the data phase's work that grows with the number of images (scan,
+        pre-flight check, latent cache): the estimate's probe times it (trainers/estimate.py)."""
+        return contextlib.nullcontext()
+
     def setup(self) -> None:
         """Everything before the first step, in an order resumed runs depend on."""
         self._load_model()
@@ -121,7 +126,7 @@ class TrainingRun:
         self.samples_before = self.out.sample(self.family, self.bundle, self.precision, step=0,
                                               cb=self.cb)
         self._prepare_method()
-        self._encode_captions_once()
+        self.encode_captions_once()
         self._make_optimizer()
         self._prepare_ema()
         self._resume()
@@ -170,11 +175,12 @@ class TrainingRun:
         _move(bundle.vae, device, torch.float32)
         prior.check_class_dir(config)
         hook = getattr(self.method, "caption", None)  # the instance data's, not the class's
-        self.data = data = TrainingData(
-            config, bundle, self.precision, self.out.cache_dir, scan=self.scan,
-            caption_hook=None if hook is None else functools.partial(hook, config))
-        if self.is_main:  # the pre-flight check, shown with the start report (scan done)
-            self.preflight = _preflight(config, bundle, data.scan, cb)
+        with self.per_image():
+            self.data = data = TrainingData(
+                config, bundle, self.precision, self.out.cache_dir, scan=self.scan,
+                caption_hook=None if hook is None else functools.partial(hook, config))
+            if self.is_main:  # the pre-flight check, shown with the start report (scan done)
+                self.preflight = _preflight(config, bundle, data.scan, cb)
         for skipped in data.scan.skipped:
             cb.on_message(f"skipped {skipped.path}: {skipped.reason}")
         for warning in data.scan.warnings:
@@ -184,7 +190,8 @@ class TrainingRun:
             acc.wait_for_everyone()  # rank 0 draws class images and fills the shared cache first
         # The VAE alone on the device while it encodes: at 1024 px its activations and an
         # SDXL UNet beside it would set the run's peak (measured in docs/BENCHMARKS.md).
-        hits, encoded = data.fill_latent_cache()
+        with self.per_image():
+            hits, encoded = data.fill_latent_cache()
         _move(bundle.unet, device, self.unet_dtype)
         for te in bundle.text_encoders:
             te.to(device, self.te_dtype)
@@ -220,7 +227,7 @@ class TrainingRun:
             self.scope.enter_context(packed_frozen_convs(bundle.unet,
                                                          config.train.cpu_prepack_pixels))
 
-    def _encode_captions_once(self) -> None:
+    def encode_captions_once(self) -> None:
         """Every caption's conditioning before the first step, then the text encoders off
         the accelerator (``train.offload_text_encoders``), when no caption can change."""
         if not (self.config.train.offload_text_encoders and self.text.cacheable):
