@@ -108,3 +108,35 @@ def test_advanced_node_with_options_a_class_dataset_and_the_text_encoder(host_mo
     finally:
         for p in saved:
             p.unlink()
+
+
+def test_cancelled_checkpoint_is_published_whole_where_load_checkpoint_lists_it(host_models,  # noqa: F811
+                                                                               tmp_path):
+    """Cancel keeps what was trained: a partial checkpoint in models/checkpoints with every
+    UNet, VAE and text-encoder tensor of the base model (a file Load Checkpoint reads), and
+    the node says where it is and how to resume."""
+    from safetensors import safe_open
+
+    pattern = "tsuika_ckpt_cancel_test-partial-step*"
+    before = set(CHECKPOINTS.glob(pattern))
+    r = _run(["--models", str(host_models), "--output-dir", str(tmp_path / "out"),
+              "--timeout", "120", "--show-log",
+              str(ROOT / "tests/workflows_negative/train_checkpoint_until_cancelled.json"),
+              "--expect-fail", "train_checkpoint_until_cancelled.json"])
+    log = r.stdout + r.stderr
+    partial = set(CHECKPOINTS.glob(pattern)) - before
+    try:
+        assert r.returncode == 0 and "interrupt sent and honoured" in log, log[-6000:]
+        assert "Processing interrupted" in log and "cancelled at step" in log, log[-6000:]
+        assert "turn on 'resume' on this node" in log, log[-6000:]
+        assert [p.suffix for p in partial] == [".safetensors"], (partial, log[-3000:])
+        with safe_open(next(iter(partial)), "pt") as f:
+            saved = set(f.keys())
+        with safe_open(host_models / "checkpoints" / "sd15-hostable.safetensors", "pt") as f:
+            base = {k for k in f.keys() if k.startswith(("model.diffusion_model.",
+                                                         "first_stage_model.",
+                                                         "cond_stage_model."))}
+        assert base <= saved, sorted(base - saved)[:5]
+    finally:
+        for p in partial:
+            p.unlink()
