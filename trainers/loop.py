@@ -190,6 +190,8 @@ class TrainingRun:
             acc.wait_for_everyone()  # rank 0 draws class images and fills the shared cache first
         # The VAE alone on the device while it encodes: at 1024 px its activations and an
         # SDXL UNet beside it would set the run's peak (measured in docs/BENCHMARKS.md).
+        if data.cache is not None:  # the VAE's hash (in every cache key): once, not per image
+            _ = data.vae_hash
         with self.per_image():
             hits, encoded = data.fill_latent_cache()
         _move(bundle.unet, device, self.unet_dtype)

@@ -11,6 +11,7 @@ size conditioning SDXL wants; a cache entry stores them beside the latent.
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 from dataclasses import dataclass
@@ -110,11 +111,17 @@ class TrainingData:
         rng = random.Random(0)  # a static augmentation draws nothing from it
         return list(dict.fromkeys(self.augment.apply(ex.caption, rng) for ex in self.examples))
 
+    @functools.cached_property
+    def vae_hash(self) -> str:
+        """The VAE's weights' hash, part of every latent's cache key: once per run (it reads
+        every VAE weight, whatever the number of images)."""
+        return module_hash(self.bundle.vae)
+
     def fill_latent_cache(self) -> tuple[int, int]:
         """Encode every (image, flip variant) once; returns (cache hits, newly encoded)."""
         if self.cache is None:
             return 0, 0
-        vae_hash = module_hash(self.bundle.vae)
+        vae_hash = self.vae_hash
         hits = encoded = 0
         flips = (False, True) if self.config.data.flip else (False,)
         for i, ex in enumerate(self.examples):
