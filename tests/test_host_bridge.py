@@ -207,3 +207,20 @@ def test_a_written_text_encoder_gets_its_own_copy_and_the_rest_stays_shared(
     assert shared["unet"] == 0 and shared["text_encoder"] == 0 and shared["vae"] > 0
     key = "model.diffusion_model.out.2.weight"
     assert torch.equal(bundle.unet.conv_out.weight, ldm[key])  # same values, own storage
+
+
+def test_the_bundle_keeps_comfyuis_dtypes_and_only_the_vae_is_cast(tiny_model, fake_comfy):
+    """ComfyUI's fp16 tensors stay fp16 and shared (the run casts what its compute needs,
+    once); the VAE is fp32 everywhere, so an fp16 VAE is the one cast here."""
+    from tsuika.nodes import _host
+
+    with torch.inference_mode():
+        ldm = {k: v.half() for k, v in load_safetensors(tiny_model["single_file"])[0].items()}
+    bundle = _host.bundle_from_comfy(_FakeComfyModel("SD15", ldm),
+                                     types.SimpleNamespace(get_sd=dict),
+                                     types.SimpleNamespace(get_sd=dict))
+    assert {p.dtype for p in bundle.unet.parameters()} == {torch.float16}
+    assert {p.dtype for p in bundle.text_encoders[0].parameters()} == {torch.float16}
+    assert {p.dtype for p in bundle.vae.parameters()} == {torch.float32}
+    shared = bundle.extra["host_shared_bytes"]
+    assert shared["unet"] and shared["text_encoder"] and shared["vae"] == 0, shared
