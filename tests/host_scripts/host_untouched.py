@@ -7,12 +7,13 @@ Run with ComfyUI's python (tests/test_real_host_sdxl.py does), ``tsuika`` import
 
 The checkpoint is loaded as Load Checkpoint loads it, under ``torch.inference_mode`` as
 ComfyUI runs its nodes (its weights are then inference tensors). Before and after each
-training (the methods in ``--methods``, through the host bridge the train nodes use,
-``nodes/_host.bundle_from_comfy`` with ``written_components``, and the backend loop), ComfyUI
-computes: its CLIP's conditioning of a prompt, its model's denoised estimate
-(``apply_model``) and its VAE's decode. The report says, per method, the MiB of the bundle's
-modules that lay in ComfyUI's storage, the largest difference of each output (0.0: bit for
-bit the same) and the run's losses. Prints one JSON line ``RESULT {...}``.
+training (each method in ``--methods``, LoRA with text-encoder adapters too, through the
+host bridge the train nodes use, ``nodes/_host.bundle_from_comfy`` with
+``written_components``, and the backend loop), ComfyUI computes: its CLIP's conditioning
+of a prompt, its model's denoised estimate (``apply_model``) and its VAE's decode. The
+report says, per method, the MiB of the bundle's modules that lay in ComfyUI's storage, the
+largest difference of each output (0.0: bit for bit the same) and the run's losses. Prints
+one JSON line ``RESULT {...}``.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ def main() -> None:
     p.add_argument("--comfy", required=True)
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--data", required=True, help="a captioned image folder")
-    p.add_argument("--methods", default="lora,dreambooth")
+    p.add_argument("--methods", default="lora,dreambooth,textual_inversion,hypernetwork")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--report", help="also write the JSON here")
     args = p.parse_args()
@@ -69,6 +70,8 @@ def main() -> None:
                     "data.resolution": 64, "network.method": method, "network.rank": 4,
                     "train.learning_rate": 1e-4, "train.mixed_precision": "no",
                     "train.device": "cpu", "sample.every": 0}
+            if method == "lora":  # its adapters on the text encoder too: grads through it
+                sets["network.train_text_encoder"] = "true"
             config = load_config(None, [f"{k}={v}" for k, v in sets.items()])
             written = _host.written_components(config)
             with torch.inference_mode(False), torch.enable_grad():  # as the train node runs
