@@ -8,7 +8,8 @@ each, on a hostable fixture checkpoint (``sd15-hostable`` or ``sdxl-hostable``, 
   encode / sampler (its MODEL and CLIP outputs are used).
 
 The figure is each server process's peak resident memory (``/proc/PID/status`` VmHWM) and
-their ratio (target: at most 1.2x).
+their ratio (target: at most 1.2x). ``--cli`` adds the same training run by ``tsuika train``
+alone (the calling Python, which must import ``tsuika``; its peak from ``wait4``).
 
     python benchmarks/graph_memory.py --comfy /work/comfy --python /work/comfy-venv/bin/python \\
         --fixture sdxl-hostable --steps 20 --resolution 64
@@ -63,6 +64,31 @@ def graph(ckpt: str, train: bool, steps: int, resolution: int) -> dict:
     return g
 
 
+def cli_peak_mib(checkpoint: Path, out: Path, steps: int, resolution: int,
+                 threads: int) -> float:
+    """Peak resident MiB of ``tsuika train`` doing what the train graph's node does (Train
+    LoRA (Simple): its widgets as ``graph`` sets them, every other option at its default)."""
+    import subprocess
+
+    sets = {"model.path": checkpoint, "data.dir": ROOT / DATASET, "output.dir": out,
+            "train.steps": steps, "train.learning_rate": 1e-4, "network.rank": 4,
+            "train.seed": 0, "data.resolution": resolution, "sample.every": 0}
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
+               PYTHONPATH=os.pathsep.join([str(ROOT.parent), os.environ.get("PYTHONPATH", "")]
+                                          ).rstrip(os.pathsep))
+    cmd = [sys.executable, "-m", "tsuika.trainers.cli", "train",
+           *(x for k, v in sets.items() for x in ("--set", f"{k}={v}"))]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # wait4: this child's own high-water mark (RUSAGE_CHILDREN would fold in the fixture
+    # writer's); ru_maxrss is in KiB on Linux.
+    _, status, usage = os.wait4(proc.pid, 0)
+    err = proc.stderr.read().decode(errors="replace")
+    proc.stderr.close()
+    if status != 0:
+        raise SystemExit(f"tsuika train failed ({status}):\n{err[-3000:]}")
+    return usage.ru_maxrss / 1024
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--comfy", default=os.environ.get("COMFYUI_DIR"), help="ComfyUI checkout")
@@ -74,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1, help="OMP/MKL threads of the server")
     p.add_argument("--work", help="keep models and outputs here (default: a temp folder)")
     p.add_argument("--harness", help="path of real_host.py (default: ../shared/tools)")
+    p.add_argument("--cli", action="store_true",
+                   help="also measure the same training by `tsuika train` alone")
     p.add_argument("--write-docs", action="store_true", help="update docs/BENCHMARKS.md")
     argv = sys.argv[1:] if argv is None else argv
     a = p.parse_args(argv)
@@ -99,6 +127,11 @@ def main(argv: list[str] | None = None) -> int:
                 peaks[label] = o.peak_mib
                 print(f"{label:22s} {o.seconds:7.1f}s  server RSS at start {start:6.0f} MiB, "
                       f"peak {o.peak_mib:6.0f} MiB", flush=True)
+        if a.cli:
+            shutil.rmtree(work / "cli_out", ignore_errors=True)  # a fresh run, not a resume
+            peaks["cli"] = cli_peak_mib(models / "checkpoints" / f"{a.fixture}.safetensors",
+                                        work / "cli_out", a.steps, a.resolution, a.threads)
+            print(f"{'tsuika train alone':22s} peak {peaks['cli']:6.0f} MiB", flush=True)
     finally:
         if not a.work:
             shutil.rmtree(work, ignore_errors=True)
@@ -108,7 +141,9 @@ def main(argv: list[str] | None = None) -> int:
             "| graph | server peak RSS MiB |\n| --- | ---: |\n"
             f"| generate | {peaks['generate']:.0f} |\n"
             f"| train then generate ({a.steps} steps, {a.resolution} px) | "
-            f"{peaks['train then generate']:.0f} |\n\n"
+            f"{peaks['train then generate']:.0f} |\n"
+            + (f"| `tsuika train` alone, the same run (process peak) | {peaks['cli']:.0f} |\n"
+               if "cli" in peaks else "") + "\n"
             f"Ratio: **{ratio:.2f}x** (target: at most 1.2x).")
     print(text)
     if a.write_docs:

@@ -1,15 +1,15 @@
 """The one bridge between Tsuika's backend and the ComfyUI host.
 
-Everything that touches ComfyUI internals lives here: turning the user's loaded MODEL / CLIP /
-VAE into the backend's diffusers modules, freeing ComfyUI's memory before training, progress
-and cancel, web events, folders, and applying a LoRA to MODEL + CLIP. The node modules stay
-thin callers of this and of ``trainers/``.
+Everything that touches ComfyUI internals lives here or in ``_host_models`` (the models side:
+the user's loaded MODEL / CLIP / VAE as the backend's modules sharing ComfyUI's tensors,
+freeing ComfyUI's memory, applying a LoRA to MODEL + CLIP, re-exported here): progress and
+cancel, web events, folders, a run's lifecycle in the server. The node modules stay thin
+callers of this and of ``trainers/``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import gc
 import logging
 import os
 import traceback
@@ -18,7 +18,18 @@ from pathlib import Path
 import torch
 
 from ..trainers.callbacks import Callbacks, SaveInfo, StepInfo
-from ..trainers.families.base import ModelBundle
+from ._host_models import (  # noqa: F401  (the bridge's one name space for the node modules)
+    HOST_PREDICTION,
+    apply_lora,
+    bundle_from_comfy,
+    comfy_family,
+    free_host_memory,
+    host_prediction_type,
+    load_checkpoint,
+    offload_host_copies,
+    supported_comfy_models,
+    written_components,
+)
 
 log = logging.getLogger(__name__)
 
@@ -32,85 +43,6 @@ class LoraDict(dict):
     def __init__(self, tensors: dict, metadata: dict | None = None):
         super().__init__(tensors)
         self.metadata = dict(metadata or {})
-
-
-def supported_comfy_models() -> dict[str, str]:
-    """ComfyUI model-config class name -> backend family name, read from the families' facts
-    (a new family lists its host models there, not here)."""
-    from ..trainers.families import FAMILIES
-
-    return {kind: f.name for f in FAMILIES.values() for kind in f.facts.host_models}
-
-
-# ComfyUI's ModelType names -> the prediction types the backend trains. EDM and flow
-# models (Playground v2.5, EDM v-prediction fine-tunes) have other noise schedules: training
-# them with the DDPM schedule would teach the wrong thing, so they are refused by name.
-HOST_PREDICTION = {"EPS": "epsilon", "V_PREDICTION": "v_prediction"}
-
-
-def comfy_family(model) -> str:
-    """The backend family of a ComfyUI MODEL, or a clear error naming what it is (its kind,
-    or a noise schedule the backend does not train)."""
-    from ..trainers.families import FAMILIES, family_for_host_model
-
-    kind = type(model.model.model_config).__name__
-    family = family_for_host_model(kind)
-    if family is None:
-        names = " or ".join(f.facts.display_name for f in FAMILIES.values())
-        raise ValueError(f"model: this is a {kind} model; Tsuika trains "
-                         f"{', '.join(supported_comfy_models())} models so far. Load an "
-                         f"{names} checkpoint with Load Checkpoint.")
-    host_prediction_type(model)
-    return family.name
-
-
-def host_prediction_type(model) -> str:
-    """The prediction type of a ComfyUI MODEL as the backend names it; a clear error for a
-    model ComfyUI samples with another schedule (EDM, flow)."""
-    schedule = model.model.model_type.name
-    if schedule not in HOST_PREDICTION:
-        raise ValueError(f"model: ComfyUI loaded this checkpoint as a {schedule} model; Tsuika "
-                         f"trains {' and '.join(HOST_PREDICTION.values())} models only (model "
-                         f"types {', '.join(HOST_PREDICTION)}). Load an epsilon or "
-                         "v-prediction checkpoint.")
-    return HOST_PREDICTION[schedule]
-
-
-def free_host_memory() -> None:
-    """Unload every model ComfyUI holds (also un-patching LoRAs baked into shared weights)."""
-    import comfy.model_management as mm
-
-    from ..trainers.device.host_memory import give_back_freed_memory
-
-    mm.unload_all_models()
-    gc.collect()
-    mm.soft_empty_cache()
-    give_back_freed_memory()  # freed heap pages back to the OS: the server's RSS shrinks too
-
-
-def offload_host_copies(model, clip, vae) -> list[str]:
-    """Move ComfyUI's copies of MODEL / CLIP / VAE that still sit on an accelerator after
-    unloading to the CPU, so training has the device to itself (VRAM near the CLI's).
-
-    In ComfyUI's default memory modes unloading already puts them in RAM; with
-    ``--highvram`` / ``--gpu-only`` the offload device is the GPU itself and they would stay
-    there beside the training copy. ComfyUI moves them back by itself the next time a node
-    needs them (its own ``unpatch_model(device_to=...)`` also records where they are).
-    Returns the names of what was moved."""
-    moved = []
-    cpu = torch.device("cpu")
-    for name, patcher in (("MODEL", model), ("CLIP", getattr(clip, "patcher", None)),
-                          ("VAE", getattr(vae, "patcher", None))):
-        module = getattr(patcher, "model", None)
-        if not isinstance(module, torch.nn.Module):
-            continue
-        tensors = (*module.parameters(), *module.buffers())
-        if any(t.device.type != "cpu" for t in tensors):
-            patcher.unpatch_model(device_to=cpu)
-            moved.append(name)
-    if moved:
-        log.info("moved ComfyUI's %s to the CPU while training", ", ".join(moved))
-    return moved
 
 
 def _drop_frame_locals(exc: BaseException | None) -> None:
@@ -139,43 +71,6 @@ def leave_host_as_found():
         raise
     finally:
         free_host_memory()
-
-
-def bundle_from_comfy(model, clip, vae) -> ModelBundle:
-    """Fresh diffusers/transformers modules holding copies of the user's loaded weights.
-
-    ComfyUI's weights are inference tensors shared by every clone of the model; the copies
-    are ordinary tensors, so training never touches what ComfyUI holds.
-    """
-    from ..trainers.families import get_family
-
-    family = get_family(comfy_family(model))
-    pred = host_prediction_type(model)
-    free_host_memory()  # unpatches shared weights, so we read the originals
-    offload_host_copies(model, clip, vae)
-    with torch.inference_mode(False):
-        # ComfyUI hands back the original checkpoint layout, which the family's own hook reads.
-        sd = model.model.state_dict_for_saving(clip.get_sd(), vae.get_sd())
-        for key in list(sd):
-            # In place, one tensor at a time: tensors ComfyUI built for the dict (SDXL's fused
-            # OpenCLIP attention weights) are freed as soon as they are copied.
-            sd[key] = sd[key].detach().clone()
-        if getattr(model.model.model_config, "sampling_settings", {}).get("zsnr"):
-            # ComfyUI read the file's "ztsnr" marker into its sampling settings and does not
-            # write it back: put it where a single file has it.
-            sd["ztsnr"] = torch.tensor([])
-        # consume: the copies are ours, so each is dropped once its module holds it.
-        bundle = family.bundle_from_ldm(sd, source_name="ComfyUI model", prediction_type=pred,
-                                        consume=True)
-    return bundle
-
-
-def apply_lora(model, clip, lora: dict, strength_model: float, strength_clip: float):
-    """MODEL and CLIP clones with ``lora`` patched in (the originals are untouched)."""
-    import comfy.sd
-
-    return comfy.sd.load_lora_for_models(model, clip, dict(lora), strength_model,
-                                         strength_clip)
 
 
 def run_dir(name: str) -> Path:
@@ -214,18 +109,6 @@ def class_images_dir(prompt: str, resolution, model) -> Path:
     slug = re.sub(r"[^A-Za-z0-9]+", "_", prompt).strip("_")[:40] or "class"
     return (Path(folder_paths.get_output_directory()) / "tsuika" / "class_images"
             / f"{slug}-{digest.hexdigest()[:12]}")
-
-
-def load_checkpoint(path: str | Path, with_clip: bool = True, with_vae: bool = False):
-    """(MODEL, CLIP, VAE) of a single-file checkpoint, as Load Checkpoint gives them; CLIP and
-    VAE are None unless asked for (a trained checkpoint's VAE is the graph's own)."""
-    import comfy.sd
-    import folder_paths
-
-    out = comfy.sd.load_checkpoint_guess_config(
-        str(path), output_vae=with_vae, output_clip=with_clip,
-        embedding_directory=folder_paths.get_folder_paths("embeddings"))
-    return out[0], out[1], out[2]
 
 
 def latest_state(name: str) -> str:

@@ -284,7 +284,8 @@ def run_training(spec: TrainNodeSpec, node_id, model, clip, vae, dataset,
             # ComfyUI runs nodes under inference_mode; training needs autograd back.
             with torch.inference_mode(False), torch.enable_grad():
                 result = train(config, progress, scan=dataset,
-                               bundle=_host.bundle_from_comfy(model, clip, vae))
+                               bundle=_host.bundle_from_comfy(
+                                   model, clip, vae, _host.written_components(config)))
         except TrainingStopped as e:
             stopped(spec, node_id, e, config.train.steps, name, advanced)
     done = Finished(node_id, spec, config, result, model, clip, vae, dataset,

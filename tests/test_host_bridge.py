@@ -57,7 +57,12 @@ def test_bundle_from_comfy_uses_the_family_hook_with_the_hosts_prediction_type(
     assert bundle.scheduler_config["prediction_type"] == "v_prediction"
     key = "model.diffusion_model.out.2.weight"
     assert torch.equal(bundle.unet.conv_out.weight, ldm[key])
-    assert bundle.unet.conv_out.weight.data_ptr() != ldm[key].data_ptr()  # a copy, not shared
+    # Nothing written asked: every module reads ComfyUI's own storage, no copy.
+    assert bundle.unet.conv_out.weight.data_ptr() == ldm[key].data_ptr()
+    shared = bundle.extra["host_shared_bytes"]
+    assert set(shared) == {"unet", "text_encoder", "vae"} and all(shared.values()), shared
+    stored = sum(t.numel() * t.element_size() for t in ldm.values())
+    assert sum(shared.values()) == stored  # all of it (position ids aside: not in the file)
 
 
 def test_an_unsupported_host_model_is_refused_naming_it(tiny_model):
@@ -135,3 +140,87 @@ def test_an_sdxl_host_model_becomes_a_bundle_with_both_text_encoders(tmp_path, f
     assert list(bundle.components) == ["unet", "text_encoder_1", "text_encoder_2"]
     # OpenCLIP's projection (x @ P) is the transformers Linear's weight transposed
     assert torch.equal(bundle.text_encoders[1].text_projection.weight, proj.T)
+
+
+def _inference_copy(ldm: dict) -> dict:
+    """The tensors as ComfyUI holds them: made under inference_mode (its nodes run there)."""
+    with torch.inference_mode():
+        return {k: v.clone() for k, v in ldm.items()}
+
+
+def _host_outputs(ldm: dict) -> dict[str, torch.Tensor]:
+    """What ComfyUI's model computes from its tensors: here the tensors themselves, compared
+    bit for bit (any write into them shows)."""
+    return {k: v.clone() for k, v in ldm.items()}
+
+
+@pytest.mark.parametrize("method,extra,written", [
+    ("lora", {"network.train_text_encoder": "true"}, set()),
+    ("dreambooth", {"train.learning_rate": "1e-4"}, {"unet"}),
+])
+def test_training_on_comfyuis_shared_tensors_never_writes_into_them(
+        tiny_model, image_folder, tmp_path, fake_comfy, method, extra, written):
+    """The bundle shares ComfyUI's inference tensors (no copy of what the run only reads),
+    trains through them (autograd saves a frozen base layer's weight), and after a whole
+    run ComfyUI's tensors are bit for bit what they were; DreamBooth's UNet, which it trains
+    in place, is the run's own copy."""
+    from conftest import tiny_overrides
+
+    from tsuika.nodes import _host
+    from tsuika.trainers.config import load_config
+    from tsuika.trainers.loop import train
+
+    ldm = _inference_copy(load_safetensors(tiny_model["single_file"])[0])
+    before = _host_outputs(ldm)
+    config = load_config(None, tiny_overrides(tiny_model["single_file"], image_folder,
+                                              tmp_path / "out", steps=3,
+                                              **{"network.method": method, **extra}))
+    assert _host.written_components(config) == written
+    bundle = _host.bundle_from_comfy(_FakeComfyModel("SD15", ldm),
+                                     types.SimpleNamespace(get_sd=dict),
+                                     types.SimpleNamespace(get_sd=dict), written)
+    shared = bundle.extra["host_shared_bytes"]
+    assert shared["vae"] and shared["text_encoder"]  # frozen: read from ComfyUI's storage
+    assert bool(shared["unet"]) == ("unet" not in written)
+    assert not any(p.is_inference() for m in bundle.components.values()
+                   for p in m.parameters())
+    conv_out = bundle.unet.conv_out.weight
+    result = train(config, bundle=bundle)
+    assert result.steps == 3 and all(torch.isfinite(torch.tensor(result.losses)))
+    changed = [k for k in before if not torch.equal(ldm[k], before[k])]
+    assert changed == []  # ComfyUI's model is exactly as it was
+    if method == "dreambooth":  # the run's own UNet did train
+        key = "model.diffusion_model.out.2.weight"
+        assert not torch.equal(conv_out.detach(), before[key])
+
+
+def test_a_written_text_encoder_gets_its_own_copy_and_the_rest_stays_shared(
+        tiny_model, fake_comfy):
+    from tsuika.nodes import _host
+
+    ldm = _inference_copy(load_safetensors(tiny_model["single_file"])[0])
+    bundle = _host.bundle_from_comfy(_FakeComfyModel("SD15", ldm),
+                                     types.SimpleNamespace(get_sd=dict),
+                                     types.SimpleNamespace(get_sd=dict),
+                                     {"unet", "text_encoders"})
+    shared = bundle.extra["host_shared_bytes"]
+    assert shared["unet"] == 0 and shared["text_encoder"] == 0 and shared["vae"] > 0
+    key = "model.diffusion_model.out.2.weight"
+    assert torch.equal(bundle.unet.conv_out.weight, ldm[key])  # same values, own storage
+
+
+def test_the_bundle_keeps_comfyuis_dtypes_and_only_the_vae_is_cast(tiny_model, fake_comfy):
+    """ComfyUI's fp16 tensors stay fp16 and shared (the run casts what its compute needs,
+    once); the VAE is fp32 everywhere, so an fp16 VAE is the one cast here."""
+    from tsuika.nodes import _host
+
+    with torch.inference_mode():
+        ldm = {k: v.half() for k, v in load_safetensors(tiny_model["single_file"])[0].items()}
+    bundle = _host.bundle_from_comfy(_FakeComfyModel("SD15", ldm),
+                                     types.SimpleNamespace(get_sd=dict),
+                                     types.SimpleNamespace(get_sd=dict))
+    assert {p.dtype for p in bundle.unet.parameters()} == {torch.float16}
+    assert {p.dtype for p in bundle.text_encoders[0].parameters()} == {torch.float16}
+    assert {p.dtype for p in bundle.vae.parameters()} == {torch.float32}
+    shared = bundle.extra["host_shared_bytes"]
+    assert shared["unet"] and shared["text_encoder"] and shared["vae"] == 0, shared

@@ -134,3 +134,35 @@ def test_sdxl_dreambooth_checkpoint_loads_and_samples_in_comfyui(models, tmp_pat
     for complaint in ("unet missing", "unet unexpected", "clip missing", "missing vae keys",
                       "no clip/text encoder weights"):  # ComfyUI's warnings (comfy/sd.py)
         assert complaint not in log.lower(), f"ComfyUI: {complaint}\n" + log[-4000:]
+
+
+UNTOUCHED = ROOT / "tests/host_scripts/host_untouched.py"
+
+
+def test_comfyuis_model_gives_the_same_output_after_a_training(models, tmp_path):
+    """The train nodes' bundle shares ComfyUI's tensors (nodes/_host_models.py): after a run
+    of every method through the bridge (LoRA with text-encoder adapters, DreamBooth, textual
+    inversion, hypernetwork), ComfyUI's CLIP, model and VAE compute bit for bit what they did
+    before (tests/host_scripts/host_untouched.py). SD1 fixture: a training on the SDXL one
+    would hold its fp32 text encoders (3 GiB) beside ComfyUI's on this machine."""
+    report = tmp_path / "untouched.json"
+    r = subprocess.run(
+        [_comfy_python(), str(UNTOUCHED), "--comfy", COMFY, "--checkpoint",
+         str(_checkpoint(models, "sd15-hostable")), "--data",
+         str(ROOT / "examples/sample_data/heart"), "--report", str(report)],
+        capture_output=True, text=True, timeout=1800, cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(ROOT.parent), "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0 and report.is_file(), r.stdout[-3000:] + r.stderr[-5000:]
+    got = json.loads(report.read_text())
+    assert got["comfy_model"] == "SD15", got
+    lora, dreambooth = got["methods"]["lora"], got["methods"]["dreambooth"]
+    # LoRA reads every weight from ComfyUI's storage; DreamBooth owns the UNet it trains.
+    assert lora["written"] == [] and all(v > 0 for v in lora["shared_mib"].values()), got
+    assert dreambooth["written"] == ["unet"] and dreambooth["shared_mib"]["unet"] == 0, got
+    assert dreambooth["shared_mib"]["vae"] > 0 and dreambooth["shared_mib"]["text_encoder"] > 0
+    others = [got["methods"][m] for m in ("textual_inversion", "hypernetwork")]
+    for run in others:  # frozen base weights: all of them read from ComfyUI's storage
+        assert run["written"] == [] and all(v > 0 for v in run["shared_mib"].values()), got
+    for run in (lora, dreambooth, *others):
+        assert len(run["losses"]) == 3, got
+        assert run["max_abs_diff"] == {"conditioning": 0.0, "denoised": 0.0, "decoded": 0.0}, got

@@ -69,6 +69,8 @@ def main() -> None:
 
     family = get_family(_host.comfy_family(model))
     bundle = _host.bundle_from_comfy(model, clip, vae)  # the bridge the train nodes use
+    for module in bundle.components.values():  # in ComfyUI's dtypes: fp32, as a run computes
+        torch.nn.Module.to(module, torch.float32)
     sched = DDPMScheduler.from_config(bundle.scheduler_config)
     a = sched.alphas_cumprod[args.t].float()
     noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise

@@ -144,7 +144,8 @@ class Sd15Family:
 
     def bundle_from_ldm(self, checkpoint: dict, metadata: dict | None = None,
                         source_name: str = "checkpoint",
-                        prediction_type: str | None = None, dtype: torch.dtype = torch.float32,
+                        prediction_type: str | None = None,
+                        dtype: torch.dtype | None = torch.float32,
                         consume: bool = False) -> ModelBundle:
         """Build the modules from an original-layout state dict (a single file's contents,
         or what a host like ComfyUI holds in memory).
@@ -154,7 +155,9 @@ class Sd15Family:
                 ``cond_stage_model.*`` tensors.
             metadata: the file's safetensors metadata (architecture hints).
             prediction_type: known prediction type; None reads it from the checkpoint.
-            dtype: the UNet's and text encoder's dtype (the VAE is always fp32).
+            dtype: the UNet's and text encoder's dtype (the VAE is always fp32); None
+                keeps each tensor's own (a host's tensors, shared: the run casts
+                what its compute needs).
             consume: empty ``checkpoint`` as its tensors are converted, so that each
                 module's original tensors are freed once it holds its own (a load then
                 peaks near the file's size plus one module, not twice the model).
@@ -185,7 +188,9 @@ class Sd15Family:
                     f"architecture (missing {missing[:5]}, unexpected {unexpected[:5]}).")
             # A file's tensors already in the target dtype are kept, not copied; torch's own
             # .to(): diffusers' override warns about fp32-kept modules.
-            torch.nn.Module.to(module, torch.float32 if module is vae else dtype)
+            target = torch.float32 if module is vae else dtype
+            if target is not None:
+                torch.nn.Module.to(module, target)
             sd.clear()  # the module holds what it needs; drop the originals now
         pred = prediction_type or conv.info.get("prediction_type", "epsilon")
         sched = read_config("sd15", "scheduler")

@@ -126,7 +126,7 @@ class SdxlFamily:
 
     def bundle_from_ldm(self, checkpoint: dict, metadata: dict | None = None,
                         source_name: str = "checkpoint", prediction_type: str | None = None,
-                        dtype: torch.dtype = torch.float32,
+                        dtype: torch.dtype | None = torch.float32,
                         consume: bool = False) -> ModelBundle:
         """Build the modules from an SDXL original-layout state dict (a single file, or what
         ComfyUI holds: ``conditioner.embedders.0/1`` text encoders).
@@ -136,7 +136,9 @@ class SdxlFamily:
                 ``conditioner.embedders.*`` tensors.
             metadata: the file's safetensors metadata (prediction type, ``tsuika.*`` hints).
             prediction_type: known prediction type; None reads it from the checkpoint.
-            dtype: the UNet's and text encoders' dtype (the VAE is always fp32).
+            dtype: the UNet's and text encoders' dtype (the VAE is always fp32); None
+                keeps each tensor's own (a host's tensors, shared: the run casts
+                what its compute needs).
             consume: empty ``checkpoint`` once converted (a load peaks near one model copy).
         """
         from accelerate import init_empty_weights
@@ -166,7 +168,9 @@ class SdxlFamily:
                 raise ModelLoadError(
                     f"model {source_name!r}: the {what} weights do not match the inferred "
                     f"architecture (missing {missing[:5]}, unexpected {unexpected[:5]}).")
-            torch.nn.Module.to(module, torch.float32 if module is vae else dtype)
+            target = torch.float32 if module is vae else dtype
+            if target is not None:
+                torch.nn.Module.to(module, target)
             sd.clear()
         pred = prediction_type or conv.info["prediction_type"]
         sched = read_config("sdxl", "scheduler")
