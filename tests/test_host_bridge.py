@@ -224,3 +224,45 @@ def test_the_bundle_keeps_comfyuis_dtypes_and_only_the_vae_is_cast(tiny_model, f
     assert {p.dtype for p in bundle.vae.parameters()} == {torch.float32}
     shared = bundle.extra["host_shared_bytes"]
     assert shared["unet"] and shared["text_encoder"] and shared["vae"] == 0, shared
+
+
+@pytest.mark.parametrize("method, extra, kept", [
+    ("lora", {}, True),
+    ("lora", {"network.train_text_encoder": "true"}, False),
+    ("textual_inversion", {"network.token": "tsktok", "network.init_word": "red"}, False)],
+    ids=["lora", "lora-te", "textual-inversion"])
+def test_frozen_shared_text_encoders_stay_as_stored_and_give_the_same_run(
+        tiny_model, image_folder, tmp_path, fake_comfy, method, extra, kept):
+    """ComfyUI's fp16 text encoders, frozen in the run: kept fp16 and shared (computing in
+    the run's fp32 a layer at a time) instead of cast whole, with the very losses of the
+    run that casts them; a method that trains the text encoders gets the whole cast."""
+    from conftest import tiny_overrides
+
+    from tsuika.nodes import _host
+    from tsuika.trainers.config import load_config
+    from tsuika.trainers.loop import train
+
+    with torch.inference_mode():
+        ldm = {k: v.half() if k.startswith("cond_stage_model.") else v.clone()
+               for k, v in load_safetensors(tiny_model["single_file"])[0].items()}
+    options = tiny_overrides(tiny_model["single_file"], image_folder, tmp_path / "shared",
+                             steps=3, **{"network.method": method, **extra})
+    config = load_config(None, options)
+    bundle = _host.bundle_from_comfy(_FakeComfyModel("SD15", ldm),
+                                     types.SimpleNamespace(get_sd=dict),
+                                     types.SimpleNamespace(get_sd=dict),
+                                     _host.written_components(config))
+    layer = next(m for m in bundle.text_encoders[0].modules() if isinstance(m, torch.nn.Linear))
+    storage = layer.weight.data_ptr()
+    shared_run = train(config, bundle=bundle)
+    assert (layer.weight.dtype == torch.float16 and layer.weight.data_ptr() == storage) == kept
+    # The same run on the same host model, told it is not shared: the encoder cast whole.
+    own = _host.bundle_from_comfy(_FakeComfyModel("SD15", ldm),
+                                  types.SimpleNamespace(get_sd=dict),
+                                  types.SimpleNamespace(get_sd=dict),
+                                  _host.written_components(config))
+    del own.extra["host_shared_bytes"]
+    own_run = train(load_config(None, tiny_overrides(
+        tiny_model["single_file"], image_folder, tmp_path / "own", steps=3,
+        **{"network.method": method, **extra})), bundle=own)
+    assert shared_run.losses == own_run.losses

@@ -26,6 +26,7 @@ from .callbacks import Callbacks, SaveInfo, StepInfo, TrainingStopped
 from .config import TsuikaConfig
 from .device import resolve_device, resolve_precision
 from .device.cpu_conv import packed_frozen_convs
+from .device.stored_dtype import StoredDtype
 from .ema import Ema, check_ema_fits, resume_ema
 from .families import ModelBundle, get_family, load_model
 from .guards import NonFiniteLoss, resume_into, run_identity
@@ -195,8 +196,17 @@ class TrainingRun:
         with self.per_image():
             hits, encoded = data.fill_latent_cache()
         _move(bundle.unet, device, self.unet_dtype)
+        # Frozen text encoders a host shares with us (ComfyUI's, in its fp16) stay as stored
+        # and compute in the run's dtype a layer at a time: a whole cast is a second copy
+        # of them beside the host's (3.1 GiB for SDXL on a CPU, docs/BENCHMARKS.md).
+        shared = "host_shared_bytes" in bundle.extra and \
+            not self.method.trains_text_encoder(config)
         for te in bundle.text_encoders:
-            te.to(device, self.te_dtype)
+            if shared:
+                torch.nn.Module.to(te, device=device)
+                self.scope.callback(StoredDtype(te, self.te_dtype).remove)
+            else:
+                te.to(device, self.te_dtype)
         if self.is_main:
             prior.generate_missing(config, self.family, bundle, self.precision, cb)  # base model
         self.class_data = prior.class_data(config, bundle, self.precision, self.out.cache_dir)
