@@ -143,3 +143,46 @@ def test_extract_apply_sample_and_bake_in_comfyui(tmp_path):
         merged.unlink(missing_ok=True)
         extracted.unlink(missing_ok=True)
         baked.unlink(missing_ok=True)
+
+
+GRID_EXAMPLE = Path(__file__).resolve().parents[1] / "example_workflows" / \
+    "tsuika_train_lora_step_strength_grid.json"
+
+
+def test_train_then_grid_example_as_shipped(tmp_path):
+    """The shipped train -> grid example: Train LoRA Advanced saves every 5 steps, the grid
+    node finds that run from the LoRA it returned and samples its 3 saved steps and final file
+    at 3 strengths with ComfyUI's KSampler, into one labelled image."""
+    import numpy as np
+    from PIL import Image
+
+    from tsuika.trainers.fixtures import write_fixture
+
+    models = tmp_path / "models"
+    base = write_fixture("sd15-hostable", models / "build", dtype="fp16")["single_file"]
+    (models / "checkpoints").mkdir()
+    os.symlink(base, models / "checkpoints" / "sd15-hostable.safetensors")
+    out, report = tmp_path / "out", tmp_path / "report.json"
+    r = _run(["--models", str(models), "--output-dir", str(out), "--report", str(report),
+              "--show-log", str(GRID_EXAMPLE)])
+    log = r.stdout + r.stderr
+    assert r.returncode == 0 and "RESULT: PASS" in r.stdout, log[-6000:]
+    shown = {k: v for run in json.loads(report.read_text())["workflows"]
+             for k, v in (run.get("raw_outputs") or {}).items()}
+    text = shown["5"]["tsuika_report"][0]
+    assert text.startswith("4 rows x 3 strengths"), text
+    runs = list((out / "tsuika" / "tsuika_example_grid").glob("run_*"))
+    assert len(runs) == 1 and len(list(runs[0].glob("*-step*.safetensors"))) == 3, runs
+    [png] = out.glob("tsuika_example_grid*.png")
+    img = np.asarray(Image.open(png).convert("RGB")).astype(np.float32) / 255
+    h, w = img.shape[:2]
+    left, top = w - 3 * 64, h - 4 * 64  # the label strip and the header
+    assert left > 20 and top > 10, img.shape
+    # a cell below its top rows (where a flag's letter may be drawn), inside its frame
+    cell = lambda r, c: img[top + r * 64 + 20:top + (r + 1) * 64 - 3,  # noqa: E731
+                            left + c * 64 + 3:left + (c + 1) * 64 - 3]
+    for r in range(1, 4):  # strength 0: the base model in every row, the same seed
+        assert np.abs(cell(r, 0) - cell(0, 0)).max() < 2 / 255
+    # the trained LoRA at strength 1 changes the image, more at the final step than step 5
+    change = lambda r: float(np.abs(cell(r, 2) - cell(r, 0)).mean())  # noqa: E731
+    assert change(3) > 0 and change(3) >= change(0), (change(0), change(3), text)
