@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from lora_made import random_lora
 
 from tsuika.trainers.cli import main
-from tsuika.trainers.formats.lora_state import LoraStateDict, LoraWeights
 from tsuika.trainers.formats.safetensors_io import load_safetensors, save_safetensors
 from tsuika.trainers.ops.merge import lora_delta
 
@@ -29,13 +29,7 @@ def sdxl(tmp_path_factory):
     folder = tmp_path_factory.mktemp("sdxl_tools")
     path = write_fixture("sdxl-tiny", folder / "model")["single_file"]
     bundle = load_model(path)
-    g = torch.Generator().manual_seed(7)
-    lsd = LoraStateDict()
-    for comp, module in PATHS:
-        w = bundle.components[comp].get_submodule(module).weight
-        lsd.add(comp, module, LoraWeights(torch.randn(2, *w.shape[1:], generator=g) * 0.1,
-                                          torch.randn(w.shape[0], 2, *([1, 1] * (w.ndim == 4)),
-                                                      generator=g) * 0.1, 2.0), "test")
+    lsd = random_lora(bundle, PATHS, rank=2, seed=7)
     lora = save_safetensors(folder / "made.safetensors", lora_tensors(lsd, torch.float32))
     return path, bundle, lsd, lora, folder
 
