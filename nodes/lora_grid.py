@@ -82,8 +82,8 @@ class TsuikaLoRAGrid(io.ComfyNode):
                 io.Clip.Input("clip", tooltip="The base model's CLIP."),
                 io.Vae.Input("vae", tooltip="The VAE that decodes the cells."),
                 io.String.Input("strengths", default="0.5, 1.0",
-                                tooltip="The columns: LoRA strengths (model and CLIP), "
-                                        "separated by commas."),
+                                tooltip="The columns (drawn lowest first): LoRA strengths "
+                                        "of model and CLIP, separated by commas."),
                 io.String.Input("prompt", default="", multiline=True,
                                 tooltip="The prompt of every cell (put the trigger word in)."),
                 io.String.Input("negative", default="", tooltip="The negative prompt."),

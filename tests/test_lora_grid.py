@@ -19,6 +19,7 @@ def _lora(path, **meta):
 def test_parse_strengths_and_names():
     assert grid.parse_strengths("0.5, 1 1.5") == [0.5, 1.0, 1.5]
     assert grid.parse_strengths("-1,0") == [-1.0, 0.0]
+    assert grid.parse_strengths("1, 0.5 0") == [0.0, 0.5, 1.0]  # columns lowest first
     for bad, word in (("", "empty"), ("0.5, x", "'x' is not a number"),
                       ("1, 1", "repeats"), ("20", "outside"), ("nan", "outside")):
         with pytest.raises(GridError, match=word):

@@ -44,7 +44,8 @@ class GridRow:
 
 
 def parse_strengths(text: str, widget: str = "strengths") -> list[float]:
-    """The strengths of ``text`` ("0.5, 0.75 1"), in the order given.
+    """The strengths of ``text`` ("0.5, 0.75 1"), lowest first (the strength change compares
+    a column with the next lower strength).
 
     Args:
         text: numbers separated by commas or spaces.
@@ -67,7 +68,7 @@ def parse_strengths(text: str, widget: str = "strengths") -> list[float]:
         raise GridError(f"{widget}: {len(values)} strengths; at most {MAX_STRENGTHS} fit a grid.")
     if len(set(values)) != len(values):
         raise GridError(f"{widget}: {text!r} repeats a strength; give each once.")
-    return values
+    return sorted(values)
 
 
 def parse_names(text: str) -> list[str]:
