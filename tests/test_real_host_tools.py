@@ -155,15 +155,49 @@ def test_train_then_grid_example_as_shipped(tmp_path):
     base = write_fixture("sd15-hostable", models / "build", dtype="fp16")["single_file"]
     (models / "checkpoints").mkdir()
     os.symlink(base, models / "checkpoints" / "sd15-hostable.safetensors")
+    # after the example, in the same server: the run by its name plus two LoRA files from
+    # models/loras as rows; and a file name that is not there, refused at validation
+    from tsuika.trainers.families import load_model
+    from tsuika.trainers.formats.safetensors_io import save_safetensors
+    from tsuika.trainers.tools.lora_files import lora_tensors
+
+    (models / "loras").mkdir()
+    bundle = load_model(base, dtype=torch.float16)
+    for i, name in enumerate(("grid_a", "grid_b")):
+        save_safetensors(models / "loras" / f"{name}.safetensors", lora_tensors(
+            random_lora(bundle, TRAINED, rank=4, seed=i, scale=0.3), torch.float16))
+    del bundle
+
+    def files_grid(names):
+        return {"g1": {"class_type": "CheckpointLoaderSimple",
+                       "inputs": {"ckpt_name": "sd15-hostable.safetensors"}},
+                "g2": {"class_type": "TsuikaLoRAGrid", "inputs": {
+                    "model": ["g1", 0], "clip": ["g1", 1], "vae": ["g1", 2],
+                    "strengths": "1, 0", "prompt": "a heart", "negative": "",
+                    "sample_seed": 1, "steps": 2, "cfg": 1.0, "sampler_name": "euler",
+                    "scheduler": "normal", "width": 64, "height": 64,
+                    "change_threshold": 0.01, "run_name": "tsuika_example_grid",
+                    "lora_names": names}},
+                "g3": {"class_type": "SaveImage", "inputs": {
+                    "images": ["g2", 0], "filename_prefix": "tsuika_grid_files"}}}
+    files, bad = tmp_path / "grid_files.json", tmp_path / "grid_bad_name.json"
+    files.write_text(json.dumps(files_grid("grid_a.safetensors\ngrid_b.safetensors")))
+    bad.write_text(json.dumps(files_grid("grid_a.safetensors\nnot_there.safetensors")))
     out, report = tmp_path / "out", tmp_path / "report.json"
     r = _run(["--models", str(models), "--output-dir", str(out), "--report", str(report),
-              "--show-log", str(GRID_EXAMPLE)])
+              "--show-log", str(GRID_EXAMPLE), str(files), str(bad),
+              "--expect-fail", bad.name])
     log = r.stdout + r.stderr
     assert r.returncode == 0 and "RESULT: PASS" in r.stdout, log[-6000:]
+    assert "'not_there.safetensors' is not a file in models/loras" in log, log[-4000:]
     shown = {k: v for run in json.loads(report.read_text())["workflows"]
              for k, v in (run.get("raw_outputs") or {}).items()}
     text = shown["5"]["tsuika_report"][0]
     assert text.startswith("4 rows x 3 strengths"), text
+    assert shown["g2"]["tsuika_report"][0].startswith("6 rows x 2 strengths"), shown["g2"]
+    [files_png] = out.glob("tsuika_grid_files*.png")
+    fw, fh = Image.open(files_png).size
+    assert fw > 2 * 64 and 6 * 64 < fh < 6 * 64 + 64, (fw, fh)
     runs = list((out / "tsuika" / "tsuika_example_grid").glob("run_*"))
     assert len(runs) == 1 and len(list(runs[0].glob("*-step*.safetensors"))) == 3, runs
     [png] = out.glob("tsuika_example_grid*.png")
