@@ -180,7 +180,6 @@ class TsuikaResizeLoRA(_RankedNode):
 class TsuikaBakeLoRA(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-
         return io.Schema(
             node_id="TsuikaBakeLoRA", display_name="Bake LoRA into Checkpoint (Tsuika)",
             category="Tsuika/merge",
@@ -213,7 +212,6 @@ class TsuikaBakeLoRA(io.ComfyNode):
     @classmethod
     def execute(cls, ckpt_name, lora_name, strength_model, strength_clip, filename, save_dtype,
                 overwrite) -> io.NodeOutput:
-
         from ..trainers.tools.bake import bake_file
 
         target = _checkpoint_target(filename)
@@ -280,7 +278,6 @@ class TsuikaMergeCheckpoints(io.ComfyNode):
     @classmethod
     def execute(cls, ckpt_a, ckpt_b, mode, ratios, ckpt_c, filename, save_dtype,
                 overwrite) -> io.NodeOutput:
-
         from ..trainers.tools.checkpoint_merge import merge_checkpoints
 
         target = _checkpoint_target(filename)
@@ -341,7 +338,6 @@ class TsuikaMergeLoRAs(io.ComfyNode):
 class TsuikaInspectLoRA(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-
         return io.Schema(
             node_id="TsuikaInspectLoRA", display_name="Inspect LoRA (Tsuika)",
             category="Tsuika/lora",
@@ -354,7 +350,6 @@ class TsuikaInspectLoRA(io.ComfyNode):
 
     @classmethod
     def execute(cls, lora_name) -> io.NodeOutput:
-
         from ..trainers.tools.inspect import inspect_file, report_lines
 
         lines = report_lines(inspect_file(_full_path("loras", lora_name)))
