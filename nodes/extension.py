@@ -15,6 +15,7 @@ class TsuikaExtension(ComfyExtension):
             TsuikaEditCaptionText,
         )
         from .lora import TsuikaApplyLoRA, TsuikaSaveLoRA
+        from .lora_grid import TsuikaLoRAGrid
         from .lora_tools import (
             TsuikaBakeLoRA,
             TsuikaExtractLoRA,
@@ -39,4 +40,4 @@ class TsuikaExtension(ComfyExtension):
                 TsuikaTrainEmbeddingAdvanced, TsuikaExtractLoRA, TsuikaResizeLoRA,
                 TsuikaBakeLoRA, TsuikaMergeCheckpoints, TsuikaMergeLoRAs, TsuikaInspectLoRA,
                 TsuikaCaptionDataset, TsuikaCheckDataset, TsuikaEditCaptions,
-                TsuikaEditCaptionText]
+                TsuikaEditCaptionText, TsuikaLoRAGrid]

@@ -60,7 +60,54 @@ def _report(headline: str, reports) -> dict:
     return ui_report("\n".join([headline, "largest errors:", *lines, *tail]))
 
 
-class TsuikaExtractLoRA(io.ComfyNode):
+def _tensors_and_metadata(lora) -> tuple[dict, dict]:
+    """A LORA_MODEL's tensors and metadata (ComfyUI's own LORA_MODEL has none)."""
+    return dict(lora), dict(getattr(lora, "metadata", None) or {})
+
+
+def _file_input(name: str, kind: str, tooltip: str):
+    """A combo of the files ComfyUI lists in its ``kind`` models folders."""
+    import folder_paths
+
+    return io.Combo.Input(name, options=folder_paths.get_filename_list(kind), tooltip=tooltip)
+
+
+def _full_path(kind: str, name: str) -> str:
+    """The file ``name`` of ComfyUI's ``kind`` folders (ComfyUI refuses other names)."""
+    import folder_paths
+
+    return folder_paths.get_full_path_or_raise(kind, name)
+
+
+def _checkpoint_file_inputs(default: str, what: str) -> list:
+    """The inputs of a node that writes a checkpoint into models/checkpoints."""
+    return [
+        io.String.Input("filename", default=default,
+                        tooltip="A plain file name without extension for models/checkpoints."),
+        io.Combo.Input("save_dtype", options=["fp16", "bf16", "fp32"], default="fp16",
+                       tooltip=f"Precision of {what}."),
+        io.Boolean.Input("overwrite", default=False,
+                         tooltip="Replace an existing file of the same name."),
+    ]
+
+
+def _checkpoint_target(filename: str):
+    """models/checkpoints/<filename>.safetensors, after refusing a name that is not plain."""
+    check_plain_name("filename", filename)
+    return _host.checkpoints_dir() / f"{filename}.safetensors"
+
+
+class _RankedNode(io.ComfyNode):
+    """A node with the rank-rule inputs (``_rule_inputs``): validates them."""
+
+    @classmethod
+    def validate_inputs(cls, rank_mode=None, rank_value=None, clamp_quantile=None, **_):
+        _check_rule(rank_mode, rank_value)
+        check_number("clamp_quantile", clamp_quantile, 0.5, 1.0)
+        return True
+
+
+class TsuikaExtractLoRA(_RankedNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -88,12 +135,6 @@ class TsuikaExtractLoRA(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, rank_mode=None, rank_value=None, clamp_quantile=None, **_):
-        _check_rule(rank_mode, rank_value)
-        check_number("clamp_quantile", clamp_quantile, 0.5, 1.0)
-        return True
-
-    @classmethod
     def execute(cls, model, clip, model_base, clip_base, vae, rank, rank_mode, rank_value,
                 clamp_quantile, conv_rank, text_encoder) -> io.NodeOutput:
         from ..trainers.tools.lora_files import extracted_lora
@@ -112,7 +153,7 @@ class TsuikaExtractLoRA(io.ComfyNode):
         return io.NodeOutput(_host.LoraDict(tensors, meta), ui=_report(headline, reports))
 
 
-class TsuikaResizeLoRA(io.ComfyNode):
+class TsuikaResizeLoRA(_RankedNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -127,17 +168,11 @@ class TsuikaResizeLoRA(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, rank_mode=None, rank_value=None, clamp_quantile=None, **_):
-        _check_rule(rank_mode, rank_value)
-        check_number("clamp_quantile", clamp_quantile, 0.5, 1.0)
-        return True
-
-    @classmethod
     def execute(cls, lora, rank, rank_mode, rank_value, clamp_quantile) -> io.NodeOutput:
         from ..trainers.tools.lora_files import resize_tensors
 
         tensors, meta, reports, headline = resize_tensors(
-            dict(lora), getattr(lora, "metadata", {}), _rule(rank, rank_mode, rank_value),
+            *_tensors_and_metadata(lora), _rule(rank, rank_mode, rank_value),
             clamp_quantile=clamp_quantile, source="lora")
         return io.NodeOutput(_host.LoraDict(tensors, meta), ui=_report(headline, reports))
 
@@ -145,30 +180,20 @@ class TsuikaResizeLoRA(io.ComfyNode):
 class TsuikaBakeLoRA(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        import folder_paths
-
         return io.Schema(
             node_id="TsuikaBakeLoRA", display_name="Bake LoRA into Checkpoint (Tsuika)",
             category="Tsuika/merge",
             description="Write a checkpoint with a LoRA folded into its weights, into "
                         "models/checkpoints (Load Checkpoint lists it at once).",
             inputs=[
-                io.Combo.Input("ckpt_name", options=folder_paths.get_filename_list("checkpoints"),
-                               tooltip="The base checkpoint."),
-                io.Combo.Input("lora_name", options=folder_paths.get_filename_list("loras"),
-                               tooltip="The LoRA (kohya, LyCORIS LoCon, diffusers/peft or "
-                                       "ComfyUI layout)."),
+                _file_input("ckpt_name", "checkpoints", "The base checkpoint."),
+                _file_input("lora_name", "loras", "The LoRA (kohya, LyCORIS LoCon, "
+                                                  "diffusers/peft or ComfyUI layout)."),
                 io.Float.Input("strength_model", default=1.0, min=-10.0, max=10.0, step=0.01,
                                tooltip="The LoRA's strength on the UNet."),
                 io.Float.Input("strength_clip", default=1.0, min=-10.0, max=10.0, step=0.01,
                                tooltip="The LoRA's strength on the text encoder(s)."),
-                io.String.Input("filename", default="tsuika_baked",
-                                tooltip="A plain file name without extension for "
-                                        "models/checkpoints."),
-                io.Combo.Input("save_dtype", options=["fp16", "bf16", "fp32"], default="fp16",
-                               tooltip="Precision of the checkpoint's weights."),
-                io.Boolean.Input("overwrite", default=False,
-                                 tooltip="Replace an existing file of the same name."),
+                *_checkpoint_file_inputs("tsuika_baked", "the checkpoint's weights"),
             ],
             outputs=[io.String.Output(display_name="path")],
             is_output_node=True,
@@ -187,14 +212,11 @@ class TsuikaBakeLoRA(io.ComfyNode):
     @classmethod
     def execute(cls, ckpt_name, lora_name, strength_model, strength_clip, filename, save_dtype,
                 overwrite) -> io.NodeOutput:
-        import folder_paths
-
         from ..trainers.tools.bake import bake_file
 
-        check_plain_name("filename", filename)
-        target = _host.checkpoints_dir() / f"{filename}.safetensors"
-        result = bake_file(folder_paths.get_full_path_or_raise("checkpoints", ckpt_name),
-                           folder_paths.get_full_path_or_raise("loras", lora_name), target,
+        target = _checkpoint_target(filename)
+        result = bake_file(_full_path("checkpoints", ckpt_name), _full_path("loras", lora_name),
+                           target,
                            strength_unet=strength_model, strength_text=strength_clip,
                            save_dtype=save_dtype, overwrite=overwrite)
         text = f"{result.headline}\nsaved {target.name} in models/checkpoints"
@@ -232,13 +254,7 @@ class TsuikaMergeCheckpoints(io.ComfyNode):
                 io.Combo.Input("ckpt_c", options=[NO_C, *names], default=NO_C,
                                tooltip="Checkpoint C of add_difference (the model B was tuned "
                                        "from)."),
-                io.String.Input("filename", default="tsuika_merged",
-                                tooltip="A plain file name without extension for "
-                                        "models/checkpoints."),
-                io.Combo.Input("save_dtype", options=["fp16", "bf16", "fp32"], default="fp16",
-                               tooltip="Precision of the merged weights."),
-                io.Boolean.Input("overwrite", default=False,
-                                 tooltip="Replace an existing file of the same name."),
+                *_checkpoint_file_inputs("tsuika_merged", "the merged weights"),
             ],
             outputs=[io.Model.Output(display_name="model"), io.Clip.Output(display_name="clip"),
                      io.Vae.Output(display_name="vae")],
@@ -262,13 +278,10 @@ class TsuikaMergeCheckpoints(io.ComfyNode):
     @classmethod
     def execute(cls, ckpt_a, ckpt_b, mode, ratios, ckpt_c, filename, save_dtype,
                 overwrite) -> io.NodeOutput:
-        import folder_paths
-
         from ..trainers.tools.checkpoint_merge import merge_checkpoints
 
-        check_plain_name("filename", filename)
-        target = _host.checkpoints_dir() / f"{filename}.safetensors"
-        full = lambda name: folder_paths.get_full_path_or_raise("checkpoints", name)  # noqa: E731
+        target = _checkpoint_target(filename)
+        full = lambda name: _full_path("checkpoints", name)  # noqa: E731
         result = merge_checkpoints(full(ckpt_a), full(ckpt_b), target, mode=mode,
                                    ratios=ratios, path_c=None if ckpt_c == NO_C else full(ckpt_c),
                                    save_dtype=save_dtype, overwrite=overwrite)
@@ -315,8 +328,8 @@ class TsuikaMergeLoRAs(io.ComfyNode):
         from ..trainers.tools.lora_merge import merge_lora_tensors
 
         tensors, meta, reports, headline = merge_lora_tensors(
-            [(dict(lora_a), getattr(lora_a, "metadata", {})),
-             (dict(lora_b), getattr(lora_b, "metadata", {}))], [weight_a, weight_b], method,
+            [_tensors_and_metadata(lora_a), _tensors_and_metadata(lora_b)], [weight_a, weight_b],
+            method,
             RankRule("fixed", int(rank)), density=density, seed=merge_seed,
             names=["lora_a", "lora_b"])
         return io.NodeOutput(_host.LoraDict(tensors, meta), ui=_report(headline, reports))
@@ -325,27 +338,21 @@ class TsuikaMergeLoRAs(io.ComfyNode):
 class TsuikaInspectLoRA(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        import folder_paths
-
         return io.Schema(
             node_id="TsuikaInspectLoRA", display_name="Inspect LoRA (Tsuika)",
             category="Tsuika/lora",
             description="What a LoRA file in models/loras holds: layout, algorithm, ranks and "
                         "alphas per block, delta norms, base-model family, metadata.",
-            inputs=[io.Combo.Input("lora_name", options=folder_paths.get_filename_list("loras"),
-                                   tooltip="A file in models/loras.")],
+            inputs=[_file_input("lora_name", "loras", "A file in models/loras.")],
             outputs=[io.String.Output(display_name="report")],
             is_output_node=True,
         )
 
     @classmethod
     def execute(cls, lora_name) -> io.NodeOutput:
-        import folder_paths
-
         from ..trainers.tools.inspect import inspect_file, report_lines
 
-        lines = report_lines(inspect_file(folder_paths.get_full_path_or_raise("loras",
-                                                                              lora_name)))
+        lines = report_lines(inspect_file(_full_path("loras", lora_name)))
         text = "\n".join(lines)
         return io.NodeOutput(text, ui=ui_report(text, "warning" if any(
             line.startswith("warning:") for line in lines) else "info"))

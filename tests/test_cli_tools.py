@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from lora_made import random_lora
 
 from tsuika.trainers.cli import main
-from tsuika.trainers.formats.lora_state import LoraStateDict, LoraWeights
 from tsuika.trainers.formats.safetensors_io import load_safetensors, save_safetensors
 from tsuika.trainers.ops.merge import lora_delta
 
@@ -22,13 +22,7 @@ def made(tiny_model, tmp_path_factory):
     from tsuika.trainers.tools.lora_files import lora_tensors
 
     bundle = load_model(tiny_model["single_file"])
-    g = torch.Generator().manual_seed(3)
-    lsd = LoraStateDict()
-    for comp, path in PATHS:
-        w = bundle.components[comp].get_submodule(path).weight
-        lsd.add(comp, path, LoraWeights(torch.randn(2, *w.shape[1:], generator=g) * 0.1,
-                                        torch.randn(w.shape[0], 2, *([1, 1] * (w.ndim == 4)),
-                                                    generator=g) * 0.1, 1.0), "test")
+    lsd = random_lora(bundle, PATHS, rank=2, seed=3, alpha=1.0)
     folder = tmp_path_factory.mktemp("cli_tools")
     lora_path = save_safetensors(folder / "made.safetensors", lora_tensors(lsd, torch.float32))
     return bundle, lsd, lora_path, folder

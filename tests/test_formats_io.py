@@ -202,3 +202,17 @@ def test_files_written_converting_as_they_go_read_back_everywhere(tmp_path):
     assert back["w"].dtype == torch.float16 and torch.equal(back["w"], base.half())
     assert back["bf"].dtype == torch.float16 and back["step"].dtype == torch.int64
     assert back["scalar"].dtype == torch.float32  # scalars such as a LoRA's alpha stay exact
+
+
+@pytest.mark.parametrize("header_len", [0x0280, 0x0380, 0x0480, 0x0580])
+def test_a_header_length_that_looks_like_a_pickle_mark_still_reads(tmp_path, header_len):
+    """A header of 640 bytes starts the file with 0x80 0x02, a pickle protocol mark: still a
+    valid safetensors file (found by `tsuika resize`, whose output had such a header)."""
+    path = save_safetensors(tmp_path / "a.safetensors", {"x": torch.arange(3.0)})
+    raw = path.read_bytes()
+    size = int.from_bytes(raw[:8], "little")
+    header = raw[8:8 + size].rstrip(b" ") + b" " * (header_len - len(raw[8:8 + size].rstrip()))
+    path.write_bytes(header_len.to_bytes(8, "little") + header + raw[8 + size:])
+    assert path.read_bytes()[:2] in (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
+    tensors, _ = load_safetensors(path)
+    assert tensors["x"].tolist() == [0.0, 1.0, 2.0]

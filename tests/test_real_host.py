@@ -58,10 +58,12 @@ def _metadata(path: Path) -> dict:
 
 @pytest.fixture
 def example_outputs():
-    """The examples publish a checkpoint (DreamBooth) and an embedding into ComfyUI's models
-    folders: removed again after the test (only files the test made)."""
-    made = {Path(COMFY) / "models" / "checkpoints": "tsuika_example_dreambooth*.safetensors",
-            Path(COMFY) / "models" / "embeddings": "tsuika_example_embedding*"}
+    """The examples publish checkpoints (DreamBooth, the extract example's fine-tune), an
+    embedding and the extracted LoRA into ComfyUI's models folders: removed again after the
+    test (only files the test made)."""
+    made = {Path(COMFY) / "models" / "checkpoints": "tsuika_example_*.safetensors",
+            Path(COMFY) / "models" / "embeddings": "tsuika_example_embedding*",
+            Path(COMFY) / "models" / "loras": "tsuika_example_extracted*"}
     before = {folder: set(folder.glob(pattern)) for folder, pattern in made.items()}
     yield
     for folder, pattern in made.items():

@@ -44,6 +44,13 @@ def _rule_args(p: argparse.ArgumentParser, default_rank: int) -> None:
                    help="print the N layers with the largest error (0: none, -1: all)")
 
 
+def _model_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None,
+                   help="the model the LoRA is for (optional): checks every module exists, "
+                        "and maps ComfyUI-native UNet names of a UNet other than the released "
+                        "SD1.x / SDXL ones")
+
+
 def add_parsers(sub) -> None:
     """Add the tool sub-commands to ``tsuika``'s sub-parsers."""
     e = sub.add_parser("extract", help="extract a LoRA from the difference of two models (SVD)")
@@ -61,9 +68,11 @@ def add_parsers(sub) -> None:
     e.set_defaults(run=_extract)
     r = sub.add_parser("resize", help="change a LoRA's rank (fixed or dynamic), reporting the "
                                       "error")
-    r.add_argument("lora", help="a kohya-named LoRA / LoCon file")
+    r.add_argument("lora", help="a LoRA / LoCon file (kohya, LyCORIS, diffusers/peft or "
+                                "ComfyUI layout); written with kohya names")
     r.add_argument("out", help="the LoRA file to write (.safetensors)")
     _rule_args(r, 8)
+    _model_arg(r)
     r.set_defaults(run=_resize)
     b = sub.add_parser("bake", help="bake a LoRA into a checkpoint (single file out)")
     b.add_argument("checkpoint", help="the base model (single file or diffusers folder)")
@@ -94,7 +103,8 @@ def add_parsers(sub) -> None:
     m.set_defaults(run=_merge)
     ml = sub.add_parser("merge-lora", help="merge LoRAs: concatenated ranks (exact), SVD to a "
                                            "rank, TIES / DARE")
-    ml.add_argument("loras", nargs="+", help="two or more kohya-named LoRA files")
+    ml.add_argument("loras", nargs="+", help="two or more LoRA files (kohya, LyCORIS, "
+                                             "diffusers/peft or ComfyUI layout, mixed)")
     ml.add_argument("--out", required=True, help="the LoRA file to write (.safetensors)")
     ml.add_argument("--weights", default=None,
                     help="comma-separated multipliers, one per LoRA (default: 1 each)")
@@ -105,6 +115,7 @@ def add_parsers(sub) -> None:
                     help="fraction of each delta's values TIES / DARE keep")
     ml.add_argument("--seed", type=int, default=0, help="DARE's random drops")
     _rule_args(ml, 0)
+    _model_arg(ml)
     ml.set_defaults(run=_merge_lora)
     i = sub.add_parser("inspect", help="what a LoRA / checkpoint file holds: layout, algorithm, "
                                        "ranks and alphas per block, norms, family, metadata")
@@ -144,7 +155,8 @@ def _resize(args) -> list[str]:
     from .tools.lora_files import resize_file
 
     result = resize_file(args.lora, args.out, _rule(args), clamp_quantile=args.clamp_quantile,
-                         save_dtype=args.save_dtype, overwrite=args.overwrite)
+                         save_dtype=args.save_dtype, overwrite=args.overwrite,
+                         model_path=args.model)
     return _result_lines(result, args.layers)
 
 
@@ -183,7 +195,8 @@ def _merge_lora(args) -> list[str]:
         rule = _rule(args, args.rank if args.rank > 0 else 1024)
     result = merge_lora_files(args.loras, weights, args.out, args.method, rule,
                               density=args.density, seed=args.seed,
-                              save_dtype=args.save_dtype, overwrite=args.overwrite)
+                              save_dtype=args.save_dtype, overwrite=args.overwrite,
+                              model_path=args.model)
     return _result_lines(result, args.layers)
 
 

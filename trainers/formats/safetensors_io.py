@@ -154,12 +154,15 @@ def _check_is_safetensors(path: Path) -> None:
     """Raise a clear error unless ``path`` starts like a safetensors file."""
     with open(path, "rb") as fh:
         head = fh.read(_HEADER_LEN_BYTES + 1)
-    if head.startswith(_PICKLE_MAGICS):
+    size = int.from_bytes(head[:_HEADER_LEN_BYTES], "little") if len(head) > 8 else 0
+    valid = len(head) > _HEADER_LEN_BYTES and 0 < size <= _MAX_HEADER and head[8:9] == b"{"
+    # A safetensors header length such as 640 (0x0280) starts with the bytes of a pickle
+    # protocol mark, so a valid header is recognised first.
+    if not valid and head.startswith(_PICKLE_MAGICS):
         raise ValueError(f"{path} is a pickled PyTorch file (.ckpt/.pt/.bin), not safetensors. "
                          "Tsuika never unpickles files because unpickling can run arbitrary "
                          "code; convert it to .safetensors with a tool you trust and load that.")
-    size = int.from_bytes(head[:_HEADER_LEN_BYTES], "little") if len(head) > 8 else 0
-    if len(head) <= _HEADER_LEN_BYTES or not 0 < size <= _MAX_HEADER or head[8:9] != b"{":
+    if not valid:
         raise ValueError(f"{path} is not a safetensors file (no safetensors header); give a "
                          ".safetensors file.")
 

@@ -250,21 +250,26 @@ def raw_kohya_tensors(lora: LoraStateDict, dtype: torch.dtype) -> dict[str, torc
 
 def resize_tensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None,
                    rule: RankRule, *, clamp_quantile: float = 1.0,
-                   dtype: torch.dtype = torch.float16, source: str = "LoRA"):
-    """A kohya-named LoRA's tensors re-factored to the ranks ``rule`` gives.
+                   dtype: torch.dtype = torch.float16, source: str = "LoRA", bundle=None):
+    """A LoRA's tensors (any layout ``read_lora`` takes) re-factored to the ranks ``rule``
+    gives, with kohya names.
 
     Args:
-        tensors: the LoRA's kohya-named tensors (a file's, or a LORA_MODEL's).
+        tensors: the LoRA's tensors (a file's, or a LORA_MODEL's): kohya, LyCORIS LoCon,
+            diffusers/peft or ComfyUI-native (:func:`tools.lora_any.read_any_raw`).
         metadata: its metadata (kept, with the new ranks and the provenance on top).
         rule: ``fixed`` rank or a dynamic rule (a layer never grows).
         clamp_quantile: see :func:`ops.extract.low_rank`.
         dtype: the weights' dtype in the result.
         source: the source's name for the provenance (a file name, never a path).
+        bundle: the model the LoRA is for (optional; see ``read_any_raw``).
 
     Returns:
         ``(tensors, metadata, reports, headline)``.
     """
-    lora = read_kohya_raw(tensors, metadata)
+    from .lora_any import read_any_raw
+
+    lora = read_any_raw(tensors, metadata, bundle)
     resized, reports = resize_lora(lora, rule, clamp_quantile=clamp_quantile)
     out_meta = dict(metadata or {})
     dim = max((r.rank for r in reports), default=0)
@@ -282,36 +287,46 @@ def resize_tensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, s
 
 
 def resize_file(lora_path, out_path, rule: RankRule, *, clamp_quantile: float = 1.0,
-                save_dtype: str = "fp16", overwrite: bool = False) -> ToolResult:
-    """Write ``lora_path`` re-factored to the ranks ``rule`` gives (kohya LoRA / LoCon files).
+                save_dtype: str = "fp16", overwrite: bool = False,
+                model_path=None) -> ToolResult:
+    """Write ``lora_path`` re-factored to the ranks ``rule`` gives, with kohya names.
 
     Args:
-        lora_path: a kohya-named LoRA file.
+        lora_path: a LoRA / LoCon file of any layout ``read_lora`` takes.
         out_path: the ``.safetensors`` to write.
         rule / clamp_quantile: see :func:`resize_tensors`.
         save_dtype: ``fp32`` / ``fp16`` / ``bf16``.
         overwrite: replace an existing ``out_path``.
+        model_path: the model the LoRA is for (optional): checks its modules, and maps the
+            UNet names of ComfyUI-native files of a UNet other than the released ones.
     """
     dtype = file_dtype(save_dtype)
     _check_output(out_path, overwrite)
     tensors, meta = load_safetensors(lora_path)
     out, out_meta, reports, headline = resize_tensors(
-        tensors, meta, rule, clamp_quantile=clamp_quantile, dtype=dtype, source=str(lora_path))
+        tensors, meta, rule, clamp_quantile=clamp_quantile, dtype=dtype, source=str(lora_path),
+        bundle=model_for(model_path))
     path = save_safetensors(out_path, out, out_meta, overwrite=overwrite)
     return ToolResult(path, reports, headline)
 
 
+def model_for(model_path):
+    """The loaded model at ``model_path`` (any family), or None for no path."""
+    if model_path is None:
+        return None
+    from ..families import load_model
+
+    return load_model(model_path)
+
+
 def read_lora_for(bundle, lora_path_or_tensors, metadata=None) -> LoraStateDict:
     """Read a LoRA of any layout against ``bundle``'s module paths (ComfyUI-native and
-    LDM-named kohya files through the UNet's LDM map where the family has one)."""
+    LDM-named kohya files through the UNet's LDM map: SD1.x/SD2.x and SDXL)."""
     from ..formats.lora_layouts import read_lora
+    from .lora_any import ldm_to_diffusers_map
 
-    ldm_map = None
-    try:
-        from ..formats.ldm_checkpoint import unet_module_map
-
-        ldm_map = {ldm: diff for diff, ldm in unet_module_map(dict(bundle.unet.config)).items()}
-    except ValueError:  # a family whose UNet the SD1/SD2 table does not describe
+    ldm_map = ldm_to_diffusers_map(bundle.unet.config)  # SD1.x/SD2.x and SDXL UNets
+    if ldm_map is None:
         log.debug("no LDM module map for %s", bundle.family)
     return read_lora(lora_path_or_tensors, ModuleIndex.from_models(bundle.components),
                      metadata=metadata, ldm_to_diffusers_module_map=ldm_map)

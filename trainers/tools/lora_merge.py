@@ -9,13 +9,14 @@ import torch
 from ..formats.safetensors_io import load_safetensors, save_safetensors
 from ..ops.extract import RankRule, summary
 from ..ops.lora_merge import merge_loras
+from .lora_any import read_any_raw
 from .lora_files import (
     ToolResult,
     _check_output,
     file_dtype,
+    model_for,
     provenance,
     raw_kohya_tensors,
-    read_kohya_raw,
 )
 
 
@@ -23,20 +24,22 @@ def merge_lora_tensors(loras: Sequence[tuple[Mapping[str, torch.Tensor], Mapping
                        weights: Sequence[float], method: str = "concat",
                        rule: RankRule | None = None, *, density: float = 0.5, seed: int = 0,
                        dtype: torch.dtype = torch.float16,
-                       names: Sequence[str] | None = None):
-    """Merge kohya-named LoRAs given as ``(tensors, metadata)``.
+                       names: Sequence[str] | None = None, bundle=None):
+    """Merge LoRAs given as ``(tensors, metadata)`` into one with kohya names.
 
     Args:
-        loras: each LoRA's kohya-named tensors and metadata.
+        loras: each LoRA's tensors and metadata, of any layout ``read_lora`` takes (kohya,
+            LyCORIS LoCon, diffusers/peft, ComfyUI-native; they may differ).
         weights / method / rule / density / seed: see :func:`ops.lora_merge.merge_loras`.
         dtype: the weights' dtype in the result.
         names: the sources' names for the provenance (file names, never paths).
+        bundle: the model the LoRAs are for (optional; see ``tools.lora_any.read_any_raw``).
 
     Returns:
         ``(tensors, metadata, reports, headline)``; the metadata is the first LoRA's with the
         new ranks and the provenance on top.
     """
-    canon = [read_kohya_raw(t, m) for t, m in loras]
+    canon = [read_any_raw(t, m, bundle) for t, m in loras]
     merged, reports = merge_loras(canon, list(weights), method, rule, density=density,
                                   seed=seed)
     meta = dict(loras[0][1] or {})
@@ -57,8 +60,8 @@ def merge_lora_tensors(loras: Sequence[tuple[Mapping[str, torch.Tensor], Mapping
 def merge_lora_files(paths: Sequence, weights: Sequence[float], out_path,
                      method: str = "concat", rule: RankRule | None = None, *,
                      density: float = 0.5, seed: int = 0, save_dtype: str = "fp16",
-                     overwrite: bool = False) -> ToolResult:
-    """Merge kohya-named LoRA files into ``out_path``.
+                     overwrite: bool = False, model_path=None) -> ToolResult:
+    """Merge LoRA files (any layout ``read_lora`` takes) into ``out_path`` with kohya names.
 
     Args:
         paths: two or more LoRA files.
@@ -67,12 +70,13 @@ def merge_lora_files(paths: Sequence, weights: Sequence[float], out_path,
         method / rule / density / seed: see :func:`ops.lora_merge.merge_loras`.
         save_dtype: ``fp32`` / ``fp16`` / ``bf16``.
         overwrite: replace an existing ``out_path``.
+        model_path: the model they are for (optional; see ``lora_files.resize_file``).
     """
     dtype = file_dtype(save_dtype)
     _check_output(out_path, overwrite)
     loras = [load_safetensors(p) for p in paths]
     tensors, meta, reports, headline = merge_lora_tensors(
         loras, weights, method, rule, density=density, seed=seed, dtype=dtype,
-        names=[str(p) for p in paths])
+        names=[str(p) for p in paths], bundle=model_for(model_path))
     path = save_safetensors(out_path, tensors, meta, overwrite=overwrite)
     return ToolResult(path, reports, headline)
