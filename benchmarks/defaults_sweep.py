@@ -98,6 +98,13 @@ def run(args) -> dict:
                      "extra": list(extra), "after": after, "bytes": made["bytes"],
                      "train_seconds": made["seconds"]})
         logging.info("%s: %s", name, after)
+        if args.json:  # each row as it comes: a later row's failure keeps the earlier
+            Path(args.json).write_text(json.dumps(result(args, base, ceiling, rows), indent=2,
+                                                  default=str))
+    return result(args, base, ceiling, rows)
+
+
+def result(args, base: dict, ceiling: float, rows: list[dict]) -> dict:
     return {"concept": args.concept, "before": base, "vae_ceiling": ceiling, "rows": rows,
             "settings": {"seed": args.seed, "images_per_prompt": args.images_per_prompt,
                          "sample_steps": args.sample_steps,
@@ -172,15 +179,15 @@ def main(argv: list[str] | None = None) -> int:
         keys = {(r["concept"], r["settings"]["images_per_prompt"]) for r in parts}
         if len(keys) > 1:
             raise SystemExit(f"--from-json: the results differ in concept / sampling: {keys}.")
-        result = {**parts[0], "rows": [row for r in parts for row in r["rows"]]}
+        found = {**parts[0], "rows": [row for r in parts for row in r["rows"]]}
     else:
-        result = run(args)
-    command = (f"python benchmarks/defaults_sweep.py --concept {result['concept']} "
-               f"--images-per-prompt {result['settings']['images_per_prompt']}")
-    text = table(result, command)
+        found = run(args)
+    command = (f"python benchmarks/defaults_sweep.py --concept {found['concept']} "
+               f"--images-per-prompt {found['settings']['images_per_prompt']}")
+    text = table(found, command)
     print(text)
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2, default=str))
+        Path(args.json).write_text(json.dumps(found, indent=2, default=str))
     if args.write_docs:
         replace_docs_section(DOCS, BEGIN, END, text)
     return 0

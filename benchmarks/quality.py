@@ -100,11 +100,18 @@ def run(args) -> dict:
                          "bytes": run_["bytes"], "steps": run_["steps"],
                          "last_loss": run_["last_loss"]})
             logging.info("%s / %s: %s", concept, name, after)
-    return {"rows": rows, "settings": {
+            if args.json:  # each row as it comes: a later row's failure keeps the earlier
+                Path(args.json).write_text(json.dumps(
+                    {"rows": rows, "settings": settings(args)}, indent=2, default=str))
+    return {"rows": rows, "settings": settings(args)}
+
+
+def settings(args) -> dict:
+    return {
         "steps": args.steps, "learning_rate": args.lr, "rank": args.rank, "seed": args.seed,
         "images_per_prompt": args.images_per_prompt, "sample_steps": args.sample_steps,
         "machine": f"{platform.processor() or platform.machine()}, "
-                   f"{torch.get_num_threads()} torch threads", "torch": torch.__version__}}
+                   f"{torch.get_num_threads()} torch threads", "torch": torch.__version__}
 
 
 def base_scores(folder: Path, concept: str, sampling, model) -> tuple[dict, float]:
