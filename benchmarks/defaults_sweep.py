@@ -128,11 +128,17 @@ def verdict(result: dict) -> list[str]:
             continue
         a = r["after"]
         drop = before["retention_subject"] - a["retention_subject"]
-        ok = a["new_context_concept"] >= mark - 0.1 and drop <= limit
-        lines.append(f"- {r['recipe']}: new contexts {a['new_context_concept']:.2f} vs "
-                     f"DreamBooth {mark:.2f}, retention drop {drop:+.2f} -> "
-                     f"{'meets the goal' if ok else 'misses it'}.")
-    return lines
+        misses = ([f"new contexts {a['new_context_concept']:.2f} < {mark - 0.1:.2f}"]
+                  if a["new_context_concept"] < mark - 0.1 else []) + \
+            ([f"retention falls {drop:.2f} > {limit:.2f}"] if drop > limit else [])
+        lines.append(f"- {r['recipe']}: new contexts {a['new_context_concept']:.2f} "
+                     f"(DreamBooth {mark:.2f}), retention falls {drop:.2f} -> "
+                     + (f"misses the goal ({'; '.join(misses)})." if misses
+                        else "meets the goal."))
+    return [f"Goal: new contexts at least DreamBooth's less 0.1, retention falling at most "
+            f"{limit:.2f} (DreamBooth's own fall: "
+            f"{before['retention_subject'] - dream['after']['retention_subject']:.2f}).",
+            *lines]
 
 
 def table(result: dict, command: str) -> str:

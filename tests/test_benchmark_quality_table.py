@@ -38,3 +38,23 @@ def test_the_full_command_drops_the_grouping_options():
             "--steps", "300", "--work", "/tmp/x", "--lr", "5e-4"]
     assert quality._without(argv, ("--methods", "--concepts", "--work")) == [
         "--steps", "300", "--lr", "5e-4"]
+
+
+def test_the_sweep_verdict_judges_each_recipe_against_dreambooth():
+    import defaults_sweep
+
+    def row(name, new_context, retention):
+        return {"recipe": name, "after": {"new_context_concept": new_context,
+                                          "retention_subject": retention}}
+
+    result = {"before": {"retention_subject": 0.85}, "settings": {"max_retention_drop": 0.1},
+              "rows": [row("DreamBooth (whole UNet)", 0.7, 0.65), row("close", 0.62, 0.8),
+                       row("forgets", 0.7, 0.7), row("stays put", 0.1, 0.85)]}
+    lines = defaults_sweep.verdict(result)
+    assert "DreamBooth's own fall: 0.20" in lines[0]
+    assert lines[1].startswith("- close:") and lines[1].endswith("meets the goal.")
+    assert "retention falls 0.15 > 0.10" in lines[2] and "new contexts" not in \
+        lines[2].split("(", 2)[2]
+    assert "new contexts 0.10 < 0.60" in lines[3]
+    assert defaults_sweep.verdict({**result, "rows": result["rows"][1:]}) == [
+        "DreamBooth was not in this run, so no recipe is judged against it."]
