@@ -141,7 +141,7 @@ def vae_ceilings(vae, evaluator=None) -> dict[str, float]:
 def finetune(concept: str, work_dir: str | Path, *, method: str = "lora", steps: int = 200,
              learning_rate: float = 1e-3, rank: int = 8, images: int = 24, seed: int = 0,
              model: str | Path | None = None, extra: tuple[str, ...] = (),
-             callbacks=None) -> dict:
+             callbacks=None, words: dict[str, str] | None = None) -> dict:
     """Train ``method`` on ``concept`` with Tsuika's training loop; returns what it made.
 
     The data set is ``images`` renders of the concept in its fine-tuning context, captioned
@@ -156,6 +156,8 @@ def finetune(concept: str, work_dir: str | Path, *, method: str = "lora", steps:
         model: base model folder (default: the shipped reference model).
         extra: further ``section.key=value`` config overrides.
         callbacks: progress callbacks for the loop.
+        words: caption word substitutions, e.g. ``{"heart": "<heart>"}`` for a textual
+            inversion's new word (score with the same ``words``).
 
     Returns:
         ``{"file", "steps", "seconds", "first_loss", "last_loss", "bytes"}``.
@@ -168,7 +170,7 @@ def finetune(concept: str, work_dir: str | Path, *, method: str = "lora", steps:
                   method)
     data = work / "data"
     if not (data.is_dir() and any(data.glob("*.png"))):
-        make_dataset(data, images, seed=seed, held_out_concept=concept)
+        make_dataset(data, images, seed=seed, held_out_concept=concept, words=words)
     config = build_config(overrides=[
         f"model.path={model or REFERENCE_MODEL}", f"data.dir={data}",
         f"output.dir={work / 'out'}", f"output.name={concept}_{method}",
@@ -199,11 +201,12 @@ def score_trained_file(path: str | Path, concept: str, sampling: Sampling = Samp
                        model: str | Path | None = None, words: dict[str, str] | None = None,
                        evaluator=None) -> dict:
     """Scores of what a run wrote: a LoRA merged into the base model, a hypernetwork applied
-    to it, or a whole checkpoint (a full fine-tune such as DreamBooth) scored in the base
-    model's place."""
+    to it, a textual-inversion embedding taught to its text encoder (prompts must then say
+    its word: ``words``), or a whole checkpoint (a full fine-tune such as DreamBooth) scored
+    in the base model's place."""
     from safetensors import safe_open
 
-    from ..trainers.formats import hypernetwork
+    from ..trainers.formats import embedding, hypernetwork
     from ..trainers.formats.ldm_checkpoint import detect
 
     with safe_open(str(path), framework="pt") as f:
@@ -214,6 +217,13 @@ def score_trained_file(path: str | Path, concept: str, sampling: Sampling = Samp
 
         bundle = load_reference(model)
         apply_file(bundle, hypernetwork.read_hypernetwork(path))
+        with torch.no_grad():
+            return score(bundle, concept, sampling, words=words, evaluator=evaluator)
+    if embedding.detect(dict.fromkeys(keys, torch.empty(1, 1))):
+        from ..trainers.methods.textual_inversion import apply_file
+
+        bundle = load_reference(model)
+        apply_file(bundle, embedding.read_embedding(path))
         with torch.no_grad():
             return score(bundle, concept, sampling, words=words, evaluator=evaluator)
     if not checkpoint:

@@ -112,3 +112,30 @@ def test_maps_of_another_size_after_packing_still_get_exact_gradients(sizes):
     for plain, fast in zip(*results):
         assert plain.shape == fast.shape
         torch.testing.assert_close(fast, plain, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["loha", "lokr", "dora", "lora"])
+def test_convs_under_adapters_that_read_their_weight_stay_plain(kind):
+    """LoHa / LoKr shape their update like the base conv's weight and DoRA takes its norm, so
+    those convs are never packed (a packed conv's weight is an empty tensor: LoKr failed with
+    "shape '[0]' is invalid" on the reference model's 1x1 proj_in); plain LoRA's still are,
+    and every variant gives the same result packed as plain."""
+    from peft import LoHaConfig, LoKrConfig, LoraConfig, inject_adapter_in_model
+
+    torch.manual_seed(3)
+    net = Net(torch.float32)
+    config = {"loha": LoHaConfig(r=4, target_modules=["short"]),
+              "lokr": LoKrConfig(r=4, target_modules=["short"]),
+              "dora": LoraConfig(r=4, target_modules=["short"], use_dora=True),
+              "lora": LoraConfig(r=4, target_modules=["short"])}[kind]
+    net = inject_adapter_in_model(config, net)
+    for name, p in net.named_parameters():  # a trained adapter: its update is not zero
+        if "short" in name and p.requires_grad:
+            p.data.normal_(0, 0.1)
+    x = torch.randn(1, 8, 8, 8)
+    plain = net(x).detach()
+    with cpu_conv.packed_frozen_convs(net, max_pixels=64) as packed:
+        fast = net(x).detach()
+    assert ("short.base_layer" in packed) == (kind == "lora"), packed
+    assert "a" in packed or not cpu_conv.packs(torch.float32)
+    torch.testing.assert_close(fast, plain, rtol=0, atol=1e-4)

@@ -179,3 +179,33 @@ def test_every_text_encoder_gets_vectors_sdxl_shaped():
     state = sorted(method.trainable_state(bundle))
     assert [k.split("::")[0] for k in state] == ["text_encoder_1", "text_encoder_2"]
     assert all(k.endswith("embeddings.token_embedding.vectors") for k in state)
+
+
+def test_a_saved_embedding_applied_to_a_fresh_model_encodes_as_trained(tiny_model, image_folder,
+                                                                       tmp_path):
+    """``apply_file`` (how the quality benchmark scores an embedding) gives a fresh model the
+    trained word: the same token ids and conditioning as the model that trained it."""
+    from tsuika.trainers.methods.textual_inversion import apply_file
+
+    bundle = load_model(tiny_model["single_file"])
+    res = train(_config(tiny_model, image_folder, tmp_path / "out"), bundle=bundle)
+    ids, trained = _encode(bundle, "a photo of tsktok")
+    fresh = load_model(tiny_model["single_file"])
+    _, untrained = _encode(fresh, "a photo of tsktok")
+    assert apply_file(fresh, read_embedding(res.file_path)) == "tsktok"
+    fresh_ids, applied = _encode(fresh, "a photo of tsktok")
+    assert torch.equal(ids, fresh_ids)
+    assert torch.allclose(trained, applied, atol=1e-6)
+    assert not torch.allclose(untrained, applied, atol=1e-3)
+    assert not any(p.requires_grad for p in fresh.text_encoders[0].parameters())
+
+
+def test_an_embedding_of_another_width_is_refused_by_apply_file(tiny_model):
+    from tsuika.trainers.formats.embedding import Embedding
+    from tsuika.trainers.methods.textual_inversion import apply_file
+
+    bundle = load_model(tiny_model["single_file"])
+    with pytest.raises(MethodError, match="768 wide; text encoder 0 is 32 wide"):
+        apply_file(bundle, Embedding({"clip_l": torch.zeros(1, 768)}, token="tsktok"))
+    with pytest.raises(MethodError, match="give the word"):
+        apply_file(bundle, Embedding({"emb_params": torch.zeros(1, 32)}))

@@ -15,7 +15,8 @@ which is kept meanwhile as an empty tensor of its dtype, so the extra memory is 
 those weights (two when the packed dtype differs from the stored one: then the plain weight
 is kept too). Leaving the context, normally or through an exception, puts every plain weight
 back bit-identical (a oneDNN reorder back is exact). Trainable convs (LoCon's adapters),
-non-CPU tensors and unusual convs (groups, dilation, string padding) are left alone.
+non-CPU tensors, unusual convs (groups, dilation, string padding) and convs whose adapter
+reads their weight (LoHa, LoKr, DoRA) are left alone.
 """
 
 from __future__ import annotations
@@ -106,6 +107,20 @@ def _eligible(conv: torch.nn.Module) -> bool:
             and tuple(conv.dilation) == (1, 1))
 
 
+def _reads_base_weight(wrapper: torch.nn.Module) -> bool:
+    """Whether ``wrapper`` is a peft adapter layer over a conv that reads the conv's weight
+    tensor, not only calls it: LoHa and LoKr shape their update like it, DoRA takes its
+    norm. Packing would leave them an empty tensor; plain LoRA (LoCon) only calls the conv,
+    so its convs still pack."""
+    if not isinstance(getattr(wrapper, "base_layer", None), torch.nn.Conv2d):
+        return False
+    from peft.tuners.lora import LoraLayer
+
+    if isinstance(wrapper, LoraLayer):
+        return any(getattr(wrapper, "use_dora", {}).values())
+    return True
+
+
 def _compute_dtype(weight_dtype: torch.dtype) -> torch.dtype:
     """What ``F.conv2d`` would compute in here: the autocast dtype, else the weight's."""
     if torch.is_autocast_enabled("cpu"):
@@ -178,8 +193,9 @@ def packed_frozen_convs(module: torch.nn.Module, max_pixels: int = MAX_PIXELS):
     patched: list[torch.nn.Conv2d] = []
     try:
         if available() and max_pixels > 0:
+            read = {id(m.base_layer) for m in module.modules() if _reads_base_weight(m)}
             for name, conv in module.named_modules():
-                if _eligible(conv):
+                if _eligible(conv) and id(conv) not in read:
                     conv.forward = packer.forward_of(name, conv)
                     patched.append(conv)
         yield packer.pixels

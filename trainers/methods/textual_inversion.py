@@ -194,25 +194,13 @@ class TextualInversionMethod:
         net = config.network
         names = token_names(net.token, net.vectors_per_token)
         params = []
-        for i, (te, tok) in enumerate(zip(bundle.text_encoders, bundle.tokenizers)):
-            tok = _unwrapped(tok)
+        for i, te in enumerate(bundle.text_encoders):
+            tok = _unwrapped(bundle.tokenizers[i])
             base = te.get_input_embeddings()
-            init_ids = self._init_ids(tok, net.init_word)
-            first_id = len(tok)
-            added = tok.add_tokens(names)
-            ids = tok.convert_tokens_to_ids(names)
-            if added != len(names) or ids != list(range(first_id, first_id + len(names))):
-                raise MethodError(f"network.token = {net.token!r}: the tokenizer did not "
-                                  f"take the new tokens {names} as new ids; pick another "
-                                  "word.")
-            rows = base.weight.detach()[torch.tensor(init_ids)].float()
-            init = rows[torch.arange(len(names)) % rows.shape[0]]
-            layer = NewTokenEmbedding(base, first_id, init.to(base.weight.device))
-            te.set_input_embeddings(layer)
-            _pool_at_eos(te, tok)
+            rows = base.weight.detach()[torch.tensor(self._init_ids(tok, net.init_word))].float()
+            layer = _add_word(bundle, i, net.token, rows[torch.arange(len(names)) % len(rows)])
             layer.vectors.requires_grad_(True)
             params.append(layer.vectors)
-            bundle.tokenizers[i] = ExpandingTokenizer(tok, net.token, names)
         log.info("textual inversion: %d vectors per encoder for %r (from %r), %d encoders",
                  len(names), net.token, net.init_word, len(params))
         return [{"params": params, "lr": config.train.learning_rate, "name": "embedding"}]
@@ -264,6 +252,70 @@ class TextualInversionMethod:
                 META_INIT: net.init_word,
                 "modelspec.architecture": f"{metadata.get('modelspec.architecture', '')}"
                                           "/textual-inversion".lstrip("/")}
+
+
+def _add_word(bundle: ModelBundle, index: int, token: str,
+              vectors: torch.Tensor) -> NewTokenEmbedding:
+    """Teach text encoder ``index`` (and its tokenizer) the word ``token`` as ``vectors``
+    (one row per vector): new token ids, a :class:`NewTokenEmbedding` holding the rows, and
+    a tokenizer that writes the word out as its tokens."""
+    te = bundle.text_encoders[index]
+    tok = _unwrapped(bundle.tokenizers[index])
+    names = token_names(token, vectors.shape[0])
+    base = te.get_input_embeddings()
+    first_id = len(tok)
+    added = tok.add_tokens(names)
+    ids = tok.convert_tokens_to_ids(names)
+    if added != len(names) or ids != list(range(first_id, first_id + len(names))):
+        raise MethodError(f"network.token = {token!r}: the tokenizer did not take the new "
+                          f"tokens {names} as new ids; pick another word.")
+    layer = NewTokenEmbedding(base, first_id, vectors.to(base.weight.device))
+    te.set_input_embeddings(layer)
+    _pool_at_eos(te, tok)
+    bundle.tokenizers[index] = ExpandingTokenizer(tok, token, names)
+    return layer
+
+
+def apply_file(bundle: ModelBundle, embedding, token: str | None = None) -> str:
+    """Make ``bundle`` understand a saved embedding's word in its prompts, frozen, as
+    ComfyUI's ``embedding:name`` does (the quality benchmark scores embeddings so).
+
+    Args:
+        bundle: a loaded model (its text encoders and tokenizers are changed in place).
+        embedding: a ``formats.embedding.Embedding`` (``read_embedding``).
+        token: the word prompts use; default the word the file was trained for.
+
+    Returns:
+        The word.
+
+    Raises:
+        MethodError: no word is given or recorded, the file lacks a vector set for one of
+            the text encoders, or a vector set's width is not its encoder's.
+    """
+    from ..formats.embedding import encoder_key
+
+    word = token or embedding.token
+    if not word or not _TOKEN.fullmatch(word):
+        raise MethodError(f"embedding word {word!r}: give the word prompts use (one lowercase "
+                          "word), e.g. token='mychar'.")
+    found = dict(embedding.vectors)
+    if len(bundle.text_encoders) == 1 and len(found) == 1:
+        sets = list(found.values())
+    else:
+        widths = [te.get_input_embeddings().weight.shape[1] for te in bundle.text_encoders]
+        keys = list(_embedding_keys(bundle)) or [encoder_key(w) for w in widths]
+        missing = [k for k in keys if k not in found]
+        if missing:
+            raise MethodError(f"the embedding has vectors for {sorted(found)}, not for "
+                              f"{missing}; it was trained for another model family.")
+        sets = [found[k] for k in keys]
+    for i, vectors in enumerate(sets):
+        width = bundle.text_encoders[i].get_input_embeddings().weight.shape[1]
+        if vectors.shape[1] != width:
+            raise MethodError(f"the embedding's vectors are {vectors.shape[1]} wide; text "
+                              f"encoder {i} is {width} wide (another model family).")
+        _add_word(bundle, i, word, vectors.float()).requires_grad_(False)
+    return word
 
 
 def _embedding_keys(bundle: ModelBundle) -> tuple[str, ...]:
