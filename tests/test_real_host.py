@@ -607,6 +607,40 @@ def test_train_embedding_then_prompt_with_it_in_one_graph(host_models, tmp_path)
             p.unlink()
 
 
+def test_caption_dataset_with_a_tagger_in_comfyui(tmp_path):
+    """Caption Dataset with a WD14-style tagger (tiny ONNX model in models/captioners, run by
+    onnxruntime in ComfyUI's Python) writes the missing captions only, tags cleaned."""
+    import json
+    import shutil
+
+    from test_captioning_tagger import _tagger
+
+    # bias-only tags: the same probabilities for any image
+    _tagger(tmp_path / "models" / "captioners" / "tiny_tagger", tags=HOST_TAGS)
+    ds = tmp_path / "input" / "ds"
+    shutil.copytree(ROOT / "examples" / "sample_data" / "heart", ds)
+    (ds / "00001.txt").unlink()
+    (ds / "00002.txt").unlink()
+    kept = (ds / "00000.txt").read_text()
+    report = tmp_path / "report.json"
+    r = _run(["--models", str(tmp_path / "models"), "--input-dir", str(tmp_path / "input"),
+              "--report", str(report), str(ROOT / "tests/workflows/caption_tagger.json")])
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    out = json.loads(report.read_text())["workflows"][0]["raw_outputs"]
+    assert out["2"]["tsuika_report"][0].startswith(
+        "captioned 2 images with tiny_tagger; 10 kept")
+    for name in ("00001.txt", "00002.txt"):  # character first, general by probability
+        assert (ds / name).read_text() == "hrt, hatsune miku, ^_^, long hair"
+    assert (ds / "00000.txt").read_text() == kept
+    assert "trigger word 'hrt': in 2 of 12" in out["3"]["tsuika_report"][0]
+
+
+# name, category, weights on (B, G, R), bias (see test_captioning_tagger.py)
+HOST_TAGS = [("general", 9, (0, 0, 0), 5.0), ("solo", 0, (0, 0, 0), 2.0),
+             ("^_^", 0, (0, 0, 0), 1.0), ("long_hair", 0, (0, 0, 0), 0.5),
+             ("hatsune_miku", 4, (0, 0, 0), 3.0), ("low", 0, (0, 0, 0), -1.0)]
+
+
 def test_caption_edit_check_nodes_in_comfyui(tmp_path):
     """Caption Dataset writes only the missing captions (tiny BLIP in models/captioners),
     Edit Captions and Check Dataset report on the node, Edit Caption Text feeds text on."""

@@ -8,7 +8,8 @@ model's ``model_type`` picks the class:
 - ``git``: GIT (``GitForCausalLM``); same;
 - anything ``AutoModelForImageTextToText`` knows (SmolVLM / Idefics3, Florence-2, Qwen-VL,
   ...): a vision-language model asked ``prompt`` as a chat message ("Describe this image
-  in one sentence." by default).
+  in one sentence." by default);
+- a folder with ``model.onnx`` is a booru tagger (``tagger.py``, onnxruntime).
 
 ``caption_images`` captions images in batches; ``caption_folder`` writes sidecar caption
 files for a dataset's images that have none, each one as soon as it is made, so a cancel
@@ -25,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from .tools import caption_path, write_caption_file
+from .tools import MERGES, caption_path, merge_caption, write_caption_file
 
 log = logging.getLogger(__name__)
 
@@ -70,12 +71,15 @@ def check_folder(folder: str | Path) -> Path:
         raise CaptionerError(f"captioner folder {str(folder)!r} does not exist; put the "
                              "model there (what save_pretrained writes: config.json, "
                              "model.safetensors, preprocessor_config.json and the tokenizer "
-                             "files) or check the path.")
+                             "files; a WD14-style tagger: model.onnx and selected_tags.csv) "
+                             "or check the path.")
     missing = missing_files(folder)
     if missing:
+        also = ("" if (folder / "config.json").is_file() else
+                " (or, for a WD14-style tagger: model.onnx and selected_tags.csv)")
         raise CaptionerError(f"captioner folder {str(folder)!r} is incomplete; it needs: "
-                             f"{'; '.join(missing)}. Copy the whole model folder (nothing is "
-                             "downloaded).")
+                             f"{'; '.join(missing)}{also}. Copy the whole model folder "
+                             "(nothing is downloaded).")
     return folder
 
 
@@ -137,21 +141,31 @@ def _clean(text: str) -> str:
 
 def load_captioner(folder: str | Path, prompt: str | None = None, max_new_tokens: int = 40,
                    device: str | torch.device = "cpu",
-                   dtype: torch.dtype = torch.float32) -> Captioner:
+                   dtype: torch.dtype = torch.float32, tagger: dict | None = None):
     """Load the captioner in ``folder`` (local files only).
 
     Args:
-        folder: a folder written by ``save_pretrained`` (model and processor).
+        folder: a folder written by ``save_pretrained`` (model and processor), or a
+            WD14-style tagger folder (``model.onnx`` + ``selected_tags.csv``).
         prompt: see :class:`Captioner`; None = "" for BLIP/GIT, ``DEFAULT_VLM_PROMPT`` else.
         max_new_tokens: longest caption in tokens.
         device: where the model runs.
         dtype: the model's weights' dtype.
+        tagger: keyword options of ``tagger.load_tagger`` (threshold, exclude, ...), used
+            when the folder is a tagger; prompt, max_new_tokens and dtype are then unused.
+
+    Returns:
+        A :class:`Captioner`, or a ``tagger.Tagger`` (both have ``caption(images)``).
 
     Raises:
         CaptionerError: missing or incomplete folder, or a model that does not caption.
     """
     import transformers
 
+    from .tagger import is_tagger_folder, load_tagger
+
+    if Path(folder).expanduser().is_dir() and is_tagger_folder(Path(folder).expanduser()):
+        return load_tagger(folder, device=str(device), **(tagger or {}))
     folder = check_folder(folder)
     model_type = json.loads((folder / "config.json").read_text()).get("model_type", "")
     common = {"local_files_only": True}
@@ -189,7 +203,7 @@ class FolderCaptions:
 
 
 def caption_folder(scan, captioner: Captioner, overwrite: bool = False, batch_size: int = 4,
-                   extension: str = ".txt", prefix: str = "",
+                   extension: str = ".txt", prefix: str = "", merge: str = "replace",
                    on_progress: Callable[[int, int], None] | None = None,
                    should_stop: Callable[[], bool] | None = None) -> FolderCaptions:
     """Caption a scanned dataset's images and write their sidecar files.
@@ -204,12 +218,17 @@ def caption_folder(scan, captioner: Captioner, overwrite: bool = False, batch_si
         batch_size: images per model call.
         extension: caption file extension, with its dot.
         prefix: tag(s) put first in every new caption (a trigger word), e.g. "sks".
+        merge: with ``overwrite``, how the new caption and the caption file's text combine
+            (see :func:`merge_caption`; "replace" by default).
         on_progress: called with (images done, images to do) after each batch.
         should_stop: polled before each batch; True stops (``stopped`` is then set).
     """
+    from ..data.folder import _decode_caption, normalize_caption
     from ..data.images import load_image_rgb
     from .tools import TagEdit
 
+    if merge not in MERGES:
+        raise ValueError(f"merge {merge!r} is not one of {', '.join(MERGES)}.")
     result = FolderCaptions()
     todo = []
     for item in scan.items:
@@ -228,11 +247,20 @@ def caption_folder(scan, captioner: Captioner, overwrite: bool = False, batch_si
             if not text:  # an empty caption file would hide the missing caption
                 result.empty.append(path)
                 continue
-            text = edit.apply(text)
             target = caption_path(path, extension)
             if target.exists() and not overwrite:  # written since the scan: still theirs
                 result.kept.append(target)
                 continue
+            if target.exists() and merge != "replace":
+                try:
+                    old = normalize_caption(_decode_caption(target.read_bytes()))
+                except UnicodeDecodeError:  # merging would lose its text: leave it alone
+                    log.warning("%s is not UTF-8: kept as it is (re-save it as UTF-8 to "
+                                "merge new tags into it)", target.name)
+                    result.kept.append(target)
+                    continue
+                text = merge_caption(old, text, merge)
+            text = edit.apply(text)
             write_caption_file(target, text)
             result.written.append(caption_path(path, extension))
             result.captions[path] = text
