@@ -6,9 +6,10 @@ model's ``model_type`` picks the class:
 
 - ``blip``: BLIP (``BlipForConditionalGeneration``); the prompt, if any, starts the caption;
 - ``git``: GIT (``GitForCausalLM``); same;
-- anything ``AutoModelForImageTextToText`` knows (SmolVLM / Idefics3, Florence-2, Qwen-VL,
-  ...): a vision-language model asked ``prompt`` as a chat message ("Describe this image
-  in one sentence." by default);
+- anything ``AutoModelForImageTextToText`` knows (SmolVLM / Idefics3, LLaVA, Qwen-VL,
+  Florence-2, ...): a vision-language model asked ``prompt`` as a chat message ("Describe
+  this image in one sentence." by default), or, when its processor has no chat template,
+  given ``prompt`` as it is: a task prompt (Florence-2: "<DETAILED_CAPTION>" by default);
 - a folder with ``model.onnx`` is a booru tagger (``tagger.py``, onnxruntime).
 
 ``caption_images`` captions images in batches; ``caption_folder`` writes sidecar caption
@@ -31,6 +32,7 @@ from .tools import MERGES, caption_path, merge_caption, write_caption_file
 log = logging.getLogger(__name__)
 
 DEFAULT_VLM_PROMPT = "Describe this image in one sentence."
+DEFAULT_TASK_PROMPT = "<DETAILED_CAPTION>"  # Florence-2's task token: it takes no chat
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model")
 PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
@@ -125,14 +127,18 @@ class Captioner:
         return [_clean(t) for t in texts]
 
     def _ask(self, image) -> str:
-        messages = [{"role": "user", "content": [{"type": "image"},
-                                                 {"type": "text", "text": self.prompt}]}]
-        text = self.processor.apply_chat_template(messages, add_generation_prompt=True)
-        inputs = self.processor(text=[text], images=[[image]], return_tensors="pt").to(
-            self.device)
+        if getattr(self.processor, "chat_template", None):
+            messages = [{"role": "user", "content": [{"type": "image"},
+                                                     {"type": "text", "text": self.prompt}]}]
+            text = self.processor.apply_chat_template(messages, add_generation_prompt=True)
+            inputs = self.processor(text=[text], images=[[image]], return_tensors="pt")
+        else:  # no chat: a task prompt (Florence-2's "<DETAILED_CAPTION>") goes in as it is
+            inputs = self.processor(text=[self.prompt], images=[image], return_tensors="pt")
+        inputs = inputs.to(self.device)
         out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens)
-        new = out[:, inputs["input_ids"].shape[1]:]
-        return _clean(self.processor.batch_decode(new, skip_special_tokens=True)[0])
+        if not getattr(self.model.config, "is_encoder_decoder", False):
+            out = out[:, inputs["input_ids"].shape[1]:]  # a decoder repeats its prompt first
+        return _clean(self.processor.batch_decode(out, skip_special_tokens=True)[0])
 
 
 def _clean(text: str) -> str:
@@ -147,7 +153,8 @@ def load_captioner(folder: str | Path, prompt: str | None = None, max_new_tokens
     Args:
         folder: a folder written by ``save_pretrained`` (model and processor), or a
             WD14-style tagger folder (``model.onnx`` + ``selected_tags.csv``).
-        prompt: see :class:`Captioner`; None = "" for BLIP/GIT, ``DEFAULT_VLM_PROMPT`` else.
+        prompt: see :class:`Captioner`; None = "" for BLIP/GIT, ``DEFAULT_TASK_PROMPT`` for
+            Florence-2, ``DEFAULT_VLM_PROMPT`` else.
         max_new_tokens: longest caption in tokens.
         device: where the model runs.
         dtype: the model's weights' dtype.
@@ -186,7 +193,8 @@ def load_captioner(folder: str | Path, prompt: str | None = None, max_new_tokens
     device = torch.device(device)
     model.to(device).eval()
     if prompt is None:
-        prompt = DEFAULT_VLM_PROMPT if kind == "vlm" else ""
+        prompt = "" if kind != "vlm" else (
+            DEFAULT_TASK_PROMPT if model_type.startswith("florence") else DEFAULT_VLM_PROMPT)
     return Captioner(kind=kind, model=model, processor=processor, prompt=prompt,
                      max_new_tokens=max_new_tokens, device=device)
 
