@@ -666,10 +666,21 @@ def test_caption_dataset_with_a_tagger_in_comfyui(tmp_path):
     (ds / "00001.txt").unlink()
     (ds / "00002.txt").unlink()
     kept = (ds / "00000.txt").read_text()
+    # a tagger folder without its tag list: refused when queued, naming the file
+    half = tmp_path / "models" / "captioners" / "half_tagger"
+    half.mkdir()
+    (half / "model.onnx").write_bytes((tmp_path / "models" / "captioners" / "tiny_tagger" /
+                                       "model.onnx").read_bytes())
+    refused = tmp_path / "half_tagger.json"
+    refused.write_text((ROOT / "tests/workflows/caption_tagger.json").read_text()
+                       .replace('"tiny_tagger"', '"half_tagger"'))
     report = tmp_path / "report.json"
     r = _run(["--models", str(tmp_path / "models"), "--input-dir", str(tmp_path / "input"),
-              "--report", str(report), str(ROOT / "tests/workflows/caption_tagger.json")])
+              "--report", str(report), str(ROOT / "tests/workflows/caption_tagger.json"),
+              str(refused), "--expect-fail", refused.name])
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    assert "'half_tagger' is a tagger folder without selected_tags.csv" in r.stdout, \
+        r.stdout[-4000:]
     out = json.loads(report.read_text())["workflows"][0]["raw_outputs"]
     assert out["2"]["tsuika_report"][0].startswith(
         "captioned 2 images with tiny_tagger; 10 kept")
