@@ -141,26 +141,32 @@ class _TimedRun(TrainingRun):
         # their own: the rest (moving the models, the run's identity) does not grow with the
         # dataset. The loop looks both up in its module when it runs, so they are swapped
         # for timed ones only while this probe's data phase runs.
-        from . import loop
+        from . import loop, prepare
 
-        self.times["per_image"] = self.cpu["per_image"] = 0.0
+        for key in ("per_image", "per_image_fixed"):
+            self.times[key] = self.cpu[key] = 0.0
 
-        def timed(fn):
+        def timed(fn, key="per_image"):
             def wrapper(*args, **kwargs):
                 t, c = time.perf_counter(), time.process_time()
                 try:
                     return fn(*args, **kwargs)
                 finally:
-                    self.times["per_image"] += time.perf_counter() - t
-                    self.cpu["per_image"] += time.process_time() - c
+                    self.times[key] += time.perf_counter() - t
+                    self.cpu[key] += time.process_time() - c
             return wrapper
 
         class TimedData(loop.TrainingData):
             __init__ = timed(loop.TrainingData.__init__)
             fill_latent_cache = timed(loop.TrainingData.fill_latent_cache)
 
+        # Hashing the VAE's weights (the cache key) runs once inside the cache fill, whatever
+        # the number of images: timed apart so it is not multiplied by the images (with the
+        # full-size VAE it is about a second, as much as several small images' encoding).
         with mock.patch.object(loop, "TrainingData", TimedData), \
-                mock.patch.object(loop, "_preflight", timed(loop._preflight)):
+                mock.patch.object(loop, "_preflight", timed(loop._preflight)), \
+                mock.patch.object(prepare, "module_hash",
+                                  timed(prepare.module_hash, "per_image_fixed")):
             self._phase("data", super()._prepare_data)
 
     def _prepare_method(self) -> None:
@@ -275,9 +281,12 @@ def _extrapolate(config: TsuikaConfig, times: dict, steps_seen: list[float], end
     after = end - times["save_end"]  # the last sample round and the loss plot
     steady = statistics.median(steps_seen[1:]) if len(steps_seen) > 1 else steps_seen[0]
     warmup = max(0.0, steps_seen[0] - steady)
-    fixed = times["data"] - times["per_image"]
+    # module_hash runs inside the timed cache fill: its time is in both per_image and
+    # per_image_fixed, and belongs to the fixed part.
+    per_image = times["per_image"] - times["per_image_fixed"]
+    fixed = times["data"] - per_image
     # Copies of one image (a bucket with fewer images than a batch) hit the cache: per file.
-    setup = times["load"] + fixed + times["per_image"] / distinct * n
+    setup = times["load"] + fixed + per_image / distinct * n
     rounds = 0
     if prompts:
         rounds = 2 + ((config.train.steps - 1) // config.sample.every
