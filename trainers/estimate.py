@@ -8,7 +8,8 @@ loading the model, scanning and caching the images (per image), the sample round
 training, each step, the final save and what comes after it (the last samples, the loss
 plot). The run's time is then
 
-    load + per_image * images + steps * step + sample rounds * round + saves * save
+    load + fixed data cost + per_image * images + steps * step + sample rounds * round
+         + saves * save
 
 with the first step's extra time (warm-up) counted once, sample rounds scaled by the run's
 denoising steps over the probe's, and one save per ``output.save_every`` steps. The peak is
@@ -58,8 +59,10 @@ class RunEstimate:
         setup_seconds: loading the model and scanning/caching the images.
         step_seconds: one optimizer step (after the first).
         sampling_seconds: every sample round of the run.
-        cpu_seconds: the run's CPU time in this process: independent of other programs
-            sharing the machine (with one compute thread, the wall time of an idle machine).
+        cpu_seconds: the run's CPU time in this process: far less dependent on other
+            programs sharing the machine than wall time (with one compute thread, about the
+            wall time of an idle machine; on CPU it still grows with the load, see
+            docs/BENCHMARKS.md).
         peak_bytes: peak memory; ``memory_kind`` says which ("cpu resident" or "cuda").
         probe_seconds: how long the probe itself took.
         images, steps: what the run holds and does.
