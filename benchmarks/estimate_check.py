@@ -33,6 +33,9 @@ SETTINGS = [
     ("tiny-128-b2", "sd15-tiny", 128, 2, 20, 12, []),
     ("tiny-64-samples", "sd15-tiny", 64, 1, 20, 8,
      ["sample.prompts=a photo of a sks dog", "sample.every=10", "sample.steps=8"]),
+    ("tiny-64-gc", "sd15-tiny", 64, 1, 30, 12, ["train.gradient_checkpointing=true"]),
+    ("tiny-64-dreambooth", "sd15-tiny", 64, 1, 30, 12, ["network.method=dreambooth"]),
+    ("tiny-96-b4", "sd15-tiny", 96, 4, 12, 12, []),
     ("hostable-64-b1", "sd15-hostable", 64, 1, 12, 8, []),
     ("hostable-128-b2", "sd15-hostable", 128, 2, 6, 8, []),
 ]

@@ -7,6 +7,7 @@ import dataclasses
 from comfy_api.latest import io
 
 from ..trainers.captioning.tools import (
+    MERGES,
     TagEdit,
     edit_caption_folder,
     frequency_table,
@@ -213,6 +214,25 @@ def _writable(root) -> bool:
                                Path(folder_paths.get_temp_directory())])
 
 
+def _check_tagger(name: str, folder: str) -> None:
+    """A tagger folder's missing file or a missing onnxruntime, refused before the queue
+    runs (a transformers folder is checked when it loads: its files vary by model)."""
+    import importlib.util
+    from pathlib import Path
+
+    from ..trainers.captioning.tagger import TAGGER_FILES, is_tagger_folder
+
+    if not is_tagger_folder(folder):
+        return
+    missing = [f for f in TAGGER_FILES if not (Path(folder) / f).is_file()]
+    if missing:
+        refuse(f"captioner {name!r} is a tagger folder without {', '.join(missing)}; copy "
+               "the tag list that came with its model.onnx into it.")
+    if importlib.util.find_spec("onnxruntime") is None:
+        refuse(f"captioner {name!r} is a WD14-style tagger, which needs onnxruntime: install "
+               "it into ComfyUI's Python (pip install onnxruntime) and restart ComfyUI.")
+
+
 class TsuikaCaptionDataset(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -221,8 +241,10 @@ class TsuikaCaptionDataset(io.ComfyNode):
             category="Tsuika/dataset", is_output_node=True,
             description="Write a caption file for every image of the dataset that has none, "
                         "with a captioning model from models/captioners (BLIP, GIT or an "
-                        "image-text-to-text model). Existing captions are kept unless "
-                        "'overwrite'; a cancel keeps the captions written so far.",
+                        "image-text-to-text model, or a WD14-style tagger: a folder with "
+                        "model.onnx and selected_tags.csv, run by onnxruntime). Existing "
+                        "captions are kept unless 'overwrite'; a cancel keeps the captions "
+                        "written so far.",
             inputs=[
                 Dataset.Input("dataset", tooltip="From Load Training Dataset (a folder inside "
                               "ComfyUI's input folder)."),
@@ -241,6 +263,27 @@ class TsuikaCaptionDataset(io.ComfyNode):
                              tooltip="Images per model call."),
                 io.Int.Input("max_new_tokens", default=40, min=1, max=512,
                              tooltip="Longest caption, in tokens."),
+                # Optional, so graphs saved before these inputs existed still queue.
+                io.Combo.Input("merge", options=list(MERGES), default="replace", optional=True,
+                               tooltip="With 'overwrite', what happens to a caption file's "
+                               "text: replace it, or put the new tags before it (prefix) or "
+                               "after it (append), each tag once."),
+                io.Float.Input("threshold", default=0.35, min=0.0, max=1.0, step=0.01,
+                               optional=True, tooltip="Tagger only: lowest probability of a "
+                               "general tag written."),
+                io.Float.Input("character_threshold", default=0.85, min=0.0, max=1.0,
+                               step=0.01, optional=True, tooltip="Tagger only: lowest "
+                               "probability of a character tag written."),
+                io.String.Input("exclude", default="", multiline=True, optional=True,
+                                tooltip="Tagger only: tags never written, comma- or line-"
+                                "separated (either spelling: long_hair or long hair)."),
+                io.Int.Input("max_tags", default=0, min=0, max=1000, optional=True,
+                             tooltip="Tagger only: most tags per caption, the most "
+                             "confident (character tags first); 0 = no limit."),
+                io.Boolean.Input("keep_underscores", default=False, optional=True,
+                                 tooltip="Tagger only: write tags as the tag list spells "
+                                 "them (off: long_hair -> long hair; kaomoji like ^_^ keep "
+                                 "theirs)."),
             ],
             outputs=[Dataset.Output(display_name="dataset"),
                      io.String.Output(display_name="report")],
@@ -252,11 +295,14 @@ class TsuikaCaptionDataset(io.ComfyNode):
         if isinstance(captioner, str) and captioner not in captioner_folders():
             refuse(f"captioner {captioner!r} is not a folder in models/captioners; copy a "
                    "captioning model folder there and refresh the page.")
+        if isinstance(captioner, str):
+            _check_tagger(captioner, captioner_folders()[captioner])
         return True
 
     @classmethod
     def execute(cls, dataset, captioner, prompt, prefix, overwrite, batch_size,
-                max_new_tokens) -> io.NodeOutput:
+                max_new_tokens, merge="replace", threshold=0.35, character_threshold=0.85,
+                exclude="", max_tags=0, keep_underscores=False) -> io.NodeOutput:
         from ..trainers.captioning.captioners import caption_folder, load_captioner
         from . import _host
 
@@ -266,12 +312,15 @@ class TsuikaCaptionDataset(io.ComfyNode):
         if not _writable(dataset.root):
             raise ValueError("dataset: captions can be written only into a folder inside "
                              "ComfyUI's input folder; copy the images there.")
+        tagger = {"threshold": threshold, "character_threshold": character_threshold,
+                  "exclude": parse_tag_list(exclude or ""), "max_tags": max_tags,
+                  "keep_underscores": keep_underscores}
         model = load_captioner(folders[captioner], prompt=prompt or None,
-                               max_new_tokens=max_new_tokens)
+                               max_new_tokens=max_new_tokens, tagger=tagger)
         todo = sum(1 for it in dataset.items if overwrite or it.caption_file is None)
         progress = _host.ComfyProgress(cls.hidden.unique_id, max(1, todo))
         result = caption_folder(dataset, model, overwrite=overwrite, batch_size=batch_size,
-                                extension=_extension(dataset), prefix=prefix,
+                                extension=_extension(dataset), prefix=prefix, merge=merge,
                                 on_progress=lambda done, _total: progress._update(done),
                                 should_stop=progress.should_stop)
         del model

@@ -38,7 +38,25 @@ def host_models(tmp_path_factory):
     paths = write_fixture("sd15-hostable", models / "build", dtype="fp16")
     (models / "checkpoints").mkdir()
     os.symlink(paths["single_file"], models / "checkpoints" / "sd15-hostable.safetensors")
+    from test_captioning_tagger import _tagger
+
+    # the tagger the tag -> check -> train example names, as a tiny ONNX model
+    _tagger(models / "captioners" / TAGGER_NAME, tags=HOST_TAGS)
     return models
+
+
+TAGGER_NAME = "wd-swinv2-tagger-v3"  # what example_workflows/tsuika_tag_check_train.json names
+TAG_EXAMPLE = "tsuika_tag_example"  # its dataset: a sub-folder of ComfyUI's input folder
+
+
+def _tag_example_input(base: Path) -> Path:
+    """An input folder holding the tag example's dataset: the sample images, uncaptioned."""
+    import shutil
+
+    shutil.copytree(ROOT / "examples" / "sample_data" / "heart", base / TAG_EXAMPLE)
+    for caption in (base / TAG_EXAMPLE).glob("*.txt"):
+        caption.unlink()
+    return base
 
 
 def _run(args, timeout=3000, env=None):
@@ -59,15 +77,16 @@ def _metadata(path: Path) -> dict:
 @pytest.fixture
 def example_outputs():
     """The examples publish checkpoints (DreamBooth, the extract example's fine-tune), an
-    embedding and the extracted LoRA into ComfyUI's models folders: removed again after the
-    test (only files the test made)."""
-    made = {Path(COMFY) / "models" / "checkpoints": "tsuika_example_*.safetensors",
-            Path(COMFY) / "models" / "embeddings": "tsuika_example_embedding*",
-            Path(COMFY) / "models" / "loras": "tsuika_example_extracted*"}
-    before = {folder: set(folder.glob(pattern)) for folder, pattern in made.items()}
+    embedding, the extracted LoRA and the tag example's LoRA into ComfyUI's models folders:
+    removed again after the test (only files the test made)."""
+    made = [(Path(COMFY) / "models" / "checkpoints", "tsuika_example_*.safetensors"),
+            (Path(COMFY) / "models" / "embeddings", "tsuika_example_embedding*"),
+            (LORAS, "tsuika_example_extracted*"),
+            (LORAS, "tsuika_example_tagged*.safetensors")]
+    before = [set(folder.glob(pattern)) for folder, pattern in made]
     yield
-    for folder, pattern in made.items():
-        for p in set(folder.glob(pattern)) - before[folder]:
+    for (folder, pattern), old in zip(made, before):
+        for p in set(folder.glob(pattern)) - old:
             p.unlink()
 
 
@@ -77,6 +96,7 @@ def test_workflows_and_examples_run_with_zero_unmatched_lora_keys(host_models, t
     again = tmp_path / "requeued.json"  # the same graph queued twice: served from cache
     again.write_text((ROOT / "tests/workflows/train_then_generate.json").read_text())
     r = _run(["--models", str(host_models), "--output-dir", str(tmp_path / "out"),
+              "--input-dir", str(_tag_example_input(tmp_path / "input")),
               "--strict-lora", "--report", str(report),
               str(ROOT / "tests/workflows/train_then_generate.json"), str(again),
               str(ROOT / "tests/workflows/load_saved_lora.json"),
@@ -607,6 +627,75 @@ def test_train_embedding_then_prompt_with_it_in_one_graph(host_models, tmp_path)
     finally:
         for p in made:
             p.unlink()
+
+
+def test_tag_check_train_example_as_shipped(host_models, tmp_path, example_outputs):
+    """The example as shipped: Caption Dataset tags the uncaptioned images with the tagger
+    in models/captioners, Check Dataset reports on them, Train LoRA trains on the captions
+    and KSampler samples with the LoRA applied."""
+    import json
+
+    inputs = _tag_example_input(tmp_path / "input")
+    report, out = tmp_path / "report.json", tmp_path / "out"
+    r = _run(["--models", str(host_models), "--input-dir", str(inputs), "--output-dir",
+              str(out), "--strict-lora", "--report", str(report),
+              str(ROOT / "example_workflows/tsuika_tag_check_train.json")])
+    assert r.returncode == 0 and "RESULT: PASS" in r.stdout, r.stdout[-6000:] + r.stderr[-2000:]
+    captions = sorted((inputs / TAG_EXAMPLE).glob("*.txt"))
+    assert len(captions) == 12  # character first, then general by probability; no rating
+    assert {p.read_text() for p in captions} == {"hrt, hatsune miku, solo, ^_^, long hair"}
+    texts = {k: v["tsuika_report"][0]
+             for k, v in json.loads(report.read_text())["workflows"][0]["raw_outputs"].items()
+             if "tsuika_report" in v}
+    assert texts["11"].startswith(f"captioned 12 images with {TAGGER_NAME}; 0 kept"), texts
+    assert "trigger word 'hrt': in 12 of 12" in texts["12"], texts["12"]
+    assert texts["3"].startswith("trained 8 steps"), texts["3"]
+    assert list(out.glob("tsuika_tagged*.png")), r.stdout[-3000:]
+
+
+def test_caption_dataset_with_a_tagger_in_comfyui(tmp_path):
+    """Caption Dataset with a WD14-style tagger (tiny ONNX model in models/captioners, run by
+    onnxruntime in ComfyUI's Python) writes the missing captions only, tags cleaned."""
+    import json
+    import shutil
+
+    from test_captioning_tagger import _tagger
+
+    # bias-only tags: the same probabilities for any image
+    _tagger(tmp_path / "models" / "captioners" / "tiny_tagger", tags=HOST_TAGS)
+    ds = tmp_path / "input" / "ds"
+    shutil.copytree(ROOT / "examples" / "sample_data" / "heart", ds)
+    (ds / "00001.txt").unlink()
+    (ds / "00002.txt").unlink()
+    kept = (ds / "00000.txt").read_text()
+    # a tagger folder without its tag list: refused when queued, naming the file
+    half = tmp_path / "models" / "captioners" / "half_tagger"
+    half.mkdir()
+    (half / "model.onnx").write_bytes((tmp_path / "models" / "captioners" / "tiny_tagger" /
+                                       "model.onnx").read_bytes())
+    refused = tmp_path / "half_tagger.json"
+    refused.write_text((ROOT / "tests/workflows/caption_tagger.json").read_text()
+                       .replace('"tiny_tagger"', '"half_tagger"'))
+    report = tmp_path / "report.json"
+    r = _run(["--models", str(tmp_path / "models"), "--input-dir", str(tmp_path / "input"),
+              "--report", str(report), str(ROOT / "tests/workflows/caption_tagger.json"),
+              str(refused), "--expect-fail", refused.name])
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    assert "'half_tagger' is a tagger folder without selected_tags.csv" in r.stdout, \
+        r.stdout[-4000:]
+    out = json.loads(report.read_text())["workflows"][0]["raw_outputs"]
+    assert out["2"]["tsuika_report"][0].startswith(
+        "captioned 2 images with tiny_tagger; 10 kept")
+    for name in ("00001.txt", "00002.txt"):  # character first, general by probability
+        assert (ds / name).read_text() == "hrt, hatsune miku, ^_^, long hair"
+    assert (ds / "00000.txt").read_text() == kept
+    assert "trigger word 'hrt': in 2 of 12" in out["3"]["tsuika_report"][0]
+
+
+# name, category, weights on (B, G, R), bias (see test_captioning_tagger.py)
+HOST_TAGS = [("general", 9, (0, 0, 0), 5.0), ("solo", 0, (0, 0, 0), 2.0),
+             ("^_^", 0, (0, 0, 0), 1.0), ("long_hair", 0, (0, 0, 0), 0.5),
+             ("hatsune_miku", 4, (0, 0, 0), 3.0), ("low", 0, (0, 0, 0), -1.0)]
 
 
 def test_caption_edit_check_nodes_in_comfyui(tmp_path):

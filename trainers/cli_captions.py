@@ -3,6 +3,9 @@
     tsuika captions DIR [--prefix sks] [--suffix TAGS] [--remove TAGS] [--replace OLD=NEW,...]
                         [--dedupe] [--sort] [--write] [--freq] [--json]
     tsuika caption DIR --model CAPTIONER_FOLDER [--prompt TEXT] [--prefix sks] [--overwrite]
+                       [--merge replace|prefix|append]
+                       [--threshold 0.35 --character-threshold 0.85 --exclude TAGS
+                        --max-tags N --keep-underscores]   (a WD14-style tagger folder)
 
 Without ``--write`` it only shows what would change (nothing is written); with it, each
 changed caption file is replaced atomically. ``--freq`` prints the tag-frequency table (of
@@ -13,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 import json
+
+from .captioning.tools import MERGES
 
 
 def add_parser(sub) -> None:
@@ -36,7 +41,8 @@ def add_parser(sub) -> None:
                        "local folder (only where an image has none, unless --overwrite)")
     c.add_argument("dir", help="the dataset folder")
     c.add_argument("--model", required=True, help="captioner folder (BLIP, GIT or an "
-                   "image-text-to-text model, as save_pretrained writes it)")
+                   "image-text-to-text model, as save_pretrained writes it; or a WD14-style "
+                   "tagger: model.onnx + selected_tags.csv)")
     c.add_argument("--prompt", default=None, help="BLIP/GIT: start of every caption; "
                    "vision-language models: the question")
     c.add_argument("--prefix", default="", help="tag(s) put first, e.g. a trigger word")
@@ -45,6 +51,18 @@ def add_parser(sub) -> None:
     c.add_argument("--max-new-tokens", type=int, default=40)
     c.add_argument("--device", default="cpu")
     c.add_argument("--caption-extension", default=".txt")
+    c.add_argument("--merge", default="replace", choices=MERGES, help="with --overwrite: "
+                   "replace the caption file's text, or put the new tags before it (prefix) "
+                   "or after it (append), each tag once")
+    t = c.add_argument_group("tagger (a folder with model.onnx and selected_tags.csv)")
+    t.add_argument("--threshold", type=float, default=0.35, help="lowest probability of a "
+                   "general tag written")
+    t.add_argument("--character-threshold", type=float, default=0.85, help="lowest "
+                   "probability of a character tag written")
+    t.add_argument("--exclude", default="", help="comma-separated tags never written")
+    t.add_argument("--max-tags", type=int, default=0, help="most tags per caption (0 = all)")
+    t.add_argument("--keep-underscores", action="store_true", help="write tags as the tag "
+                   "list spells them (default: long_hair -> long hair; kaomoji keep theirs)")
     c.set_defaults(run=run_caption)
 
 
@@ -53,14 +71,19 @@ def run_caption(args: argparse.Namespace) -> list[str]:
     import logging
 
     from .captioning.captioners import caption_folder, load_captioner
+    from .captioning.tools import parse_tag_list
     from .data.folder import scan_folder
 
     log = logging.getLogger("tsuika")
     scan = scan_folder(args.dir, caption_extension=args.caption_extension)
+    tagger = {"threshold": args.threshold, "character_threshold": args.character_threshold,
+              "exclude": parse_tag_list(args.exclude), "max_tags": args.max_tags,
+              "keep_underscores": args.keep_underscores}
     model = load_captioner(args.model, prompt=args.prompt, max_new_tokens=args.max_new_tokens,
-                           device=args.device)
+                           device=args.device, tagger=tagger)
     result = caption_folder(scan, model, overwrite=args.overwrite, batch_size=args.batch_size,
                             extension=args.caption_extension, prefix=args.prefix,
+                            merge=args.merge,
                             on_progress=lambda done, total: log.info("captioned %d/%d",
                                                                      done, total))
     for path in result.empty:

@@ -5,11 +5,11 @@ The estimate runs the real loop (``loop.TrainingRun``) for a few steps on a prob
 a few of the dataset's own images (from its most common bucket, so the batches are full),
 with the run's options, in a throwaway folder with its own cache. Each phase is timed:
 loading the model, scanning and caching the images and encoding their captions (per
-image), the sample round before
-training, each step, the final save and what comes after it (the last samples, the loss
-plot). The run's time is then
+image), the sample round before training, each step, the final save and what comes after it
+(the last samples, the loss plot). The run's time is then
 
-    load + per_image * images + steps * step + sample rounds * round + saves * save
+    load + fixed data cost + per_image * images + steps * step + sample rounds * round
+         + saves * save
 
 with the first step's extra time (warm-up) counted once, sample rounds scaled by the run's
 denoising steps over the probe's, and one save per ``output.save_every`` steps. The peak is
@@ -58,8 +58,10 @@ class RunEstimate:
         setup_seconds: loading the model and scanning/caching the images.
         step_seconds: one optimizer step (after the first).
         sampling_seconds: every sample round of the run.
-        cpu_seconds: the run's CPU time in this process: independent of other programs
-            sharing the machine (with one compute thread, the wall time of an idle machine).
+        cpu_seconds: the run's CPU time in this process: far less dependent on other
+            programs sharing the machine than wall time (with one compute thread, about the
+            wall time of an idle machine; on CPU it still grows with the load, see
+            docs/BENCHMARKS.md).
         peak_bytes: peak memory; ``memory_kind`` says which ("cpu resident" or "cuda").
         probe_seconds: how long the probe itself took.
         images, steps: what the run holds and does.
@@ -268,6 +270,7 @@ def _extrapolate(config: TsuikaConfig, times: dict, steps_seen: list[float], end
     after = end - times["save_end"]  # the last sample round and the loss plot
     steady = statistics.median(steps_seen[1:]) if len(steps_seen) > 1 else steps_seen[0]
     warmup = max(0.0, steps_seen[0] - steady)
+    # The VAE's hash (a cache key part) is computed once, outside the per-image timing.
     fixed = times["data"] - times["per_image"]
     # Copies of one image (a bucket with fewer images than a batch) hit the cache: per file.
     setup = times["load"] + fixed + (times["per_image"] + times["captions"]) / distinct * n

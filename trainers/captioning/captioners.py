@@ -6,9 +6,11 @@ model's ``model_type`` picks the class:
 
 - ``blip``: BLIP (``BlipForConditionalGeneration``); the prompt, if any, starts the caption;
 - ``git``: GIT (``GitForCausalLM``); same;
-- anything ``AutoModelForImageTextToText`` knows (SmolVLM / Idefics3, Florence-2, Qwen-VL,
-  ...): a vision-language model asked ``prompt`` as a chat message ("Describe this image
-  in one sentence." by default).
+- anything ``AutoModelForImageTextToText`` knows (SmolVLM / Idefics3, LLaVA, Qwen-VL,
+  Florence-2, ...): a vision-language model asked ``prompt`` as a chat message ("Describe
+  this image in one sentence." by default), or, when its processor has no chat template,
+  given ``prompt`` as it is: a task prompt (Florence-2: "<DETAILED_CAPTION>" by default);
+- a folder with ``model.onnx`` is a booru tagger (``tagger.py``, onnxruntime).
 
 ``caption_images`` captions images in batches; ``caption_folder`` writes sidecar caption
 files for a dataset's images that have none, each one as soon as it is made, so a cancel
@@ -25,11 +27,12 @@ from pathlib import Path
 
 import torch
 
-from .tools import caption_path, write_caption_file
+from .tools import MERGES, caption_path, merge_caption, write_caption_file
 
 log = logging.getLogger(__name__)
 
 DEFAULT_VLM_PROMPT = "Describe this image in one sentence."
+DEFAULT_TASK_PROMPT = "<DETAILED_CAPTION>"  # Florence-2's task token: it takes no chat
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model")
 PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
@@ -70,12 +73,15 @@ def check_folder(folder: str | Path) -> Path:
         raise CaptionerError(f"captioner folder {str(folder)!r} does not exist; put the "
                              "model there (what save_pretrained writes: config.json, "
                              "model.safetensors, preprocessor_config.json and the tokenizer "
-                             "files) or check the path.")
+                             "files; a WD14-style tagger: model.onnx and selected_tags.csv) "
+                             "or check the path.")
     missing = missing_files(folder)
     if missing:
+        also = ("" if (folder / "config.json").is_file() else
+                " (or, for a WD14-style tagger: model.onnx and selected_tags.csv)")
         raise CaptionerError(f"captioner folder {str(folder)!r} is incomplete; it needs: "
-                             f"{'; '.join(missing)}. Copy the whole model folder (nothing is "
-                             "downloaded).")
+                             f"{'; '.join(missing)}{also}. Copy the whole model folder "
+                             "(nothing is downloaded).")
     return folder
 
 
@@ -121,14 +127,18 @@ class Captioner:
         return [_clean(t) for t in texts]
 
     def _ask(self, image) -> str:
-        messages = [{"role": "user", "content": [{"type": "image"},
-                                                 {"type": "text", "text": self.prompt}]}]
-        text = self.processor.apply_chat_template(messages, add_generation_prompt=True)
-        inputs = self.processor(text=[text], images=[[image]], return_tensors="pt").to(
-            self.device)
+        if getattr(self.processor, "chat_template", None):
+            messages = [{"role": "user", "content": [{"type": "image"},
+                                                     {"type": "text", "text": self.prompt}]}]
+            text = self.processor.apply_chat_template(messages, add_generation_prompt=True)
+            inputs = self.processor(text=[text], images=[[image]], return_tensors="pt")
+        else:  # no chat: a task prompt (Florence-2's "<DETAILED_CAPTION>") goes in as it is
+            inputs = self.processor(text=[self.prompt], images=[image], return_tensors="pt")
+        inputs = inputs.to(self.device)
         out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens)
-        new = out[:, inputs["input_ids"].shape[1]:]
-        return _clean(self.processor.batch_decode(new, skip_special_tokens=True)[0])
+        if not getattr(self.model.config, "is_encoder_decoder", False):
+            out = out[:, inputs["input_ids"].shape[1]:]  # a decoder repeats its prompt first
+        return _clean(self.processor.batch_decode(out, skip_special_tokens=True)[0])
 
 
 def _clean(text: str) -> str:
@@ -137,21 +147,32 @@ def _clean(text: str) -> str:
 
 def load_captioner(folder: str | Path, prompt: str | None = None, max_new_tokens: int = 40,
                    device: str | torch.device = "cpu",
-                   dtype: torch.dtype = torch.float32) -> Captioner:
+                   dtype: torch.dtype = torch.float32, tagger: dict | None = None):
     """Load the captioner in ``folder`` (local files only).
 
     Args:
-        folder: a folder written by ``save_pretrained`` (model and processor).
-        prompt: see :class:`Captioner`; None = "" for BLIP/GIT, ``DEFAULT_VLM_PROMPT`` else.
+        folder: a folder written by ``save_pretrained`` (model and processor), or a
+            WD14-style tagger folder (``model.onnx`` + ``selected_tags.csv``).
+        prompt: see :class:`Captioner`; None = "" for BLIP/GIT, ``DEFAULT_TASK_PROMPT`` for
+            Florence-2, ``DEFAULT_VLM_PROMPT`` else.
         max_new_tokens: longest caption in tokens.
         device: where the model runs.
         dtype: the model's weights' dtype.
+        tagger: keyword options of ``tagger.load_tagger`` (threshold, exclude, ...), used
+            when the folder is a tagger; prompt, max_new_tokens and dtype are then unused.
+
+    Returns:
+        A :class:`Captioner`, or a ``tagger.Tagger`` (both have ``caption(images)``).
 
     Raises:
         CaptionerError: missing or incomplete folder, or a model that does not caption.
     """
     import transformers
 
+    from .tagger import is_tagger_folder, load_tagger
+
+    if Path(folder).expanduser().is_dir() and is_tagger_folder(Path(folder).expanduser()):
+        return load_tagger(folder, device=str(device), **(tagger or {}))
     folder = check_folder(folder)
     model_type = json.loads((folder / "config.json").read_text()).get("model_type", "")
     common = {"local_files_only": True}
@@ -172,7 +193,8 @@ def load_captioner(folder: str | Path, prompt: str | None = None, max_new_tokens
     device = torch.device(device)
     model.to(device).eval()
     if prompt is None:
-        prompt = DEFAULT_VLM_PROMPT if kind == "vlm" else ""
+        prompt = "" if kind != "vlm" else (
+            DEFAULT_TASK_PROMPT if model_type.startswith("florence") else DEFAULT_VLM_PROMPT)
     return Captioner(kind=kind, model=model, processor=processor, prompt=prompt,
                      max_new_tokens=max_new_tokens, device=device)
 
@@ -189,7 +211,7 @@ class FolderCaptions:
 
 
 def caption_folder(scan, captioner: Captioner, overwrite: bool = False, batch_size: int = 4,
-                   extension: str = ".txt", prefix: str = "",
+                   extension: str = ".txt", prefix: str = "", merge: str = "replace",
                    on_progress: Callable[[int, int], None] | None = None,
                    should_stop: Callable[[], bool] | None = None) -> FolderCaptions:
     """Caption a scanned dataset's images and write their sidecar files.
@@ -204,12 +226,17 @@ def caption_folder(scan, captioner: Captioner, overwrite: bool = False, batch_si
         batch_size: images per model call.
         extension: caption file extension, with its dot.
         prefix: tag(s) put first in every new caption (a trigger word), e.g. "sks".
+        merge: with ``overwrite``, how the new caption and the caption file's text combine
+            (see :func:`merge_caption`; "replace" by default).
         on_progress: called with (images done, images to do) after each batch.
         should_stop: polled before each batch; True stops (``stopped`` is then set).
     """
+    from ..data.folder import _decode_caption, normalize_caption
     from ..data.images import load_image_rgb
     from .tools import TagEdit
 
+    if merge not in MERGES:
+        raise ValueError(f"merge {merge!r} is not one of {', '.join(MERGES)}.")
     result = FolderCaptions()
     todo = []
     for item in scan.items:
@@ -228,11 +255,20 @@ def caption_folder(scan, captioner: Captioner, overwrite: bool = False, batch_si
             if not text:  # an empty caption file would hide the missing caption
                 result.empty.append(path)
                 continue
-            text = edit.apply(text)
             target = caption_path(path, extension)
             if target.exists() and not overwrite:  # written since the scan: still theirs
                 result.kept.append(target)
                 continue
+            if target.exists() and merge != "replace":
+                try:
+                    old = normalize_caption(_decode_caption(target.read_bytes()))
+                except UnicodeDecodeError:  # merging would lose its text: leave it alone
+                    log.warning("%s is not UTF-8: kept as it is (re-save it as UTF-8 to "
+                                "merge new tags into it)", target.name)
+                    result.kept.append(target)
+                    continue
+                text = merge_caption(old, text, merge)
+            text = edit.apply(text)
             write_caption_file(target, text)
             result.written.append(caption_path(path, extension))
             result.captions[path] = text

@@ -89,6 +89,30 @@ class TagEdit:
         return ", ".join(front + middle + back)
 
 
+MERGES = ("replace", "prefix", "append")
+
+
+def merge_caption(old: str, new: str, merge: str) -> str:
+    """``new`` combined with an existing caption ``old``.
+
+    Args:
+        old: the caption file's text.
+        new: the caption just made.
+        merge: "replace" (new only), "prefix" (new tags first, then the old ones) or
+            "append" (old, then the new tags); a tag in both is written once, where the
+            old caption had it ("prefix": where the new one has it).
+    """
+    if merge == "replace" or not old.strip():
+        return new
+    if merge == "prefix":
+        return TagEdit(prefix=new).apply(old)
+    if merge == "append":
+        old_tags = {t.casefold() for t in split_tags(old)}
+        extra = ", ".join(t for t in split_tags(new) if t.casefold() not in old_tags)
+        return TagEdit(suffix=extra).apply(old)
+    raise ValueError(f"merge {merge!r} is not one of {', '.join(MERGES)}.")
+
+
 def parse_tag_list(text: str) -> list[str]:
     """Tags from text: comma- or line-separated (what a node's text box or a CLI gives)."""
     return [t for line in text.splitlines() for t in split_tags(line)]
