@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 import sys
+import tempfile
 import types
 from pathlib import Path
 
@@ -12,6 +14,19 @@ import pytest
 from PIL import Image, ImageDraw
 
 logging.getLogger("tsuika").setLevel(logging.INFO)
+
+
+@functools.lru_cache(maxsize=1)
+def package_parent() -> str:
+    """A folder from which another Python (ComfyUI's) imports this checkout as ``tsuika``,
+    whatever the checkout's folder is called: its parent when it is ``tsuika``, else a
+    temporary folder holding a ``tsuika`` link to it."""
+    root = Path(__file__).resolve().parents[1]
+    if root.name == "tsuika":
+        return str(root.parent)
+    folder = Path(tempfile.mkdtemp(prefix="tsuika-package-"))
+    (folder / "tsuika").symlink_to(root, target_is_directory=True)
+    return str(folder)
 
 
 @pytest.fixture(scope="session")

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import package_parent
 
 ROOT = Path(__file__).resolve().parents[1]
 HARNESS = ROOT.parent / "shared" / "tools" / "real_host.py"
@@ -283,6 +284,8 @@ def test_node_schemas_as_comfyui_reads_them():
     python = os.environ.get("COMFYUI_PYTHON", str(Path(COMFY).parent / "comfy-venv/bin/python"))
     code = """
 import asyncio, json
+from comfy.cli_args import args
+args.cpu = True  # as the server is started here (main.py --cpu): schemas may list samplers
 from tsuika.nodes import extension
 from tsuika.nodes.validation import InputRefused
 nodes = {n.define_schema().node_id: n for n in
@@ -301,7 +304,7 @@ except InputRefused as e:
 print(json.dumps(out))
 """
     r = subprocess.run([python, "-c", code], capture_output=True, text=True, cwd="/", check=False,
-                       env={**os.environ, "PYTHONPATH": f"{COMFY}{os.pathsep}{ROOT.parent}"})
+                       env={**os.environ, "PYTHONPATH": f"{COMFY}{os.pathsep}{package_parent()}"})
     assert r.returncode == 0, r.stderr[-3000:]
     info = json.loads(r.stdout.strip().splitlines()[-1])
     simple = info["TsuikaTrainLoRA"]

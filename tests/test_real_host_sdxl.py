@@ -12,6 +12,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from conftest import package_parent
 from test_real_host import COMFY, HARNESS, LORAS, NODES, ROOT, _metadata, _run
 
 pytestmark = pytest.mark.skipif(
@@ -48,17 +49,6 @@ def _comfy_python() -> str:
     return os.environ.get("COMFYUI_PYTHON", str(Path(COMFY).parent / "comfy-venv/bin/python"))
 
 
-def _package_path(tmp_path) -> str:
-    """A folder from which ComfyUI's python imports this checkout as ``tsuika``, whatever the
-    checkout's folder is called (the scripts run outside our venv)."""
-    if ROOT.name == "tsuika":
-        return str(ROOT.parent)
-    folder = tmp_path / "package"
-    folder.mkdir(exist_ok=True)
-    (folder / "tsuika").symlink_to(ROOT, target_is_directory=True)
-    return str(folder)
-
-
 @pytest.mark.parametrize("fixture", sorted(HOST_KIND))
 def test_noise_prediction_matches_comfyuis_own_model(models, fixture, tmp_path):
     """The same checkpoint loaded by ComfyUI: its CLIP, encode_adm (pooled + size/crop ids)
@@ -69,7 +59,7 @@ def test_noise_prediction_matches_comfyuis_own_model(models, fixture, tmp_path):
         [_comfy_python(), str(PREDICT), "--comfy", COMFY, "--checkpoint",
          str(_checkpoint(models, fixture)), "--report", str(report)],
         capture_output=True, text=True, timeout=1800, cwd=tmp_path,
-        env={**os.environ, "PYTHONPATH": _package_path(tmp_path), "OMP_NUM_THREADS": "1"})
+        env={**os.environ, "PYTHONPATH": package_parent(), "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0 and report.is_file(), r.stdout[-3000:] + r.stderr[-5000:]
     got = json.loads(report.read_text())
     assert got["comfy_model"] == HOST_KIND[fixture], got  # ComfyUI's own detection
@@ -162,7 +152,7 @@ def test_comfyuis_model_gives_the_same_output_after_a_training(models, tmp_path)
          str(_checkpoint(models, "sd15-hostable")), "--data",
          str(ROOT / "examples/sample_data/heart"), "--report", str(report)],
         capture_output=True, text=True, timeout=1800, cwd=tmp_path,
-        env={**os.environ, "PYTHONPATH": _package_path(tmp_path), "OMP_NUM_THREADS": "1"})
+        env={**os.environ, "PYTHONPATH": package_parent(), "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0 and report.is_file(), r.stdout[-3000:] + r.stderr[-5000:]
     got = json.loads(report.read_text())
     assert got["comfy_model"] == "SD15", got

@@ -12,6 +12,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from conftest import package_parent
 
 ROOT = Path(__file__).resolve().parents[1]
 COMFY = os.environ.get("COMFYUI_DIR")
@@ -23,7 +24,7 @@ def in_comfy(code: str) -> dict:
     """Run ``code`` in ComfyUI's python with the pack importable; its last stdout line is JSON."""
     python = os.environ.get("COMFYUI_PYTHON", str(Path(COMFY).parent / "comfy-venv/bin/python"))
     r = subprocess.run([python, "-c", code], capture_output=True, text=True, cwd="/", check=False,
-                       env={**os.environ, "PYTHONPATH": f"{COMFY}{os.pathsep}{ROOT.parent}"})
+                       env={**os.environ, "PYTHONPATH": f"{COMFY}{os.pathsep}{package_parent()}"})
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads(r.stdout.strip().splitlines()[-1])
 
