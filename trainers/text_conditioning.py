@@ -10,12 +10,13 @@ run (SDXL's two are 1.6 GB in bf16); previews bring them back for a moment
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Sequence
 
 import torch
 
-from .device.placement import module_device, same_device
+from .device.placement import module_device, modules_on, same_device
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ class TextConditioning:
         self.cacheable = cacheable
         self.cache: dict[str, dict[str, torch.Tensor]] = {}
         self.offloaded = False
-        self._homes: list[tuple[torch.nn.Module, torch.device]] = []
+        self._parked = contextlib.ExitStack()  # the encoders' way back (restore)
 
     def __call__(self, captions: Sequence[str]) -> dict[str, torch.Tensor]:
         """The batch's conditioning, one row per caption, in order."""
@@ -66,22 +67,17 @@ class TextConditioning:
         return len(todo)
 
     def offload(self, to: torch.device = torch.device("cpu")) -> int:
-        """Move the text encoders to ``to`` (when they are elsewhere); returns the bytes
-        moved. Only after :meth:`encode_all` has seen every caption."""
-        moved = 0
-        for te in self.bundle.text_encoders:
-            home = module_device(te)
-            if home is None or same_device(home, to):
-                continue
-            moved += sum(p.numel() * p.element_size() for p in te.parameters())
-            self._homes.append((te, home))
-            torch.nn.Module.to(te, device=to)
+        """Move the text encoders to ``to`` (when they are elsewhere) until :meth:`restore`;
+        returns the bytes moved. Only after :meth:`encode_all` has seen every caption."""
+        encoders = self.bundle.text_encoders
+        moved = sum(p.numel() * p.element_size() for te in encoders
+                    if (home := module_device(te)) is not None and not same_device(home, to)
+                    for p in te.parameters())
+        self._parked.enter_context(modules_on(to, encoders))
         self.offloaded = True
         return moved
 
     def restore(self) -> None:
         """The encoders back where :meth:`offload` found them."""
-        for te, home in self._homes:
-            torch.nn.Module.to(te, device=home)
-        self._homes.clear()
+        self._parked.close()
         self.offloaded = False
