@@ -210,6 +210,8 @@ class TrainingRun:
         if self.is_main:
             prior.generate_missing(config, self.family, bundle, self.precision, cb)  # base model
         self.class_data = prior.class_data(config, bundle, self.precision, self.out.cache_dir)
+        if self.class_data is not None and data.cache is not None:
+            self.class_data.vae_hash = data.vae_hash  # the same VAE: read its weights once
         if self.class_data is not None:
             class_hits, class_encoded = self.class_data.fill_latent_cache()
             cb.on_message(f"prior preservation: {len(self.class_data.examples)} class images; "
