@@ -207,7 +207,8 @@ def test_loss_chart_draws_live_in_the_browser(comfy_server, tmp_path):
 
 @pytest.mark.parametrize("example", ["tsuika_train_lora_then_generate.json",
                                      "tsuika_dataset_from_generated_images.json",
-                                     "dreambooth.json"])
+                                     "dreambooth.json",
+                                     "tsuika_train_lora_step_strength_grid.json"])
 def test_the_example_workflows_load_and_queue_in_the_real_frontend(comfy_server, tmp_path,
                                                                    example):
     """The UI-format example as shipped, loaded by the page itself (not converted by a
