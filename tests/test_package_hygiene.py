@@ -115,3 +115,17 @@ def test_the_linter_keeps_the_house_rules_and_the_test_command_runs_it():
     assert [g for g in print_ok if g.startswith(("nodes", "trainers"))] == ["trainers/cli.py"]
     run_py = (ROOT / "run.py").read_text()
     assert run_py.index('"ruff", "check"') < run_py.index('"pytest", "-q"')
+
+
+def test_every_package_folder_is_installed():
+    """pip installs the packages pyproject lists, not the folders on disk: a sub-package left
+    out (a module split into a folder) imports here and fails in an installed copy."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+                 ["packages"])
+    on_disk = {".".join(["tsuika", *p.relative_to(ROOT).parts[:-1]])
+               for layer in ("trainers", "nodes", "reference")
+               for p in (ROOT / layer).rglob("__init__.py")} | {"tsuika"}
+    assert "tsuika.trainers.config" in on_disk
+    assert sorted(on_disk - listed) == [], "add these to pyproject's [tool.setuptools] packages"

@@ -231,7 +231,7 @@ def caption_folder(scan, captioner: Captioner, overwrite: bool = False, batch_si
         on_progress: called with (images done, images to do) after each batch.
         should_stop: polled before each batch; True stops (``stopped`` is then set).
     """
-    from ..data.folder import _decode_caption, normalize_caption
+    from ..data.caption_files import _decode_caption, normalize_caption
     from ..data.images import load_image_rgb
     from .tools import TagEdit
 

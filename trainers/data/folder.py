@@ -27,142 +27,27 @@ reason, instead of failing hours into training.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
-import re
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 
+from .caption_files import _find_caption_file, _read_caption, normalize_caption
 from .images import IMAGE_EXTENSIONS, ImageLoadError, load_image_rgb
+from .layout import _check_root, _folders, _visible_entries, _visible_files
+from .scan_result import DatasetError, DatasetScan, ImageItem, SkippedFile
+
+# The dataset's public names stay importable from here, where callers have always found them.
+__all__ = ["DatasetError", "DatasetScan", "ImageItem", "SkippedFile", "captions_without_image",
+           "file_sha256", "normalize_caption", "quick_fingerprint", "quick_problem",
+           "scan_folder"]
 
 log = logging.getLogger(__name__)
 
-_REPEATS_FOLDER = re.compile(r"^(\d+)_(.+)$")
-_IGNORED_DIRS = frozenset({"__MACOSX"})
 # Image formats people export that this backend does not read: worth telling the user about.
 _UNSUPPORTED_IMAGE_EXTENSIONS = frozenset({".tif", ".tiff", ".avif", ".heic", ".heif", ".jxl",
                                            ".psd", ".jfif", ".jp2", ".ico", ".tga", ".dds"})
 _HASH_CHUNK = 1 << 20
-
-
-class DatasetError(ValueError):
-    """The dataset folder cannot be used at all (missing, not a folder, no usable image)."""
-
-
-@dataclass(frozen=True)
-class ImageItem:
-    """One usable image of the dataset.
-
-    Attributes:
-        path: the image file.
-        caption: its caption after normalisation ("" when there is none).
-        repeats: how many times it is seen per epoch (from an ``N_name`` folder, else 1).
-        subset: the sub-folder's name without the ``N_`` prefix ("" for the root).
-        width, height: size after EXIF orientation, as ``load_image_rgb`` returns it.
-        sha256: hex digest of the file's bytes.
-        caption_file: the caption file read, or None when there was none.
-    """
-
-    path: Path
-    caption: str
-    repeats: int
-    subset: str
-    width: int
-    height: int
-    sha256: str
-    caption_file: Path | None = None
-
-
-@dataclass(frozen=True)
-class SkippedFile:
-    """A file that looked like an image but cannot be used, and why."""
-
-    path: Path
-    reason: str
-
-
-@dataclass
-class DatasetScan:
-    """The result of ``scan_folder``: what will be trained on, and what was left out."""
-
-    root: Path
-    items: list[ImageItem] = field(default_factory=list)
-    skipped: list[SkippedFile] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
-
-    @property
-    def total_repeats(self) -> int:
-        """Images seen per epoch (each image counted ``repeats`` times)."""
-        return sum(item.repeats for item in self.items)
-
-    @property
-    def captions_missing(self) -> int:
-        """Images trained with an empty caption (no file, empty file or undecodable file)."""
-        return sum(1 for item in self.items if not item.caption)
-
-    @property
-    def captions_without_file(self) -> int:
-        """Images that have no caption file at all."""
-        return sum(1 for item in self.items if item.caption_file is None)
-
-    @property
-    def subsets(self) -> dict[str, int]:
-        """``{subset: number of images}``, sorted ("" is the dataset root)."""
-        out: dict[str, int] = {}
-        for item in self.items:
-            out[item.subset] = out.get(item.subset, 0) + 1
-        return dict(sorted(out.items()))
-
-    def fingerprint(self) -> str:
-        """Hex digest over (relative path, sha256, caption, repeats) of every item.
-
-        Any changed, added, removed or renamed image, changed caption or repeat count gives
-        a different fingerprint.
-        """
-        rows = [[self._relative(item.path), item.sha256, item.caption, item.repeats]
-                for item in self.items]
-        blob = json.dumps(rows, ensure_ascii=False, separators=(",", ":"))
-        # File names that are not UTF-8 arrive as lone surrogates (PEP 383): keep their bytes.
-        return hashlib.sha256(blob.encode("utf-8", "surrogatepass")).hexdigest()
-
-    def summary(self) -> str:
-        """A short multi-line report for logs and UIs."""
-        n = len(self.items)
-        lines = [f"{n} image{'s' if n != 1 else ''} used from {self.root} "
-                 f"({self.total_repeats} per epoch with repeats)"]
-        groups: dict[tuple[str, int], int] = {}
-        for item in self.items:
-            groups[(item.subset, item.repeats)] = groups.get((item.subset, item.repeats), 0) + 1
-        for (subset, repeats), count in sorted(groups.items()):
-            lines.append(f"  {subset or '(root)'}: {count} image{'s' if count != 1 else ''} "
-                         f"x {repeats} repeat{'s' if repeats != 1 else ''}")
-        no_file = self.captions_without_file
-        empty = self.captions_missing - no_file
-        lines.append(f"captions: {n - self.captions_missing} present, {no_file} missing"
-                     + (f", {empty} empty or unreadable" if empty else ""))
-        sizes: dict[tuple[int, int], int] = {}
-        for item in self.items:
-            sizes[(item.width, item.height)] = sizes.get((item.width, item.height), 0) + 1
-        common = sorted(sizes.items(), key=lambda kv: (-kv[1], kv[0]))
-        if common:
-            shown = ", ".join(f"{w}x{h}: {c}" for (w, h), c in common[:4])
-            more = len(common) - 4
-            lines.append(f"image sizes: {shown}" + (f", {more} more" if more > 0 else ""))
-        if self.skipped:
-            lines.append(f"{len(self.skipped)} skipped:")
-            lines += [f"  {self._relative(s.path)}: {s.reason}" for s in self.skipped]
-        if self.warnings:
-            lines.append(f"{len(self.warnings)} warning{'s' if len(self.warnings) != 1 else ''}:")
-            lines += [f"  {w}" for w in self.warnings]
-        return "\n".join(lines)
-
-    def _relative(self, path: Path) -> str:
-        try:
-            return path.relative_to(self.root).as_posix()
-        except ValueError:
-            return path.as_posix()
 
 
 def file_sha256(path: str | Path) -> str:
@@ -242,77 +127,6 @@ def scan_folder(root: str | Path, caption_extension: str = ".txt",
     return scan
 
 
-def _check_root(root: Path) -> None:
-    if not root.exists():
-        raise DatasetError(f"dataset folder {str(root)!r} does not exist; set data.dir to an "
-                           f"existing folder of images (check the spelling and that the path "
-                           f"is absolute or relative to the working directory {os.getcwd()!r}).")
-    if not root.is_dir():
-        raise DatasetError(f"dataset folder {str(root)!r} is a file, not a folder; set data.dir "
-                           f"to the folder that contains the images ({str(root.parent)!r}?).")
-
-
-def _folders(root: Path, scan: DatasetScan) -> list[tuple[Path, int, str]]:
-    """(folder, repeats, subset) for the root and each visible first-level sub-folder.
-
-    A sub-folder that is a link to a folder already read (the root itself, or another
-    sub-folder) is not read again; it is named in ``warnings``.
-    """
-    folders = [(root, 1, "")]
-    seen = {_real(root)}
-    for sub in _visible_dirs(root):
-        real = _real(sub)
-        if real in seen:
-            scan.warnings.append(f"folder {sub.name!r} leads to a folder that is already read "
-                                 f"(a link); its images were not read twice.")
-            continue
-        seen.add(real)
-        match = _REPEATS_FOLDER.match(sub.name)
-        if match:
-            folders.append((sub, int(match.group(1)), match.group(2)))
-        else:
-            folders.append((sub, 1, sub.name))
-        for nested in _visible_dirs(sub):
-            scan.warnings.append(f"folder {nested.relative_to(root).as_posix()!r} is nested two "
-                                 f"levels deep and was not read; move its images up into "
-                                 f"{sub.name!r} or the dataset root.")
-    return folders
-
-
-def _real(folder: Path) -> str:
-    try:
-        return os.path.realpath(folder, strict=True)
-    except OSError:  # a link loop or a vanished folder: it is its own identity
-        return str(folder)
-
-
-def _visible_entries(folder: Path) -> list[os.DirEntry]:
-    try:
-        with os.scandir(folder) as it:
-            entries = [e for e in it
-                       if not e.name.startswith(".") and e.name not in _IGNORED_DIRS]
-    except OSError as exc:  # unreadable, a link loop, or removed while we look
-        log.warning("cannot list %s (%s)", folder, exc.strerror or exc)
-        return []
-    return sorted(entries, key=lambda e: e.name)
-
-
-def _entry_is(entry: os.DirEntry, kind: str) -> bool:
-    # A dangling link or a link loop is neither a file nor a folder; never an error.
-    try:
-        return entry.is_dir() if kind == "dir" else entry.is_file()
-    except OSError:
-        return False
-
-
-def _visible_dirs(folder: Path) -> list[Path]:
-    return [Path(e.path) for e in _visible_entries(folder) if _entry_is(e, "dir")]
-
-
-def _visible_files(folder: Path) -> list[Path]:
-    return [Path(e.path) for e in _visible_entries(folder) if _entry_is(e, "file")]
-
-
 def _probe(path: Path) -> tuple[int, int, str] | SkippedFile:
     """(width, height, sha256) of a decodable image, or why it cannot be used."""
     try:
@@ -325,54 +139,6 @@ def _probe(path: Path) -> tuple[int, int, str] | SkippedFile:
     width, height = image.size
     image.close()
     return width, height, sha
-
-
-def _find_caption_file(image: Path, extension: str,
-                       folder_files: dict[str, Path]) -> Path | None:
-    if not extension:
-        return None
-    name = image.stem + extension
-    exact = image.with_name(name)
-    if exact.is_file():
-        return exact
-    return folder_files.get(name.lower())
-
-
-def _read_caption(image: Path, caption_path: Path | None, warnings: list[str]) -> str:
-    """The normalised caption in ``caption_path`` ("" with a warning when unreadable)."""
-    if caption_path is None:
-        return ""
-    try:
-        raw = caption_path.read_bytes()
-    except OSError as exc:
-        warnings.append(f"caption {caption_path.name!r} of {image.name!r} cannot be read "
-                        f"({exc.strerror or exc}); the image is trained with an empty caption.")
-        return ""
-    try:
-        text = _decode_caption(raw)
-    except UnicodeDecodeError as exc:
-        warnings.append(f"caption {caption_path.name!r} of {image.name!r} is not UTF-8 (byte "
-                        f"{exc.start}); the image is trained with an empty caption. Re-save "
-                        f"the file as UTF-8.")
-        return ""
-    return normalize_caption(text)
-
-
-def _decode_caption(raw: bytes) -> str:
-    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
-        return raw.decode("utf-16")
-    return raw.decode("utf-8-sig")
-
-
-def normalize_caption(text: str) -> str:
-    """One-line caption: lines stripped of whitespace and edge commas, joined with ", ".
-
-    Args:
-        text: the caption file's decoded text.
-    """
-    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
-    parts = [line.strip().strip(",").strip() for line in lines]
-    return ", ".join(part for part in parts if part)
 
 
 def _no_images_message(scan: DatasetScan) -> str:
