@@ -54,3 +54,92 @@ def test_a_layer_that_raises_gets_its_stored_weights_back():
     assert layer.weight is weight and layer.weight.dtype == torch.float16
     assert torch.equal(layer(torch.ones(1, 4)), torch.nn.functional.linear(
         torch.ones(1, 4), weight.float(), layer.bias.float()))
+
+
+class _ConvNet(torch.nn.Module):
+    """Every layer kind a UNet has: convs (one strided), a norm, linears with and without bias."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(4, 8, 3, padding=1)
+        self.norm = torch.nn.GroupNorm(2, 8)
+        self.down = torch.nn.Conv2d(8, 8, 3, stride=2, padding=1)
+        self.lin = torch.nn.Linear(8, 16)
+        self.out = torch.nn.Linear(16, 8, bias=False)
+
+    def forward(self, x):
+        h = self.down(torch.nn.functional.silu(self.norm(self.conv(x))))
+        return self.out(torch.nn.functional.gelu(self.lin(h.flatten(2).transpose(1, 2))))
+
+
+def _bf16_net() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return _ConvNet().to(torch.bfloat16).requires_grad_(False)
+
+
+def test_backward_through_a_bf16_stored_model_matches_the_cast_model_and_keeps_no_fp32_weights():
+    stored = _bf16_net()
+    cast = copy.deepcopy(stored).float()
+    hooks = StoredDtype(stored, torch.float32)
+    assert len(hooks.recast) == 4  # the convs and linears; the norm goes through hooks
+    x = torch.randn(2, 4, 9, 9, requires_grad=True)
+    x_cast = x.detach().clone().requires_grad_(True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = stored(x)
+    y.square().sum().backward()
+    cast(x_cast).square().sum().backward()
+    assert torch.equal(y, cast(x_cast))
+    assert torch.equal(x.grad, x_cast.grad)
+    # What the graph kept of each conv / linear weight is the stored bf16 tensor, never an fp32
+    # copy of it (that would be the whole model again in fp32 by the end of the forward pass).
+    weights = {tuple(m.weight.shape) for m in hooks.recast}
+    kept = [(t.dtype, tuple(t.shape)) for t in saved if tuple(t.shape) in weights]
+    assert kept and all(dtype == torch.bfloat16 for dtype, _ in kept), kept
+
+
+def test_a_lora_over_bf16_stored_layers_gets_the_gradients_it_gets_over_the_cast_layers():
+    from peft import LoraConfig, inject_adapter_in_model
+
+    def with_lora(net):
+        net = inject_adapter_in_model(LoraConfig(r=2, target_modules=["lin", "down"],
+                                                 init_lora_weights=False), net)
+        for n, p in net.named_parameters():
+            if "lora_" in n:
+                p.data = p.data.float()  # trained weights are fp32, as the LoRA method keeps them
+        return net
+
+    stored, cast = _bf16_net(), _bf16_net().float()
+    StoredDtype(stored, torch.float32)  # before the adapters, as the loop does
+    stored, cast = with_lora(stored), with_lora(cast)
+    cast.load_state_dict(stored.state_dict())  # the same adapter weights on both
+    x = torch.randn(2, 4, 9, 9)
+    stored(x).square().sum().backward()
+    cast(x).square().sum().backward()
+    grads = {n: p.grad for n, p in stored.named_parameters() if p.requires_grad}
+    want = {n: p.grad for n, p in cast.named_parameters() if p.requires_grad}
+    assert grads.keys() == want.keys() and len(grads) == 4
+    for n in grads:
+        torch.testing.assert_close(grads[n], want[n], rtol=1e-6, atol=1e-7, msg=n)
+
+
+def test_remove_gives_the_layers_their_own_forward_back():
+    net = _bf16_net()
+    hooks = StoredDtype(net, torch.float32)
+    assert net(torch.randn(1, 4, 5, 5)).dtype == torch.float32
+    hooks.remove()
+    assert not any("forward" in m.__dict__ for m in net.modules())
+    assert net(torch.randn(1, 4, 5, 5).bfloat16()).dtype == torch.bfloat16
+
+
+def test_a_layer_unfrozen_after_the_hooks_trains_in_the_compute_dtype():
+    net = _bf16_net()
+    hooks = StoredDtype(net, torch.float32)
+    net.down.requires_grad_(True)  # a method that trains a base layer itself
+    net.norm.requires_grad_(True)
+    assert hooks.release_trained() == 2
+    assert net.down.weight.dtype == net.norm.weight.dtype == torch.float32
+    assert "forward" not in net.down.__dict__ and "forward" in net.lin.__dict__
+    net(torch.randn(1, 4, 9, 9)).sum().backward()
+    assert net.down.weight.grad is not None and net.norm.weight.grad is not None
+    assert net.lin.weight.grad is None and net.lin.weight.dtype == torch.bfloat16

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from . import prior
 from .callbacks import Callbacks, SaveInfo, StepInfo, TrainingStopped
 from .config import TsuikaConfig
-from .device import resolve_device, resolve_precision
+from .device import frozen_weights_dtype, resolve_device, resolve_precision
 from .device.cpu_conv import packed_frozen_convs
 from .device.stored_dtype import StoredDtype
 from .ema import Ema, check_ema_fits, resume_ema
@@ -153,11 +153,19 @@ class TrainingRun:
             # A frozen text encoder is written back into the checkpoint: keep its precision.
             te_dtype = unet_dtype if method.trains_text_encoder(config) else torch.float32
         self.unet_dtype, self.te_dtype = unet_dtype, te_dtype
+        # A model this run loads may keep its frozen weights in a narrower dtype than it
+        # computes in (train.frozen_weights); a host's model stays in the host's dtypes.
+        self.stored_dtype = None
+        self.stored: list[StoredDtype] = []  # hooks of modules computing in another dtype
+        if self.bundle is None and not method.trains_base_weights:
+            stored = frozen_weights_dtype(config.train.frozen_weights, self.precision)
+            self.stored_dtype = None if stored == unet_dtype else stored
         if self.bundle is None:
             config.require_inputs()
             self.bundle = load_model(config.model.path, config.model.family,
                                      config.model.prediction_type,
-                                     dtype=te_dtype if te_dtype == torch.float32 else unet_dtype)
+                                     dtype=self.stored_dtype or (
+                                         te_dtype if te_dtype == torch.float32 else unet_dtype))
         self.family = get_family(self.bundle.family)
         init_steps = 0
         if config.network.init_lora:  # the file decides the network before validation
@@ -195,16 +203,24 @@ class TrainingRun:
             _ = data.vae_hash
         with self.per_image():
             hits, encoded = data.fill_latent_cache()
-        _move(bundle.unet, device, self.unet_dtype)
+        # Frozen weights stored narrower than the run computes (train.frozen_weights) stay as
+        # stored and compute a layer at a time, forward and backward (device/stored_dtype.py).
+        if self.stored_dtype is None:
+            _move(bundle.unet, device, self.unet_dtype)
+        else:
+            torch.nn.Module.to(bundle.unet, device=device)
+            self.stored.append(StoredDtype(bundle.unet, self.unet_dtype))
+            self.scope.callback(self.stored[-1].remove)
         # Frozen text encoders a host shares with us (ComfyUI's, in its fp16) stay as stored
         # and compute in the run's dtype a layer at a time: a whole cast is a second copy
         # of them beside the host's (3.1 GiB for SDXL on a CPU, docs/BENCHMARKS.md).
         shared = "host_shared_bytes" in bundle.extra and \
             not self.method.trains_text_encoder(config)
         for te in bundle.text_encoders:
-            if shared:
+            if shared or self.stored_dtype is not None:
                 torch.nn.Module.to(te, device=device)
-                self.scope.callback(StoredDtype(te, self.te_dtype).remove)
+                self.stored.append(StoredDtype(te, self.te_dtype))
+                self.scope.callback(self.stored[-1].remove)
             else:
                 te.to(device, self.te_dtype)
         if self.is_main:
@@ -228,6 +244,8 @@ class TrainingRun:
         config, bundle = self.config, self.bundle
         torch.manual_seed(config.train.seed)  # adapter initialisation draws from the global RNG
         self.groups = self.method.prepare(config, bundle)
+        for stored in self.stored:  # base weights a method unfroze train in the compute dtype
+            stored.release_trained()
         self.train_te = self.method.trains_text_encoder(config)
         self.text = TextConditioning(self.family, bundle, self.device,
                                      cacheable=self.data.captions_static and not self.train_te)

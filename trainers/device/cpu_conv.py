@@ -101,7 +101,9 @@ def _transposed_geometry(in_hw, pad, stride, kernel) -> tuple[list[int], list[in
 
 
 def _eligible(conv: torch.nn.Module) -> bool:
+    # A conv whose forward is already replaced (stored_dtype's cast-as-it-runs) keeps it.
     return (type(conv) is torch.nn.Conv2d and not conv.weight.requires_grad
+            and "forward" not in conv.__dict__
             and conv.weight.device.type == "cpu" and conv.groups == 1
             and conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
             and tuple(conv.dilation) == (1, 1))

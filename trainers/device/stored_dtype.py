@@ -7,51 +7,127 @@ layer's weights just before the layer runs, and dropping them after, holds one l
 at a time. Each cast is the same exact conversion the whole-module cast makes, so the outputs
 are bit for bit those of the cast module (``tests/test_device_stored_dtype.py``).
 
+The same holds through a backward pass: a plain cast-then-compute would leave every layer's
+cast weight in the autograd graph (the input gradient needs it), which is the whole fp32 copy
+again by the end of the forward pass. Linear and conv layers therefore run through autograd
+functions that keep the stored weight and cast it again for the input gradient; so a LoRA can
+train over a UNet stored in bf16 and computing in fp32 at half the memory of its weights
+(``train.frozen_weights``, docs/BENCHMARKS.md).
+
 This is what ComfyUI's own "manual cast" layers do; here it is a pair of hooks on any module,
 so the transformers / diffusers classes stay as they are.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
+import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
+
+
+class _RecastLinear(torch.autograd.Function):
+    """``F.linear`` with the weight cast for this call; the backward casts it again instead
+    of keeping the cast copy alive until then. Frozen weights: no weight or bias gradient."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, dtype):
+        ctx.save_for_backward(weight)  # the stored tensor itself: nothing new is kept
+        ctx.dtype = dtype
+        return F.linear(x, weight.to(dtype), None if bias is None else bias.to(dtype))
+
+    @staticmethod
+    def backward(ctx, grad):
+        (weight,) = ctx.saved_tensors
+        return grad.matmul(weight.to(ctx.dtype)), None, None, None
+
+
+class _RecastConv2d(torch.autograd.Function):
+    """``F.conv2d`` the same way as ``_RecastLinear``."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, dtype, stride, padding, dilation, groups):
+        ctx.save_for_backward(weight)
+        ctx.geometry = (x.shape, dtype, stride, padding, dilation, groups)
+        return F.conv2d(x, weight.to(dtype), None if bias is None else bias.to(dtype),
+                        stride, padding, dilation, groups)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (weight,) = ctx.saved_tensors
+        shape, dtype, stride, padding, dilation, groups = ctx.geometry
+        grad_in = torch.nn.grad.conv2d_input(shape, weight.to(dtype), grad, stride, padding,
+                                             dilation, groups)
+        return (grad_in,) + (None,) * 7
+
+
+def _linear_forward(layer: torch.nn.Linear, dtype: torch.dtype, x: torch.Tensor):
+    return _RecastLinear.apply(x, layer.weight, layer.bias, dtype)
+
+
+def _conv_forward(layer: torch.nn.Conv2d, dtype: torch.dtype, x: torch.Tensor):
+    return _RecastConv2d.apply(x, layer.weight, layer.bias, dtype, layer.stride,
+                               layer.padding, layer.dilation, layer.groups)
+
+
+def _recast_forward(layer: torch.nn.Module):
+    """The autograd-lean forward for ``layer``'s type, or None (hooks cast it instead)."""
+    if type(layer) is torch.nn.Linear:
+        return _linear_forward
+    if (type(layer) is torch.nn.Conv2d and layer.padding_mode == "zeros"
+            and not isinstance(layer.padding, str)):
+        return _conv_forward
+    return None
 
 
 class StoredDtype:
     """Hooks that run ``module``'s layers in ``dtype`` while their weights stay as stored.
 
     Only floating parameters and buffers of another dtype are cast; a layer with none keeps
-    no hooks. ``remove()`` takes the hooks off (the module is then as it was).
+    no hooks. Plain ``nn.Linear`` and ``nn.Conv2d`` layers get a forward that casts inside
+    an autograd function (lean in a backward pass, above); other layers get a pair of hooks.
+    Parameters already in ``dtype`` are untouched, so adapters added later in that dtype
+    (a LoRA's fp32 weights) train as usual. ``remove()`` takes everything off (the module is
+    then as it was).
 
     Args:
-        module: a frozen module (no parameter requires grad: a trained weight must be the
-            one the optimizer steps, not a per-call copy).
+        module: a module whose parameters of another dtype are frozen (a trained weight must
+            be the one the optimizer steps, not a per-call copy).
         dtype: the dtype its layers compute in.
 
     Raises:
-        ValueError: a parameter of ``module`` requires grad.
+        ValueError: a parameter of another dtype requires grad.
     """
 
     def __init__(self, module: torch.nn.Module, dtype: torch.dtype):
-        trained = [n for n, p in module.named_parameters() if p.requires_grad]
+        self.dtype = dtype
+        trained = [n for n, p in module.named_parameters() if p.requires_grad
+                   and self._casts(p)]
         if trained:
             raise ValueError(f"stored-dtype compute is for frozen modules; {trained[0]!r} "
                              f"(and {len(trained) - 1} more) require grad: cast the module "
                              "itself.")
-        self.dtype = dtype
         self.handles: list = []
+        self.recast: list[torch.nn.Module] = []
+        self.hooked: list[torch.nn.Module] = []
         self.layers = 0
         for layer in module.modules():
             if any(self._casts(t) for t in (*layer._parameters.values(),
                                              *layer._buffers.values())):
+                self.layers += 1
+                forward = _recast_forward(layer)
+                if forward is not None and "forward" not in layer.__dict__:
+                    layer.forward = functools.partial(forward, layer, dtype)
+                    self.recast.append(layer)
+                    continue
+                self.hooked.append(layer)
                 self.handles.append(layer.register_forward_pre_hook(self._cast))
                 # always_call: a layer that raises still gets its stored weights back.
                 self.handles.append(layer.register_forward_hook(self._restore,
                                                                 always_call=True))
-                self.layers += 1
 
     def _casts(self, t: torch.Tensor | None) -> bool:
         return t is not None and t.is_floating_point() and t.dtype != self.dtype
@@ -74,7 +150,28 @@ class StoredDtype:
                 if (id(store), name) in stored:
                     store[name] = stored[(id(store), name)]
 
+    def release_trained(self) -> int:
+        """Layers a method has unfrozen since the hooks went on compute plainly in ``dtype``:
+        their parameters are cast in place, once, so the optimizer steps the very tensors the
+        layer reads and the gradients reach them. Returns how many layers were released."""
+        released = 0
+        for layer in [*self.recast, *self.hooked]:
+            params = [p for p in layer._parameters.values() if p is not None]
+            if not any(p.requires_grad for p in params):
+                continue
+            for p in params:
+                if self._casts(p):
+                    p.data = p.data.to(self.dtype)
+            if layer in self.recast:
+                layer.__dict__.pop("forward", None)
+                self.recast.remove(layer)
+            released += 1
+        return released
+
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
         self.handles.clear()
+        for layer in self.recast:
+            layer.__dict__.pop("forward", None)
+        self.recast.clear()
