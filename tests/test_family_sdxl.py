@@ -150,3 +150,32 @@ def test_previews_sample_on_sdxl(xl):
     images = sample_images(get_family("sdxl"), bundle, ["a red circle"], precision, size=64,
                            steps=2)
     assert len(images) == 1 and images[0].size == (64, 64)
+
+
+def test_a_sharded_diffusers_folder_streams_every_component_into_the_load_dtype(pipe, tmp_path,
+                                                                                monkeypatch):
+    """``save_pretrained`` shards files over its limit (an fp32 SDXL UNet is 10 GB, past the
+    default): those shards, and the second encoder's file, are read tensor by tensor into the
+    load dtype instead of mapped whole by ``from_pretrained``."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    folder = tmp_path / "xl"
+    pipe.save_pretrained(folder, max_shard_size="200KB")
+    assert len(list((folder / "unet").glob("diffusion_pytorch_model-*.safetensors"))) > 1
+    assert len(list((folder / "text_encoder_2").glob("model-*.safetensors"))) > 1
+
+    def refused(*args, **kwargs):
+        raise AssertionError("from_pretrained maps whole files; the folder should stream")
+
+    for cls in (UNet2DConditionModel, AutoencoderKL, CLIPTextModel, CLIPTextModelWithProjection):
+        monkeypatch.setattr(cls, "from_pretrained", refused)
+    bundle = load_model(folder, "sdxl", dtype=torch.bfloat16)
+    for ours, theirs in ((bundle.unet, pipe.unet), (bundle.text_encoders[1], pipe.text_encoder_2)):
+        want = theirs.state_dict()
+        got = ours.state_dict()
+        assert got.keys() == want.keys()
+        assert all(got[k].dtype == torch.bfloat16 and torch.equal(got[k], want[k].bfloat16())
+                   for k in want if want[k].is_floating_point())
+    assert type(bundle.text_encoders[1]) is CLIPTextModelWithProjection
+    assert next(bundle.vae.parameters()).dtype == torch.float32  # the VAE stays fp32

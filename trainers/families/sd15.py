@@ -29,33 +29,58 @@ def read_config(name: str, part: str) -> dict:
 
 
 def _streamed(folder: Path, weights_name: str, dtype: torch.dtype):
-    """A diffusers/transformers component folder loaded by reading its one safetensors file
-    straight into ``dtype`` (see ``load_safetensors``), or None when the folder is laid out
-    otherwise (sharded, .bin, renamed keys): then ``from_pretrained`` loads it."""
+    """A diffusers/transformers component folder loaded by reading its safetensors file (or
+    the shards its index names, as ``save_pretrained`` writes files over 10 GB such as an
+    fp32 SDXL UNet) straight into ``dtype`` (see ``load_safetensors``), or None when the
+    folder is laid out otherwise (.bin, renamed keys): then ``from_pretrained`` loads it,
+    mapping every file whole (an fp32 SDXL UNet loaded into bf16 that way peaked at its 10 GB
+    of mapped pages plus the 5 GB result)."""
     from accelerate import init_empty_weights
 
     from ..formats.safetensors_io import load_safetensors
 
-    weights, config_file = folder / f"{weights_name}.safetensors", folder / "config.json"
-    if not (weights.is_file() and config_file.is_file()):
+    config_file = folder / "config.json"
+    files = _weight_files(folder, weights_name)
+    if not (files and config_file.is_file()):
         return None
     config = json.loads(config_file.read_text())
     with init_empty_weights(include_buffers=False):
-        if folder.name == "text_encoder":
-            from transformers import CLIPTextConfig, CLIPTextModel
+        if folder.name in ("text_encoder", "text_encoder_2"):
+            from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-            module = CLIPTextModel(CLIPTextConfig.from_dict(config))
+            cls = CLIPTextModelWithProjection if "CLIPTextModelWithProjection" in \
+                config.get("architectures", []) else CLIPTextModel
+            module = cls(CLIPTextConfig.from_dict(config))
         else:
             from diffusers import AutoencoderKL, UNet2DConditionModel
 
             cls = UNet2DConditionModel if folder.name == "unet" else AutoencoderKL
             module = cls.from_config(config)
-    state, _ = load_safetensors(weights, dtype=dtype)
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        state.update(load_safetensors(file, dtype=dtype)[0])
     missing, unexpected = module.load_state_dict(state, strict=False, assign=True)
     if [k for k in missing if not k.endswith("position_ids")] or unexpected:
         return None  # an older layout: from_pretrained knows how to rename it
     torch.nn.Module.to(module, dtype)  # anything not in the file (buffers) follows
     return module.requires_grad_(False).eval()
+
+
+def _weight_files(folder: Path, weights_name: str) -> list[Path]:
+    """The component's safetensors file, or its shards in the order its index names them;
+    [] when there is neither."""
+    single = folder / f"{weights_name}.safetensors"
+    if single.is_file():
+        return [single]
+    index = folder / f"{weights_name}.safetensors.index.json"
+    if not index.is_file():
+        return []
+    try:
+        shards = dict.fromkeys(json.loads(index.read_text())["weight_map"].values())
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+        return []  # from_pretrained reports what is wrong with it
+    files = [folder / name for name in shards]
+    return files if all(f.is_file() and f.parent == folder for f in files) else []
 
 
 def _single_file_keys(path: Path) -> list[str]:

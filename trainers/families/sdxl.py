@@ -104,8 +104,9 @@ class SdxlFamily:
                                               **kw)
             te1 = _streamed(path / "text_encoder", "model", dtype) or \
                 CLIPTextModel.from_pretrained(path / "text_encoder", torch_dtype=dtype, **kw)
-            te2 = CLIPTextModelWithProjection.from_pretrained(path / "text_encoder_2",
-                                                              torch_dtype=dtype, **kw)
+            te2 = _streamed(path / "text_encoder_2", "model", dtype) or \
+                CLIPTextModelWithProjection.from_pretrained(path / "text_encoder_2",
+                                                            torch_dtype=dtype, **kw)
         except (OSError, ValueError) as e:
             raise ModelLoadError(f"model.path = {str(path)!r}: the SDXL diffusers folder is "
                                  f"incomplete or unreadable ({e}).") from e
