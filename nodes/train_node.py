@@ -32,6 +32,7 @@ from .options import (
     ADVANCED_MAIN,
     OPTION_NODES,
     PREVIEW,
+    PRIOR,
     build_checked,
     check_widgets,
     section_options,
@@ -50,6 +51,20 @@ PREVIEW_TIPS = {
                       "caption.",
     "sample.every": "Show a preview every N steps (and before and after training); 0 = no "
                     "previews, which trains fastest.",
+}
+# The prior-preservation widgets in the node's words (the config's name data.class_dir, which
+# the node sets itself).
+PRIOR_TIPS = {
+    "data.class_prompt": "Prior preservation: the caption of every class image, e.g. 'a photo "
+                         "of a dog' (what class_images draws). Empty: each class image's own "
+                         "caption file.",
+    "data.class_images": "Prior preservation without class_dataset: the base model draws this "
+                         "many class images of class_prompt before training, into a folder "
+                         "under ComfyUI's output that later runs with the same prompt, "
+                         "resolution and model reuse. 0: none drawn (class_dataset's images, "
+                         "if connected).",
+    "train.prior_loss_weight": "Weight of the class images' loss beside the dataset's (with "
+                               "class_dataset or class_images).",
 }
 RESUME_TIP = ("Continue the newest saved state of this training (after a cancel): turn on and "
               "queue again with the same settings.")
@@ -157,6 +172,10 @@ class TrainNodeSpec:
             derived Advanced id, name and description.
         file_suffix: the extension of the file the loader reads, beside the run's
             ``.safetensors`` (a hypernetwork's ``.pt``): a cancel publishes that one.
+        advanced_prior: prior preservation on the Advanced node only, as ``prior`` gives it
+            (the same checks and drawn class images), for nodes released without it: its
+            ``PRIOR`` widgets and ``class_dataset`` come after ``options``, so saved
+            workflows keep their widget order.
     """
 
     method: str
@@ -179,15 +198,22 @@ class TrainNodeSpec:
     advanced_display_name: str | None = None
     advanced_description: str | None = None
     file_suffix: str = ".safetensors"
+    advanced_prior: bool = False
 
     def own_options(self, advanced: bool) -> list[str]:
         """The options shown on the node itself (Simple, or Advanced)."""
-        return list(self.main) + PREVIEW + (list(self.advanced_main) if advanced else [])
+        tail = (list(self.advanced_main) + (PRIOR if self.advanced_prior else [])
+                if advanced else [])
+        return list(self.main) + PREVIEW + tail
+
+    def has_prior(self, advanced: bool) -> bool:
+        """Whether the node (Simple, or Advanced) offers prior preservation."""
+        return self.prior or (advanced and self.advanced_prior)
 
 
 def main_inputs(spec: TrainNodeSpec) -> list:
     """Simple's inputs in their released order; new ones are appended (widget order)."""
-    return (COMMON_INPUTS + [widget(o, tooltip=spec.tooltips.get(o),
+    return (COMMON_INPUTS + [widget(o, tooltip=spec.tooltips.get(o) or PRIOR_TIPS.get(o),
                                     default=spec.defaults.get(o)) for o in spec.main]
             + [widget(o, optional=True, tooltip=PREVIEW_TIPS[o]) for o in PREVIEW]
             + [io.Boolean.Input("resume", default=False, optional=True, tooltip=RESUME_TIP)]
@@ -224,7 +250,7 @@ def check_queued(spec: TrainNodeSpec, kwargs: dict[str, Any], advanced: bool) ->
         unknown |= {o for _, _, s in OPTION_NODES for o in section_options(s)}
     if values.get("sample.every") == 0:
         values.pop("sample.prompts", None)
-    if spec.prior and values.get("data.class_images"):
+    if spec.has_prior(advanced) and values.get("data.class_images"):
         if "data.class_prompt" not in unknown:
             check_class_prompt(values)
         # Where they go is the host's (a class_dataset's or a folder of drawn ones).
@@ -266,7 +292,7 @@ def run_training(spec: TrainNodeSpec, node_id, model, clip, vae, dataset,
                               dataset) if every else ""
     values["sample.prompts"] = prompts
     values.setdefault("sample.seed", values.get("train.seed", 0))  # previews follow the seed
-    if spec.prior:
+    if spec.has_prior(advanced):
         prior_folder(values, kwargs.get("class_dataset"), model)
     if spec.prepare is not None:
         spec.prepare(values, kwargs)
@@ -351,9 +377,20 @@ def stopped(spec: TrainNodeSpec, node_id, e: TrainingStopped, total: int, name: 
     _host.interrupted()
 
 
+def advanced_prior_inputs(spec: TrainNodeSpec) -> list:
+    """The prior-preservation inputs ``advanced_prior`` appends to the Advanced node (after
+    ``options``; optional, so a prompt saved before they existed still validates)."""
+    if not spec.advanced_prior:
+        return []
+    return [widget(o, optional=True, tooltip=spec.tooltips.get(o) or PRIOR_TIPS[o])
+            for o in PRIOR] + [CLASS_INPUT]
+
+
 ADVANCED_TAIL = ("Advanced: the Simple node's inputs, plus options nodes (data, network, "
                  "optimizer & schedule, saving, sampling) chained into 'options'. "
                  "Unconnected: the defaults.")
+ADVANCED_PRIOR_TAIL = ("Prior preservation: connect class_dataset (or set class_images and "
+                       "class_prompt) to keep the class as it was.")
 
 
 def make_train_nodes(spec: TrainNodeSpec) -> tuple[type[io.ComfyNode], type[io.ComfyNode]]:
@@ -385,13 +422,15 @@ def make_train_nodes(spec: TrainNodeSpec) -> tuple[type[io.ComfyNode], type[io.C
         def define_schema(cls) -> io.Schema:
             return io.Schema(
                 node_id=advanced_id, display_name=advanced_name, category="Tsuika/train",
-                description=spec.advanced_description or f"{spec.description} {ADVANCED_TAIL}",
+                description=spec.advanced_description or " ".join(
+                    [spec.description, ADVANCED_TAIL]
+                    + ([ADVANCED_PRIOR_TAIL] if spec.advanced_prior else [])),
                 inputs=main_inputs(spec) + [widget(o, optional=True)
                                             for o in spec.advanced_main] + [
                     Options.Input("options", optional=True,
                                   tooltip="Chain options nodes (Tsuika/train/options) here; "
                                           "options not set by any of them keep their "
-                                          "defaults.")],
+                                          "defaults.")] + advanced_prior_inputs(spec),
                 outputs=outputs, hidden=[io.Hidden.unique_id])
 
         @classmethod
