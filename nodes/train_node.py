@@ -67,7 +67,8 @@ PRIOR_TIPS = {
                                "class_dataset or class_images).",
 }
 RESUME_TIP = ("Continue the newest saved state of this training (after a cancel): turn on and "
-              "queue again with the same settings.")
+              "queue again with the same settings. A damaged state is passed over for the "
+              "newest sound one (and kept); the report says which.")
 EVERY_OPTION = frozenset(f"{s}.{f.name}" for s, cls in SECTIONS.items()
                          for f in dataclasses.fields(cls))
 
@@ -301,8 +302,11 @@ def run_training(spec: TrainNodeSpec, node_id, model, clip, vae, dataset,
     config.data.dir = str(dataset.root)
     config.output.dir = str(_host.run_dir(name))
     config.data.cache_dir = str(_host.cache_dir())
+    resumed: list[str] = []
     if kwargs.get("resume"):
-        config.train.resume = _host.latest_state(name)
+        config.train.resume, skipped = _host.latest_state(name)
+        state = Path(config.train.resume)
+        resumed = [f"resumed from {state.parent.parent.name}/{state.name}", *skipped]
     _host.comfy_family(model)  # refuse an unsupported family before any work
     progress = _host.ComfyProgress(node_id, config.train.steps)
     with _host.leave_host_as_found():  # a failed or cancelled run leaves nothing alive
@@ -320,9 +324,10 @@ def run_training(spec: TrainNodeSpec, node_id, model, clip, vae, dataset,
     text = train_report(result.steps, list(result.losses), result.file_path, done.buckets,
                         file_word=spec.file_word, lines=done.lines)
     preflight = progress.start_info.get("preflight")  # the dataset check, every method
-    text = "\n".join(t for t in (text, preflight) if t)
+    text = "\n".join(t for t in (text, preflight, *resumed) if t)
+    level = "warning" if len(resumed) > 1 else "info"  # a damaged state was passed over
     return io.NodeOutput(*outputs, {"loss": list(result.losses)},
-                         _host.images_to_tensor(result.samples_after), ui=ui_report(text))
+                         _host.images_to_tensor(result.samples_after), ui=ui_report(text, level))
 
 
 def check_class_prompt(values: dict[str, Any]) -> None:
