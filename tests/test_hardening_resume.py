@@ -425,3 +425,14 @@ def test_replacing_a_state_keeps_the_old_one_until_the_new_one_is_in_place(tmp_p
     monkeypatch.undo()
     assert load_state(folder).trainable["unet::w"][0] == 1.0
     assert sorted(p.name for p in folder.parent.iterdir()) == ["step_00000002"]
+
+
+def test_a_damaged_moving_average_fails_the_check_too(lora_states, tmp_path):
+    out = _copy(lora_states, tmp_path)
+    folder = out / "states" / "step_00000002"
+    (folder / "ema.safetensors").write_bytes((folder / "trainable.safetensors").read_bytes())
+    assert check_state(folder) == 2  # a whole one is read as part of the state
+    _truncate(folder / "ema.safetensors")
+    with pytest.raises(StateError) as e:
+        check_state(folder)
+    assert e.value.reason.startswith("ema.safetensors is damaged"), e.value.reason

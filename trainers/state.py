@@ -213,16 +213,19 @@ def check_state(folder: Path) -> int:
     headers against their sizes, the ``.pt`` files memory-mapped (a DreamBooth state is GBs;
     choosing among states must not read each one). Returns the state's step.
 
+    Args:
+        folder: the state folder.
+
     Raises:
         StateError: as :func:`load_state` (the message names the folder and the file).
     """
     _, step = _read_info(folder)
-    for name in ("trainable.safetensors", EMA_FILE):
-        if name == "trainable.safetensors" or (folder / name).is_file():
-            try:
-                check_safetensors(folder / name)
-            except (ValueError, OSError) as e:
-                raise _damaged(folder, name, str(e)) from e
+    ema = [EMA_FILE] if (folder / EMA_FILE).is_file() else []
+    for name in ["trainable.safetensors", *ema]:
+        try:
+            check_safetensors(folder / name)
+        except (ValueError, OSError) as e:
+            raise _damaged(folder, name, str(e)) from e
     _check_optimizer(folder, _load_pt(folder, "optimizer.pt", mmap=True))
     _load_pt(folder, "scheduler.pt", mmap=True)
     return step
@@ -265,12 +268,6 @@ def state_folders(output_dir: Path) -> list[Path]:
     if not root.is_dir():
         return []
     return sorted(p for p in root.glob("step_*") if p.is_dir())
-
-
-def find_latest_state(output_dir: Path) -> Path | None:
-    """The newest complete state folder in ``output_dir``, or None."""
-    folders = [p for p in state_folders(output_dir) if (p / "state.json").is_file()]
-    return folders[-1] if folders else None
 
 
 def load_resume(resume: str, output_dir: Path, max_step: int | None = None,
