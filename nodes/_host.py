@@ -111,17 +111,24 @@ def class_images_dir(prompt: str, resolution, model) -> Path:
             / f"{slug}-{digest.hexdigest()[:12]}")
 
 
-def latest_state(name: str) -> str:
-    """The newest resumable state of runs named ``name``; a clear error when there is none."""
+def latest_state(name: str) -> tuple[str, list[str]]:
+    """The newest sound resumable state of runs named ``name`` (newest run first), and one
+    report line per newer state passed over because it is damaged (kept, never deleted); a
+    clear error when there is none."""
     import folder_paths
 
-    from ..trainers.state import find_latest_state
+    from ..trainers.state import newest_sound_state
 
     base = Path(folder_paths.get_output_directory()) / "tsuika" / name
-    for run in sorted(base.glob("run_*"), reverse=True):
-        state = find_latest_state(run)
-        if state is not None:
-            return str(state)
+    state, passed = newest_sound_state(sorted(base.glob("run_*"), reverse=True))
+    # Named within the training's folder: the run and the step say which one it is.
+    skipped = [f"skipped state {folder.parent.parent.name}/{folder.name}: {e.reason} (kept as "
+               "it is)" for folder, e in passed]
+    if state is not None:
+        return str(state), skipped
+    if skipped:
+        raise ValueError(f"resume: no saved state of a training named {name!r} can be used: "
+                         + "; ".join(skipped) + ". Turn 'resume' off to start again.")
     raise ValueError(f"resume: there is no saved state of a training named {name!r} yet; "
                      "turn 'resume' off to start one (a cancelled training saves one).")
 

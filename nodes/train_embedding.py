@@ -5,6 +5,10 @@ A user of the train-node seam (``nodes/train_node.py``): only the new word's vec
 new name, never over an existing file), where ComfyUI's ``embedding:<name>`` prompt syntax
 finds it. The node passes its CLIP input through, so a CLIPTextEncode fed from that output
 runs after the file exists: train and prompt with the new word in one graph, no restart.
+
+No prior preservation here (the other train nodes offer it): only the new word's vectors
+train and the model is unchanged, so nothing of a class can be forgotten, and class images
+captioned without the word would give those vectors no gradient at all.
 """
 
 from __future__ import annotations

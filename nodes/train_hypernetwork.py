@@ -6,7 +6,8 @@ and, beside it, the ``.pt`` that ComfyUI's HypernetworkLoader reads (plain data,
 ``weights_only``: ``trainers/formats/hypernetwork.py`` says why it cannot be a safetensors
 file); the ``.pt`` is published into ``models/hypernetworks`` (a new name, never over an
 existing file) and the node returns the input MODEL with it applied, as HypernetworkLoader
-applies it, for the same graph.
+applies it, for the same graph. Prior preservation on the Advanced node (the modules change
+the attention of every prompt, so a class can be forgotten): as on Train LoRA Advanced.
 """
 
 from __future__ import annotations
@@ -59,6 +60,6 @@ HYPERNETWORK = TrainNodeSpec(
                 "continues it.",
     main=MAIN, outputs=OUTPUTS, finish=finish_hypernetwork, folder="hypernetworks",
     file_word="hypernetwork", loader="HypernetworkLoader", defaults=DEFAULTS,
-    tooltips=TOOLTIPS, file_suffix=".pt")
+    tooltips=TOOLTIPS, file_suffix=".pt", advanced_prior=True)
 
 TsuikaTrainHypernetwork, TsuikaTrainHypernetworkAdvanced = make_train_nodes(HYPERNETWORK)

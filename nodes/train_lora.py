@@ -11,7 +11,7 @@ from comfy_api.latest import io
 
 from . import _host
 from .options import MAIN
-from .train_node import Finished, TrainNodeSpec, make_train_nodes
+from .train_node import ADVANCED_PRIOR_TAIL, Finished, TrainNodeSpec, make_train_nodes
 
 OUTPUTS = [
     io.Model.Output(display_name="model", tooltip="The model with the trained LoRA applied."),
@@ -38,8 +38,9 @@ LORA = TrainNodeSpec(
                 "CLIP right away. Cancel keeps what was trained; 'resume' continues it.",
     advanced_description="Train LoRA with every option of the backend: the Simple node's "
                          "inputs, plus options nodes (data, network, optimizer & schedule, "
-                         "saving, sampling) chained into 'options'. Unconnected: the defaults.",
+                         "saving, sampling) chained into 'options'. Unconnected: the defaults. "
+                         + ADVANCED_PRIOR_TAIL,
     main=MAIN, outputs=OUTPUTS, finish=finish_lora, folder="loras", file_word="LoRA",
-    loader="Load LoRA")
+    loader="Load LoRA", advanced_prior=True)
 
 TsuikaTrainLoRA, TsuikaTrainLoRAAdvanced = make_train_nodes(LORA)

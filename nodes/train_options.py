@@ -19,7 +19,7 @@ from .options import (
     section_options,
     widget_name,
 )
-from .train_node import widget
+from .train_node_inputs import widget
 from .types import Options
 
 

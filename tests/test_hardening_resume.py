@@ -23,9 +23,11 @@ from tsuika.trainers.methods.base import load_named_tensors
 from tsuika.trainers.state import (
     StateError,
     TrainingState,
+    check_state,
     clean_interrupted_saves,
     load_resume,
     load_state,
+    newest_sound_state,
     save_state,
 )
 
@@ -298,6 +300,37 @@ def test_every_damage_gives_one_message_naming_the_folder_and_the_file(lora_stat
     found, state, skipped = load_resume("latest", out, max_step=100)
     assert found.name == "step_00000001" and state.step == 1
     assert len(skipped) == 1 and "step_00000002" in skipped[0] and name in skipped[0]
+    # The check the nodes choose a state with (tensors not read) finds every damage too.
+    with pytest.raises(StateError) as e:
+        check_state(folder)
+    assert str(folder) in str(e.value) and name in e.value.reason, e.value.reason
+    assert str(folder) not in e.value.reason and "train.resume" not in e.value.reason
+    found, passed = newest_sound_state([out])
+    assert found == out / "states" / "step_00000001"
+    assert [f.name for f, _ in passed] == ["step_00000002"]
+
+
+def test_the_newest_sound_state_across_runs_passes_over_damaged_ones_and_keeps_them(
+        lora_states, tmp_path):
+    older, newer = _copy(lora_states, tmp_path / "run_1"), _copy(lora_states, tmp_path / "run_2")
+    assert check_state(newer / "states" / "step_00000002") == 2
+    for step in ("step_00000001", "step_00000002"):  # every state of the newer run damaged
+        _truncate(newer / "states" / step / "trainable.safetensors")
+    (newer / "states" / "step_00000001" / "optimizer.pt").unlink()
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    found, passed = newest_sound_state([newer, older])
+    assert found == older / "states" / "step_00000002"
+    assert [(f.parent.parent.parent.name, f.name) for f, _ in passed] == [
+        ("run_2", "step_00000002"), ("run_2", "step_00000001")]
+    assert "trainable.safetensors is damaged" in passed[0][1].reason
+    assert passed[1][1].reason == "missing optimizer.pt"
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # kept
+    # None sound: nothing found, every one named; no run at all: nothing either.
+    _truncate(older / "states" / "step_00000002" / "scheduler.pt")
+    (older / "states" / "step_00000001" / "state.json").write_text("{")
+    found, passed = newest_sound_state([newer, older])
+    assert found is None and len(passed) == 4
+    assert newest_sound_state([tmp_path / "nothing"]) == (None, [])
 
 
 def test_latest_with_every_state_damaged_names_them_all(lora_states, tmp_path):
@@ -392,3 +425,14 @@ def test_replacing_a_state_keeps_the_old_one_until_the_new_one_is_in_place(tmp_p
     monkeypatch.undo()
     assert load_state(folder).trainable["unet::w"][0] == 1.0
     assert sorted(p.name for p in folder.parent.iterdir()) == ["step_00000002"]
+
+
+def test_a_damaged_moving_average_fails_the_check_too(lora_states, tmp_path):
+    out = _copy(lora_states, tmp_path)
+    folder = out / "states" / "step_00000002"
+    (folder / "ema.safetensors").write_bytes((folder / "trainable.safetensors").read_bytes())
+    assert check_state(folder) == 2  # a whole one is read as part of the state
+    _truncate(folder / "ema.safetensors")
+    with pytest.raises(StateError) as e:
+        check_state(folder)
+    assert e.value.reason.startswith("ema.safetensors is damaged"), e.value.reason

@@ -50,7 +50,7 @@ def test_missing_class_images_are_drawn_once_and_never_over_a_users_file(
     assert len(list(classes.glob("*.png"))) == 3
 
 
-@pytest.mark.parametrize("method", ["lora", "dreambooth"])
+@pytest.mark.parametrize("method", ["lora", "dreambooth", "hypernetwork"])
 def test_class_images_change_what_is_trained_by_their_weight(tiny_model, image_folder,
                                                              tmp_path, method):
     classes = tmp_path / "classes"

@@ -312,9 +312,13 @@ print(json.dumps(out))
                                     "training_seed", "resolution", "sample_prompt",
                                     "sample_every", "resume"]  # released order, resume last
     assert simple["max"]["rank"] == 1024  # the config's limit, not a copy
-    assert info["TsuikaTrainLoRAAdvanced"]["inputs"][:13] == simple["inputs"]
-    assert info["TsuikaTrainLoRAAdvanced"]["inputs"][-1] == "options"
-    assert len(info["TsuikaTrainLoRAAdvanced"]["inputs"]) <= len(simple["inputs"]) + 2
+    # Advanced: Simple's inputs, its one own widget and the options chain, then what came
+    # later (prior preservation), appended so that saved workflows keep their widget order.
+    for advanced in ("TsuikaTrainLoRAAdvanced", "TsuikaTrainHypernetworkAdvanced"):
+        base = info[advanced.removesuffix("Advanced")]["inputs"]
+        assert info[advanced]["inputs"] == base + [
+            "lr_warmup_steps", "options", "class_prompt", "class_images", "prior_loss_weight",
+            "class_dataset"], info[advanced]["inputs"]
     assert set(info["TsuikaSaveLoRA"]["hidden"]) == {"PROMPT", "EXTRA_PNGINFO"}
     assert info["refused"].startswith("resolution = 32 is below bucket_step = 64")
 

@@ -88,6 +88,27 @@ try:
 except InputRefused as e:
     out["no_prompt"] = str(e)
 out["prompt_ok"] = psimple.validate_inputs(class_prompt="a dog", class_images=4)
+
+# Prior preservation on the Advanced node only (a node released without it): appended after
+# options, checked the same way; the Simple node is unchanged.
+late = tn.TrainNodeSpec(method="lora", node_id="ToyLate", display_name="L (Tsuika)",
+                        description="", main=["train.steps"], outputs=[], finish=finish,
+                        advanced_prior=True)
+lsimple, ladvanced = tn.make_train_nodes(late)
+out["late_simple"] = [i.id for i in lsimple.define_schema().inputs]
+ladv = ladvanced.define_schema()
+out["late_advanced"] = [i.id for i in ladv.inputs]
+out["late_optional"] = [i.optional for i in ladv.inputs[-4:]]
+out["late_description"] = ladv.description
+try:
+    ladvanced.validate_inputs(class_prompt=" ", class_images=2)
+    out["late_no_prompt"] = None
+except InputRefused as e:
+    out["late_no_prompt"] = str(e)
+out["late_simple_ignores"] = lsimple.validate_inputs(steps=3)
+out["late_values"] = tn.node_values(late, {"class_prompt": "a dog", "class_images": 2,
+                                           "prior_loss_weight": 0.5}, True)
+out["late_values_simple"] = tn.node_values(late, {"class_prompt": "a dog"}, False)
 print(json.dumps(out))
 """
 
@@ -140,7 +161,10 @@ print(json.dumps(out))
     assert simple["inputs"] == ["model", "clip", "vae", "dataset", "steps", "learning_rate",
                                 "rank", "trigger_word", "training_seed", "resolution",
                                 "sample_prompt", "sample_every", "resume"]
-    assert adv["inputs"] == simple["inputs"] + ["lr_warmup_steps", "options"]
+    # Prior preservation came later: after 'options', so saved workflows keep widget order.
+    assert adv["inputs"] == simple["inputs"] + ["lr_warmup_steps", "options", "class_prompt",
+                                                "class_images", "prior_loss_weight",
+                                                "class_dataset"]
     assert simple["outputs"] == adv["outputs"] == [
         ["model", "MODEL"], ["clip", "CLIP"], ["lora", "LORA_MODEL"], ["loss", "LOSS_MAP"],
         ["samples", "IMAGE"]]
@@ -161,3 +185,20 @@ def test_prior_preservation_inputs_and_their_checks(toy):
                                        "images, which needs class_prompt"), toy["no_prompt"]
     assert "class_dir" not in toy["no_prompt"]
     assert toy["prompt_ok"] is True
+
+
+def test_prior_preservation_on_the_advanced_node_only_appended_after_options(toy):
+    assert toy["late_simple"] == ["model", "clip", "vae", "dataset", "steps", "sample_prompt",
+                                  "sample_every", "resume"]
+    assert toy["late_advanced"] == toy["late_simple"] + [
+        "lr_warmup_steps", "options", "class_prompt", "class_images", "prior_loss_weight",
+        "class_dataset"]
+    assert toy["late_optional"] == [True] * 4  # prompts saved before them still validate
+    assert "connect class_dataset" in toy["late_description"]
+    assert toy["late_no_prompt"].startswith("class_images = 2 has the base model draw class "
+                                            "images, which needs class_prompt")
+    assert toy["late_simple_ignores"] is True
+    values = toy["late_values"]
+    assert (values["data.class_prompt"], values["data.class_images"],
+            values["train.prior_loss_weight"]) == ("a dog", 2, 0.5)
+    assert "data.class_prompt" not in toy["late_values_simple"]  # not a Simple widget

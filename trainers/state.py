@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from .files import give_default_permissions
-from .formats.safetensors_io import load_safetensors, save_safetensors
+from .formats.safetensors_io import check_safetensors, load_safetensors, save_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,15 @@ _TMP_FILE_PATTERNS = (".*.safetensors.*.tmp", "*.csv.tmp", "*.png.tmp", "*.json.
 
 
 class StateError(ValueError):
-    """A state folder is missing, incomplete or from an incompatible run."""
+    """A state folder is missing, incomplete or from an incompatible run.
+
+    ``reason`` is what is wrong in a few words, without the folder or what to do (for a
+    caller that words those itself, such as a node passing over a damaged state).
+    """
+
+    def __init__(self, message: str, reason: str | None = None):
+        super().__init__(message)
+        self.reason = reason or message
 
 
 @dataclass
@@ -121,18 +129,53 @@ def clean_interrupted_saves(output_dir: Path) -> list[str]:
 
 def _damaged(folder: Path, name: str, why: str) -> StateError:
     return StateError(f"state {str(folder)!r}: {name} is damaged ({why}); resume from another "
-                      f"state under <output.dir>/{STATES_DIR}/ or start without train.resume.")
+                      f"state under <output.dir>/{STATES_DIR}/ or start without train.resume.",
+                      reason=f"{name} is damaged ({why.replace(str(folder / name), name)})")
 
 
-def _load_pt(folder: Path, name: str) -> dict:
+def _load_pt(folder: Path, name: str, mmap: bool = False) -> dict:
     try:
-        value = torch.load(folder / name, map_location="cpu", weights_only=True)
+        value = torch.load(folder / name, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # torch.load raises many types on damaged files
         raise _damaged(folder, name, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
                        if str(e) else type(e).__name__) from e
     if not isinstance(value, dict):
         raise _damaged(folder, name, f"holds a {type(value).__name__}, not a dict")
     return value
+
+
+def _read_info(folder: Path) -> tuple[dict, int]:
+    """``state.json`` of a state folder and its step, once every file it needs is there."""
+    needed = ["trainable.safetensors", "optimizer.pt", "scheduler.pt", "state.json"]
+    if not folder.is_dir():
+        raise StateError(f"train.resume = {str(folder)!r} is not a folder; point it at a "
+                         f"folder under <output.dir>/{STATES_DIR}/ or use 'latest'.")
+    missing = [n for n in needed if not (folder / n).is_file()]
+    if missing:
+        raise StateError(f"train.resume = {str(folder)!r} is not a complete Tsuika state "
+                         f"(missing {', '.join(missing)}); point it at a folder under "
+                         f"<output.dir>/{STATES_DIR}/.", reason=f"missing {', '.join(missing)}")
+    try:
+        info = json.loads((folder / "state.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise _damaged(folder, "state.json", str(e)) from e
+    if not isinstance(info, dict):
+        raise _damaged(folder, "state.json", "not a JSON object")
+    if info.get("version") != STATE_VERSION:
+        raise StateError(f"state {str(folder)!r}: state.json has version "
+                         f"{info.get('version')!r}; this Tsuika reads version {STATE_VERSION}.",
+                         reason=f"state.json has version {info.get('version')!r}, not "
+                                f"{STATE_VERSION}")
+    step = info.get("step")
+    if not isinstance(step, int) or isinstance(step, bool) or step <= 0:
+        raise _damaged(folder, "state.json", f"step = {step!r} is not a positive whole number")
+    return info, step
+
+
+def _check_optimizer(folder: Path, optimizer: dict) -> None:
+    if not isinstance(optimizer.get("state"), dict) or \
+            not isinstance(optimizer.get("param_groups"), list):
+        raise _damaged(folder, "optimizer.pt", "not an optimizer state (no state/param_groups)")
 
 
 def load_state(folder: Path, max_step: int | None = None) -> TrainingState:
@@ -146,36 +189,14 @@ def load_state(folder: Path, max_step: int | None = None) -> TrainingState:
         StateError: the folder is incomplete, or one of its files is damaged (the message
             names the folder and the file), or its step is not usable.
     """
-    needed = ["trainable.safetensors", "optimizer.pt", "scheduler.pt", "state.json"]
-    if not folder.is_dir():
-        raise StateError(f"train.resume = {str(folder)!r} is not a folder; point it at a "
-                         f"folder under <output.dir>/{STATES_DIR}/ or use 'latest'.")
-    missing = [n for n in needed if not (folder / n).is_file()]
-    if missing:
-        raise StateError(f"train.resume = {str(folder)!r} is not a complete Tsuika state "
-                         f"(missing {', '.join(missing)}); point it at a folder under "
-                         f"<output.dir>/{STATES_DIR}/.")
-    try:
-        info = json.loads((folder / "state.json").read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise _damaged(folder, "state.json", str(e)) from e
-    if not isinstance(info, dict):
-        raise _damaged(folder, "state.json", "not a JSON object")
-    if info.get("version") != STATE_VERSION:
-        raise StateError(f"state {str(folder)!r}: state.json has version "
-                         f"{info.get('version')!r}; this Tsuika reads version {STATE_VERSION}.")
-    step = info.get("step")
-    if not isinstance(step, int) or isinstance(step, bool) or step <= 0:
-        raise _damaged(folder, "state.json", f"step = {step!r} is not a positive whole number")
+    info, step = _read_info(folder)
     _check_step(folder, step, max_step)
     try:
         trainable, _ = load_safetensors(folder / "trainable.safetensors")
     except (ValueError, OSError) as e:
         raise _damaged(folder, "trainable.safetensors", str(e)) from e
     optimizer = _load_pt(folder, "optimizer.pt")
-    if not isinstance(optimizer.get("state"), dict) or \
-            not isinstance(optimizer.get("param_groups"), list):
-        raise _damaged(folder, "optimizer.pt", "not an optimizer state (no state/param_groups)")
+    _check_optimizer(folder, optimizer)
     scheduler = _load_pt(folder, "scheduler.pt")
     ema = None
     if (folder / EMA_FILE).is_file():
@@ -185,6 +206,54 @@ def load_state(folder: Path, max_step: int | None = None) -> TrainingState:
             raise _damaged(folder, EMA_FILE, str(e)) from e
     return TrainingState(step=step, trainable=trainable, optimizer=optimizer,
                          scheduler=scheduler, info=info, ema=ema)
+
+
+def check_state(folder: Path) -> int:
+    """What :func:`load_state` checks, without reading the tensors: the safetensors files'
+    headers against their sizes, the ``.pt`` files memory-mapped (a DreamBooth state is GBs;
+    choosing among states must not read each one). Returns the state's step.
+
+    Args:
+        folder: the state folder.
+
+    Raises:
+        StateError: as :func:`load_state` (the message names the folder and the file).
+    """
+    _, step = _read_info(folder)
+    ema = [EMA_FILE] if (folder / EMA_FILE).is_file() else []
+    for name in ["trainable.safetensors", *ema]:
+        try:
+            check_safetensors(folder / name)
+        except (ValueError, OSError) as e:
+            raise _damaged(folder, name, str(e)) from e
+    _check_optimizer(folder, _load_pt(folder, "optimizer.pt", mmap=True))
+    _load_pt(folder, "scheduler.pt", mmap=True)
+    return step
+
+
+def newest_sound_state(output_dirs: list[Path]) -> tuple[Path | None,
+                                                        list[tuple[Path, StateError]]]:
+    """The newest state that :func:`check_state` passes, looking through ``output_dirs`` in
+    the order given (newest run first) and each one's states newest first.
+
+    Args:
+        output_dirs: run output folders, the one to look in first first.
+
+    Returns:
+        ``(folder or None, skipped)``: ``skipped`` holds each newer state passed over with
+        why (``StateError.reason``). Nothing is deleted: a damaged state stays for the user.
+    """
+    skipped: list[tuple[Path, StateError]] = []
+    for output_dir in output_dirs:
+        for folder in reversed(state_folders(output_dir)):
+            try:
+                check_state(folder)
+            except StateError as e:
+                log.warning("passing over the state %s: %s", folder, e.reason)
+                skipped.append((folder, e))
+                continue
+            return folder, skipped
+    return None, skipped
 
 
 def _check_step(folder: Path, step: int, max_step: int | None) -> None:
@@ -199,12 +268,6 @@ def state_folders(output_dir: Path) -> list[Path]:
     if not root.is_dir():
         return []
     return sorted(p for p in root.glob("step_*") if p.is_dir())
-
-
-def find_latest_state(output_dir: Path) -> Path | None:
-    """The newest complete state folder in ``output_dir``, or None."""
-    folders = [p for p in state_folders(output_dir) if (p / "state.json").is_file()]
-    return folders[-1] if folders else None
 
 
 def load_resume(resume: str, output_dir: Path, max_step: int | None = None,

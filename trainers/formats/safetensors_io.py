@@ -212,6 +212,29 @@ def load_safetensors(path, device: str = "cpu", dtype: DtypeChoice = None,
     return tensors, metadata
 
 
+def check_safetensors(path) -> list[str]:
+    """Check that ``path`` is a whole safetensors file, reading its header only (every
+    tensor inside the file, the file no shorter than they need); returns the tensor names.
+
+    Raises:
+        FileNotFoundError, IsADirectoryError, ValueError: as :func:`load_safetensors`.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist; check the file name and folder.")
+    if not path.is_file():
+        raise IsADirectoryError(f"{path} is a folder; give a .safetensors file.")
+    _check_is_safetensors(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return list(f.keys())
+    except (SafetensorError, json.JSONDecodeError, OSError) as e:
+        raise ValueError(f"{path} is a damaged or incomplete safetensors file ({e}); write it "
+                         "again or download it again.") from e
+
+
 def _read_converting(path: Path, dtype: DtypeChoice, device: str,
                      ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     def damaged(why: str) -> ValueError:
