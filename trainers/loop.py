@@ -13,7 +13,6 @@ import contextlib
 import functools
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,20 +23,18 @@ import torch.nn.functional as F
 from . import prior
 from .callbacks import Callbacks, SaveInfo, StepInfo, TrainingStopped
 from .config import TsuikaConfig
-from .device import frozen_weights_dtype, resolve_device, resolve_precision
+from .device import resolve_device, resolve_precision
 from .device.cpu_conv import packed_frozen_convs
 from .device.stored_dtype import StoredDtype
+from .distributed import accelerator_if_launched, check_ranks_in_sync
 from .ema import Ema, check_ema_fits, resume_ema
 from .families import ModelBundle, get_family, load_model
 from .guards import NonFiniteLoss, resume_into, run_identity
 from .init_lora import adopt_init_lora
 from .methods import get_method
-from .optimizers import (
-    StepInBackward,
-    make_optimizer,
-    trained_weights_dtype,
-    wants_step_in_backward,
-)
+from .model_placement import ModelDtypes, place_unet_and_encoders, place_vae
+from .optimizers import StepInBackward, make_optimizer, wants_step_in_backward
+from .preflight import dataset_report
 from .prepare import TrainingData
 from .run_io import FIX_LR, RunWriter, open_output
 from .state import TrainingState, load_resume
@@ -58,16 +55,6 @@ class TrainResult:
     samples_before: list = field(default_factory=list)
     samples_after: list = field(default_factory=list)
     files: dict[str, Path] = field(default_factory=dict)
-
-
-def _distributed():
-    """An accelerate Accelerator when launched with several processes, else None."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return None
-    from accelerate import Accelerator
-
-    # On a machine without CUDA, accelerate only goes multi-process (gloo) when told cpu=True.
-    return Accelerator(cpu=not torch.cuda.is_available())
 
 
 def train(config: TsuikaConfig, callbacks: Callbacks | None = None,
@@ -110,7 +97,7 @@ class TrainingRun:
         self.bundle = bundle
         self.scan = scan
         self.scope = scope
-        self.acc = _distributed()
+        self.acc = accelerator_if_launched()
         self.is_main = self.acc is None or self.acc.is_main_process
         self.step_count = 0
 
@@ -144,28 +131,13 @@ class TrainingRun:
             self.scope.enter_context(open_output(config, notes))
             for note in notes:
                 self.cb.on_message(note)
-        # Frozen weights live in the compute dtype. Base weights a method trains are stored as
-        # train.trained_weights says (fp32 masters under autocast, or bf16 with stochastic
-        # rounding). Loaded straight into the dtype they are kept in.
-        unet_dtype = te_dtype = self.precision.compute_dtype
-        if method.trains_base_weights:
-            unet_dtype = trained_weights_dtype(config, self.precision.compute_dtype)
-            # A frozen text encoder is written back into the checkpoint: keep its precision.
-            te_dtype = unet_dtype if method.trains_text_encoder(config) else torch.float32
-        self.unet_dtype, self.te_dtype = unet_dtype, te_dtype
-        # A model this run loads may keep its frozen weights in a narrower dtype than it
-        # computes in (train.frozen_weights); a host's model stays in the host's dtypes.
-        self.stored_dtype = None
-        self.stored: list[StoredDtype] = []  # hooks of modules computing in another dtype
-        if self.bundle is None and not method.trains_base_weights:
-            stored = frozen_weights_dtype(config.train.frozen_weights, self.precision)
-            self.stored_dtype = None if stored == unet_dtype else stored
+        self.dtypes = ModelDtypes.for_run(config, self.precision, method,
+                                          loads_model=self.bundle is None)
+        self.stored: list[StoredDtype] = []  # per-layer casts, once the models are placed
         if self.bundle is None:
             config.require_inputs()
             self.bundle = load_model(config.model.path, config.model.family,
-                                     config.model.prediction_type,
-                                     dtype=self.stored_dtype or (
-                                         te_dtype if te_dtype == torch.float32 else unet_dtype))
+                                     config.model.prediction_type, dtype=self.dtypes.load)
         self.family = get_family(self.bundle.family)
         init_steps = 0
         if config.network.init_lora:  # the file decides the network before validation
@@ -179,9 +151,7 @@ class TrainingRun:
     def _prepare_data(self) -> None:
         """Scan the data, fill the latent caches (rank 0 first), move the models in place."""
         config, cb, acc, bundle, device = self.config, self.cb, self.acc, self.bundle, self.device
-        # The VAE stays fp32 (it is used only to fill the cache, and half-precision SD VAEs
-        # are known to overflow).
-        _move(bundle.vae, device, torch.float32)
+        place_vae(bundle, device)
         prior.check_class_dir(config)
         hook = getattr(self.method, "caption", None)  # the instance data's, not the class's
         with self.per_image():
@@ -189,7 +159,7 @@ class TrainingRun:
                 config, bundle, self.precision, self.out.cache_dir, scan=self.scan,
                 caption_hook=None if hook is None else functools.partial(hook, config))
             if self.is_main:  # the pre-flight check, shown with the start report (scan done)
-                self.preflight = _preflight(config, bundle, data.scan, cb)
+                self.preflight = dataset_report(config, bundle, data.scan, cb)
         for skipped in data.scan.skipped:
             cb.on_message(f"skipped {skipped.path}: {skipped.reason}")
         for warning in data.scan.warnings:
@@ -203,26 +173,10 @@ class TrainingRun:
             _ = data.vae_hash
         with self.per_image():
             hits, encoded = data.fill_latent_cache()
-        # Frozen weights stored narrower than the run computes (train.frozen_weights) stay as
-        # stored and compute a layer at a time, forward and backward (device/stored_dtype.py).
-        if self.stored_dtype is None:
-            _move(bundle.unet, device, self.unet_dtype)
-        else:
-            torch.nn.Module.to(bundle.unet, device=device)
-            self.stored.append(StoredDtype(bundle.unet, self.unet_dtype))
-            self.scope.callback(self.stored[-1].remove)
-        # Frozen text encoders a host shares with us (ComfyUI's, in its fp16) stay as stored
-        # and compute in the run's dtype a layer at a time: a whole cast is a second copy
-        # of them beside the host's (3.1 GiB for SDXL on a CPU, docs/BENCHMARKS.md).
-        shared = "host_shared_bytes" in bundle.extra and \
-            not self.method.trains_text_encoder(config)
-        for te in bundle.text_encoders:
-            if shared or self.stored_dtype is not None:
-                torch.nn.Module.to(te, device=device)
-                self.stored.append(StoredDtype(te, self.te_dtype))
-                self.scope.callback(self.stored[-1].remove)
-            else:
-                te.to(device, self.te_dtype)
+        self.stored = place_unet_and_encoders(
+            bundle, device, self.dtypes, scope=self.scope,
+            encoders_shared="host_shared_bytes" in bundle.extra
+            and not self.method.trains_text_encoder(config))
         if self.is_main:
             prior.generate_missing(config, self.family, bundle, self.precision, cb)  # base model
         self.class_data = prior.class_data(config, bundle, self.precision, self.out.cache_dir)
@@ -461,7 +415,7 @@ class TrainingRun:
                 self.save(final=False)
 
         if self.acc is not None:
-            _check_ranks_in_sync(self.acc, self.params)
+            check_ranks_in_sync(self.acc, self.params)
         final = self.save(final=True)
         if self.ema is not None:  # the model in memory now holds what the file holds
             self.ema.copy_to()
@@ -475,38 +429,9 @@ class TrainingRun:
                            files=files)
 
 
-def _preflight(config, bundle, scan, cb) -> str:
-    """The pre-flight check's problems as warnings (what the scan said is told below) and
-    its report text for the start report."""
-    from .preflight import check_dataset, named_tokenizers
-
-    report = check_dataset(scan, config.data, named_tokenizers(bundle),
-                           batch_size=config.train.batch_size)
-    for finding in report.findings:
-        if finding.check not in ("skipped", "dataset_warning"):
-            cb.on_message(f"warning: {finding.message}")
-    return report.to_text()
-
-
-def _move(module: torch.nn.Module, device, dtype) -> None:
-    # torch's own .to(): diffusers' override warns about fp32-kept modules these models lack.
-    torch.nn.Module.to(module, device=device, dtype=dtype)
-
-
 def _min_snr_weight(alphas_cumprod, t, gamma, prediction_type):
     """Min-SNR-gamma weights (Hang et al. 2023): min(SNR, gamma) / SNR (or SNR + 1 for v)."""
     a = alphas_cumprod[t]
     snr = a / (1 - a)
     clipped = torch.clamp(snr, max=gamma)
     return clipped / (snr + 1) if prediction_type == "v_prediction" else clipped / snr
-
-
-def _check_ranks_in_sync(acc, params):
-    """Every process must end with the same weights; say so (or fail) explicitly."""
-    local = torch.stack([p.detach().float().sum() for p in params]).sum().reshape(1)
-    gathered = acc.gather(local.to(acc.device))
-    spread = float(gathered.max() - gathered.min())
-    if spread > 1e-5 * max(1.0, float(gathered.abs().max())):
-        raise RuntimeError(f"data-parallel ranks diverged: weight checksums {gathered.tolist()}")
-    log.info("ranks in sync: %d processes, weight checksum %.6f", acc.num_processes,
-             float(gathered[0]))

@@ -300,3 +300,14 @@ def _duplicates(scan: DatasetScan, max_distance: int, workers: int | None, add) 
         add(Finding("near_duplicate", f"near-duplicate images: {', '.join(files)}; keep one "
                     "(duplicates train that picture more often than the others)", files,
                     {"hashes": [f"{kept[i][1][0]:016x}" for i in group]}))
+
+
+def dataset_report(config, bundle, scan, cb) -> str:
+    """The run's pre-flight check: its problems as warnings (what the scan said is told below) and
+    its report text for the start report."""
+    report = check_dataset(scan, config.data, named_tokenizers(bundle),
+                           batch_size=config.train.batch_size)
+    for finding in report.findings:
+        if finding.check not in ("skipped", "dataset_warning"):
+            cb.on_message(f"warning: {finding.message}")
+    return report.to_text()
