@@ -69,6 +69,15 @@ RECIPES: dict[str, tuple[int, float, int, tuple[str, ...]]] = {
     "LoCon rank 16, conv 16, 600 steps": (600, 5e-4, 16, ("network.algorithm=locon",
                                                           "network.conv_rank=16",
                                                           "network.conv_alpha=16")),
+    # lr 1e-3 reached DreamBooth's transfer but forgot 0.11: the same with class images (the
+    # remedy for forgetting), and a rate between the two.
+    "LoCon rank 16, conv 16, lr 1e-3, prior preservation": (
+        300, 1e-3, 16, ("network.algorithm=locon", "network.conv_rank=16",
+                        "network.conv_alpha=16", "data.class_dir={class_dir}",
+                        "train.prior_loss_weight=1.0")),
+    "LoCon rank 16, conv 16, lr 7e-4": (300, 7e-4, 16, ("network.algorithm=locon",
+                                                        "network.conv_rank=16",
+                                                        "network.conv_alpha=16")),
 }
 
 
