@@ -32,6 +32,27 @@ def finish_lora(done: Finished) -> tuple:
     return model_out, clip_out, lora
 
 
+# The recipe that carried a concept into new contexts as DreamBooth does, forgetting at most
+# 0.1 (docs/BENCHMARKS.md, "Defaults that generalise"): LoCon with 3x3 convolutions at rank
+# 16 / conv 16, alpha = rank, lr 7e-4, 300 steps. Steps and rate are widget defaults; the
+# network part is ``follow_rank``'s, applied where no options node gave it.
+DEFAULTS = {"train.steps": 300, "train.learning_rate": 7e-4}
+TOOLTIPS = {"network.rank": "Rank (dim) of the adapters. Alpha and the rank of the 3x3 "
+                            "convolutions (LoCon, the default) follow it unless a Network "
+                            "Options node sets them."}
+
+
+def follow_rank(values: dict, kwargs: dict) -> None:
+    """Where no options node chose them: LoCon, with alpha, conv rank and conv alpha equal
+    to the rank widget (the measured recipe at rank 16, the same update scale at any rank).
+    A Network Options node's algorithm / conv rank / alpha are kept as they are."""
+    rank = values.get("network.rank", 16)
+    values.setdefault("network.alpha", rank)
+    if "network.algorithm" not in values and "network.conv_rank" not in values:
+        values.update({"network.algorithm": "locon", "network.conv_rank": rank,
+                       "network.conv_alpha": values.get("network.conv_alpha", rank)})
+
+
 LORA = TrainNodeSpec(
     method="lora", node_id="TsuikaTrainLoRA", display_name="Train LoRA (Tsuika)",
     description="Train a LoRA on the loaded model and dataset, then use the returned MODEL and "
@@ -41,6 +62,7 @@ LORA = TrainNodeSpec(
                          "saving, sampling) chained into 'options'. Unconnected: the defaults. "
                          + ADVANCED_PRIOR_TAIL,
     main=MAIN, outputs=OUTPUTS, finish=finish_lora, folder="loras", file_word="LoRA",
-    loader="Load LoRA", advanced_prior=True)
+    loader="Load LoRA", defaults=DEFAULTS, tooltips=TOOLTIPS, prepare=follow_rank,
+    advanced_prior=True)
 
 TsuikaTrainLoRA, TsuikaTrainLoRAAdvanced = make_train_nodes(LORA)

@@ -133,7 +133,10 @@ def test_workflows_and_examples_run_with_zero_unmatched_lora_keys(host_models, t
         workflow = json.loads(meta["workflow"])
         assert any(n["type"] == "TsuikaSaveLoRA" for n in workflow["nodes"]), meta["workflow"]
         assert "TsuikaTrainLoRA" in meta["prompt"] and meta["ss_network_dim"] == "4"
-        assert meta["ss_network_alpha"] == "2.0"  # alpha = rank / 2, as before
+        assert meta["ss_network_alpha"] == "4.0"  # alpha = rank: the swept node default
+        # LoCon (3x3 convolutions too) is the node's default algorithm; --strict-lora above
+        # proved ComfyUI's LoraLoader matched every key, the conv ones included
+        assert meta["ss_conv_dim"] == "4", meta
     finally:
         saved.unlink(missing_ok=True)
 

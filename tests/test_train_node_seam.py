@@ -202,3 +202,40 @@ def test_prior_preservation_on_the_advanced_node_only_appended_after_options(toy
     assert (values["data.class_prompt"], values["data.class_images"],
             values["train.prior_loss_weight"]) == ("a dog", 2, 0.5)
     assert "data.class_prompt" not in toy["late_values_simple"]  # not a Simple widget
+
+
+def test_train_lora_defaults_are_the_swept_recipe_and_follow_the_rank():
+    """Unconnected, the LoRA nodes train the defaults sweep's recipe (LoCon rank 16 / conv 16,
+    alpha = rank, lr 7e-4, 300 steps); alpha and the conv rank follow the rank widget; a
+    Network Options node's own values win."""
+    info = in_comfy("""
+import json
+from tsuika.nodes import train_lora
+from tsuika.nodes import train_node as tn
+from tsuika.nodes.options import build_checked
+spec = train_lora.LORA
+out = {}
+s = train_lora.TsuikaTrainLoRA.define_schema()
+out["widgets"] = {i.id: i.default for i in s.inputs if i.id in ("steps", "learning_rate", "rank")}
+def net(kwargs, options=None):
+    values = tn.node_values(spec, kwargs, options is not None, options)
+    spec.prepare(values, kwargs)
+    c = build_checked({**values, "data.dir": "/d"})
+    return [c.network.algorithm, c.network.rank, c.network.alpha, c.network.conv_rank,
+            c.network.conv_alpha, c.train.learning_rate, c.train.steps]
+out["plain"] = net({"rank": 16, "learning_rate": 7e-4, "steps": 300})
+out["rank4"] = net({"rank": 4})
+out["options"] = net({"rank": 8}, {"network.algorithm": "lora", "network.conv_rank": 0,
+                                   "network.alpha": 0, "network.conv_alpha": 1.0})
+# An older Network Options node (no algorithm widget) that leaves convolutions off: LoRA.
+out["partial"] = net({"rank": 8}, {"network.conv_rank": 0})
+out["queued"] = train_lora.TsuikaTrainLoRA.validate_inputs(steps=300, learning_rate=7e-4,
+                                                           rank=16, resolution=64)
+print(json.dumps(out))
+""")
+    assert info["widgets"] == {"steps": 300, "learning_rate": 7e-4, "rank": 16}
+    assert info["partial"] == ["lora", 8, 8, 0, 1.0, 7e-4, 300]
+    assert info["queued"] is True
+    assert info["plain"] == ["locon", 16, 16, 16, 16, 7e-4, 300]
+    assert info["rank4"] == ["locon", 4, 4, 4, 4, 7e-4, 300]
+    assert info["options"] == ["lora", 8, 4, 0, 1.0, 7e-4, 300]  # alpha 0: auto, half the rank
