@@ -194,12 +194,7 @@ def load_safetensors(path, device: str = "cpu", dtype: DtypeChoice = None,
     """
     from safetensors import SafetensorError, safe_open
 
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist; check the file name and folder.")
-    if not path.is_file():
-        raise IsADirectoryError(f"{path} is a folder; give a .safetensors file.")
-    _check_is_safetensors(path)
+    path = _checked_file(path)
     if dtype is not None:
         return _read_converting(path, dtype, device)
     try:
@@ -221,18 +216,24 @@ def check_safetensors(path) -> list[str]:
     """
     from safetensors import SafetensorError, safe_open
 
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist; check the file name and folder.")
-    if not path.is_file():
-        raise IsADirectoryError(f"{path} is a folder; give a .safetensors file.")
-    _check_is_safetensors(path)
+    path = _checked_file(path)
     try:
         with safe_open(str(path), framework="pt") as f:
             return list(f.keys())
     except (SafetensorError, json.JSONDecodeError, OSError) as e:
         raise ValueError(f"{path} is a damaged or incomplete safetensors file ({e}); write it "
                          "again or download it again.") from e
+
+
+def _checked_file(path) -> Path:
+    """``path`` as a Path, once it is an existing file that is not a pickle."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist; check the file name and folder.")
+    if not path.is_file():
+        raise IsADirectoryError(f"{path} is a folder; give a .safetensors file.")
+    _check_is_safetensors(path)
+    return path
 
 
 def _read_converting(path: Path, dtype: DtypeChoice, device: str,
