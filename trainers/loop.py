@@ -27,18 +27,16 @@ from .device import resolve_device, resolve_precision
 from .device.cpu_conv import packed_frozen_convs
 from .device.stored_dtype import StoredDtype
 from .distributed import accelerator_if_launched, check_ranks_in_sync
-from .ema import Ema, check_ema_fits, resume_ema
 from .families import ModelBundle, get_family, load_model
-from .guards import NonFiniteLoss, resume_into, run_identity
+from .guards import NonFiniteLoss, run_identity
 from .init_lora import adopt_init_lora
 from .methods import get_method
 from .model_placement import ModelDtypes, place_unet_and_encoders, place_vae
-from .optimizers import StepInBackward, make_optimizer, wants_step_in_backward
 from .preflight import dataset_report
 from .prepare import TrainingData
 from .run_io import FIX_LR, RunWriter, open_output
-from .state import TrainingState, load_resume
 from .text_conditioning import TextConditioning
+from .updates import WeightUpdates
 
 log = logging.getLogger(__name__)
 
@@ -115,9 +113,7 @@ class TrainingRun:
                                               cb=self.cb)
         self._prepare_method()
         self.encode_captions_once()
-        self._make_optimizer()
-        self._prepare_ema()
-        self._resume()
+        self._prepare_updates()
         self._prepare_step()
 
     def _load_model(self) -> None:
@@ -229,51 +225,20 @@ class TrainingRun:
             self.cb.on_message(f"text encoders moved off {self.device} ({moved / 2**30:.2f} GiB) "
                                f"after encoding the {count} captions once")
 
-    def _make_optimizer(self) -> None:
-        """The optimizer over the method's parameter groups, and the learning-rate schedule."""
-        config = self.config
-        self.optimizer = make_optimizer(config, self.groups, self.device)
-        self.in_backward = wants_step_in_backward(
-            config, self.method.trains_base_weights, self.acc is not None,
-            self.precision.compute_dtype == torch.float16)
-        from diffusers.optimization import get_scheduler
-
-        self.lr_sched = get_scheduler(
-            config.train.lr_scheduler if config.train.lr_warmup_steps == 0
-            or config.train.lr_scheduler != "constant" else "constant_with_warmup",
-            self.optimizer, num_warmup_steps=config.train.lr_warmup_steps,
-            num_training_steps=config.train.steps)
-
-    def _prepare_ema(self) -> None:
-        """The moving average of the trained weights, when ``train.ema_decay`` asks for it."""
-        self.ema = Ema.for_run(self.config, self.bundle,
-                               [p for g in self.groups for p in g["params"]])
-        if self.ema is not None:
-            self.cb.on_message(f"EMA (decay {self.ema.decay:g}) of {len(self.ema.shadow)} "
-                               "trained tensors: the saved files and the previews use it")
-
-    def _ema_applied(self):
-        """The EMA in the model for the block (files, previews); nothing when EMA is off."""
-        return self.ema.applied() if self.ema is not None else contextlib.nullcontext()
-
-    def _resume(self) -> None:
-        """Continue from ``train.resume``: trained weights, optimizer, schedule, loss log."""
-        config = self.config
-        resumed = load_resume(config.train.resume, self.out.dir, max_step=config.train.steps)
+    def _prepare_updates(self) -> None:
+        """The optimizer, schedule, scaler and EMA; then ``train.resume``'s state into them."""
+        self.updates = updates = WeightUpdates.for_run(
+            self.config, self.groups, self.bundle, self.device, self.precision.compute_dtype,
+            self.method.trains_base_weights, distributed=self.acc is not None)
+        resumed = updates.resume(self.config, self.out.dir, self.out.identity, self.method,
+                                 self.bundle)
         if resumed is None:
             return
-        resume_dir, st, skipped_states = resumed
-        check_ema_fits(self.ema, resume_dir, st)  # before anything is copied
-        # Every tensor and optimizer moment is checked against its parameter before any copy.
-        for note in skipped_states + resume_into(resume_dir, st, config, self.out.identity,
-                                                  self.method, self.bundle, self.optimizer,
-                                                  self.lr_sched):
+        for note in resumed.notes:
             self.cb.on_message(f"warning: {note}")
-        self.step_count = st.step
-        for note in resume_ema(self.ema, resume_dir, st):
-            self.cb.on_message(f"warning: {note}")
-        self.cb.on_message(f"resumed from {resume_dir} at step {st.step}")
-        self.out.losses = [tuple(r) for r in st.info.get("losses", [])][:st.step]
+        self.step_count = resumed.step
+        self.out.losses = resumed.losses
+        self.cb.on_message(f"resumed from {resumed.folder} at step {resumed.step}")
 
     def _prepare_step(self) -> None:
         """What every step uses: the module to call, the noise schedule, the grad scaler."""
@@ -286,9 +251,6 @@ class TrainingRun:
 
         self.noise_sched = DDPMScheduler.from_config(self.bundle.scheduler_config)
         self.alphas = self.noise_sched.alphas_cumprod.to(device)
-        self.scaler = torch.amp.GradScaler(
-            device.type, enabled=self.precision.compute_dtype == torch.float16)
-        self.params = [p for g in self.groups for p in g["params"]]
         self.accum = self.config.train.gradient_accumulation
         self.world = acc.num_processes if acc else 1
         self.rank = acc.process_index if acc else 0
@@ -340,37 +302,24 @@ class TrainingRun:
                 loss = loss + config.train.prior_loss_weight * self.forward_loss(
                     self.class_data.micro_batch(m)[0], seed + m + (1 << 40))
             # One backward per micro-batch: with the step inside it, one backward is one step.
-            self.scaler.scale(loss / accum).backward()
+            self.updates.scaler.scale(loss / accum).backward()
             loss_sum += loss.detach() / accum
-        self.scaler.unscale_(self.optimizer)
-        if config.train.max_grad_norm and not self.in_backward:
-            torch.nn.utils.clip_grad_norm_(self.params, config.train.max_grad_norm)
+        self.updates.unscale_and_clip()
         loss_value = float(loss_sum)  # one host sync per step: the progress bar shows it
         if not math.isfinite(loss_value):
             raise NonFiniteLoss(f"the loss became {loss_value} at step {step + 1}; stopped "
                                 f"without saving the broken weights; "
                                 f"{self.out.last_good_text()}. {FIX_LR}")
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.lr_sched.step()
-        self.optimizer.zero_grad(set_to_none=True)
         self.step_count = step + 1
-        if self.ema is not None:
-            self.ema.update(self.step_count)
+        self.updates.apply(self.step_count)
         return loss_value, epoch
 
     def save(self, final: bool) -> SaveInfo:
         """Write the method's file (the EMA when on) and a resumable state (the trained
         weights, and the EMA when on) at the current step; tell the host."""
-        ema = self.ema
-        state = TrainingState(step=self.step_count,
-                              trainable=self.method.trainable_state(self.bundle),
-                              optimizer=self.optimizer.state_dict(),
-                              scheduler=self.lr_sched.state_dict(),
-                              info={"losses": self.out.losses,
-                                    **({"ema": ema.options()} if ema else {})},
-                              ema=ema.state_dict() if ema else None)
-        with self._ema_applied():  # the state above already holds the trained weights
+        state = self.updates.state(self.step_count, self.method.trainable_state(self.bundle),
+                                   self.out.losses)
+        with self.updates.ema_applied():  # the state above already holds the trained weights
             info = self.out.save(self.method, state, self.step_count, final)
         self.cb.on_save(info)
         return info
@@ -384,13 +333,12 @@ class TrainingRun:
         cb.on_start({"images": len(self.data.examples), "steps": total,
                      "start_step": self.step_count,
                      "buckets": {f"{w}x{h}": n for (w, h), n in self.data.bucket_counts.items()},
-                     "trainable_parameters": sum(p.numel() for p in self.params),
+                     "trainable_parameters": sum(p.numel() for p in self.updates.params),
                      "device": str(self.device), "dtype": str(self.precision.compute_dtype),
                      "preflight": getattr(self, "preflight", "")})
-        if self.in_backward:  # until the run ends: the hooks go when the scope closes
-            self.scope.enter_context(StepInBackward(self.optimizer, config.train.max_grad_norm))
-            cb.on_message("optimizer steps inside the backward pass (gradients freed as they "
-                          "are used; gradient clipping per tensor)")
+        self.scope.enter_context(self.updates.step_in_backward())  # hooks go with the scope
+        for note in self.updates.messages():
+            cb.on_message(note)
         t_last = time.perf_counter()
         while self.step_count < total:
             if cb.should_stop():
@@ -402,23 +350,23 @@ class TrainingRun:
             loss_value, epoch = self.step()
             step = self.step_count
             now = time.perf_counter()
-            lr = self.lr_sched.get_last_lr()[0]
+            lr = self.updates.learning_rate()
             self.out.losses.append((step, loss_value, lr))
             cb.on_step(StepInfo(step=step, total_steps=total, loss=loss_value, learning_rate=lr,
                                 seconds_per_step=now - t_last, epoch=epoch))
             t_last = now
             every = config.sample.every
             if every and step % every == 0 and step < total:
-                with self._ema_applied():
+                with self.updates.ema_applied():
                     self.out.sample(self.family, self.bundle, self.precision, step=step, cb=cb)
             if config.output.save_every and step % config.output.save_every == 0 and step < total:
                 self.save(final=False)
 
         if self.acc is not None:
-            check_ranks_in_sync(self.acc, self.params)
+            check_ranks_in_sync(self.acc, self.updates.params)
         final = self.save(final=True)
-        if self.ema is not None:  # the model in memory now holds what the file holds
-            self.ema.copy_to()
+        if self.updates.ema is not None:  # the model in memory now holds what the file holds
+            self.updates.ema.copy_to()
         samples_after = self.out.sample(self.family, self.bundle, self.precision,
                                         step=self.step_count, cb=cb, final=True)
         files = self.out.finish(self.samples_before, samples_after)
