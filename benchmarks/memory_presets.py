@@ -40,6 +40,10 @@ PRESETS = {
         "network.method=dreambooth", "train.learning_rate=5e-6",
         "train.gradient_checkpointing=true", "train.trained_weights=fp32",
         "train.optimizer=adamw8bit"],
+    "bf16, shuffled tags: captions encoded every step (encoders stay)": [
+        "data.shuffle_tags=true"],
+    "bf16, shuffled tags, 16 caption variants encoded once (encoders moved off)": [
+        "data.shuffle_tags=true", "data.caption_variants=16"],
 }
 
 

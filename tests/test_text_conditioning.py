@@ -11,6 +11,7 @@ from conftest import tiny_overrides
 
 from tsuika.trainers.callbacks import Callbacks
 from tsuika.trainers.config import build_config
+from tsuika.trainers.data.captions import split_tags
 from tsuika.trainers.families import get_family
 from tsuika.trainers.loop import train
 from tsuika.trainers.text_conditioning import TextConditioning
@@ -112,3 +113,73 @@ def test_cached_rows_come_back_in_caption_order_and_unseen_captions_are_refused(
     tc.restore()
     tc(["c"])  # encoders back: a new caption is encoded again
     assert fam.calls[-1] == ["c"]
+
+
+@pytest.mark.parametrize("extra", [{"data.shuffle_tags": "true"},
+                                   {"data.shuffle_tags": "true", "data.caption_dropout": "0.5"},
+                                   {"data.tag_dropout": "0.5"}],
+                         ids=["shuffled", "shuffled+dropout", "tag-dropout"])
+def test_caption_variants_are_encoded_before_the_first_step(monkeypatch, tiny_model,
+                                                            image_folder, tmp_path, extra):
+    """data.caption_variants: augmented captions drawn up front, so no step encodes; the same
+    seed gives the same run."""
+    extra = {**extra, "data.caption_variants": 3}
+    losses, calls, _ = _counted_run(monkeypatch, tiny_model, image_folder, tmp_path / "a",
+                                    **extra)
+    again, _, _ = _counted_run(monkeypatch, tiny_model, image_folder, tmp_path / "b", **extra)
+    assert calls["in_steps"] == 0 and calls["n"] >= 1
+    assert losses == again
+
+
+def _data(folder, **options):
+    """TrainingData on ``folder`` without a model (captions only: nothing is encoded)."""
+    from types import SimpleNamespace
+
+    from tsuika.trainers.prepare import TrainingData
+
+    values = {"data.dir": folder, "output.dir": folder.parent / "out", "train.seed": 7,
+              "data.cache_latents": "false", **options}
+    cfg = build_config(overrides=[f"{k}={v}" for k, v in values.items()])
+    bundle = SimpleNamespace(vae=SimpleNamespace(config=SimpleNamespace(scaling_factor=0.5)))
+    return TrainingData(cfg, bundle, precision=None, cache_root=folder.parent / "cache")
+
+
+def test_each_step_draws_one_of_its_images_variants_and_dropout_keeps_its_rate(tmp_path):
+    import random
+
+    from conftest import make_images
+
+    folder = tmp_path / "data"
+    make_images(folder, n=3, caption="red, circle, small, drawing")
+    data = _data(folder, **{"data.shuffle_tags": "true", "data.caption_dropout": "0.25",
+                            "data.caption_variants": 6})
+    assert data.captions_static
+    known = set(data.fixed_captions())
+    assert "" in known and len(known) > 3  # the empty caption and several arrangements
+    drawn = {i: [data._step_caption(i, random.Random(f"step:{s}")) for s in range(400)]
+             for i in range(3)}
+    for i, captions in drawn.items():
+        words = set(split_tags(data.examples[i].caption))
+        kept = [c for c in captions if c]
+        assert set(kept) <= set(data.variants[i]) and set(kept) <= known
+        assert all(set(split_tags(c)) == words for c in kept)  # shuffled, nothing dropped
+        assert len(set(kept)) > 1  # the steps do not all use one arrangement
+        assert 0.15 < captions.count("") / len(captions) < 0.35  # caption_dropout 0.25
+    same = _data(folder, **{"data.shuffle_tags": "true", "data.caption_dropout": "0.25",
+                            "data.caption_variants": 6})
+    assert same.variants == data.variants  # drawn from the seed: a resumed run draws these
+    other = _data(folder, **{"data.shuffle_tags": "true", "data.caption_dropout": "0.25",
+                             "data.caption_variants": 6, "train.seed": 8})
+    assert other.variants != data.variants
+
+
+def test_caption_variants_change_nothing_where_captions_do_not_vary(tmp_path):
+    from conftest import make_images
+
+    folder = tmp_path / "data"
+    make_images(folder, n=2)
+    plain = _data(folder, **{"data.caption_variants": 4})
+    assert plain.variants is None and plain.captions_static
+    per_step = _data(folder, **{"data.shuffle_tags": "true"})
+    assert per_step.variants is None and not per_step.captions_static
+    assert per_step.fixed_captions() is None

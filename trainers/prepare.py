@@ -83,6 +83,7 @@ class TrainingData:
             trigger_word=d.trigger_word, shuffle_tags=d.shuffle_tags,
             keep_tokens=d.keep_tokens, tag_dropout=d.tag_dropout,
             caption_dropout=d.caption_dropout)
+        self.variants = self._draw_caption_variants(d.caption_variants, config.train.seed)
         self.bundle = bundle
         self.precision = precision
         self.scale = float(bundle.vae.config.scaling_factor)
@@ -101,15 +102,37 @@ class TrainingData:
 
     @property
     def captions_static(self) -> bool:
-        return self.augment.is_static
+        """Every caption a step can draw is known before training (no per-step augmentation,
+        or ``data.caption_variants`` drew them up front)."""
+        return self.augment.is_static or self.variants is not None
 
     def fixed_captions(self) -> list[str] | None:
-        """Every caption the run will use, when each image's caption is the same at every
-        step (no shuffling, dropout or method-made captions); None otherwise."""
+        """Every caption the run will use, when that set is known before training (see
+        :attr:`captions_static`; a method's per-step captions make it unknown); else None."""
         if not self.captions_static or self.caption_hook is not None:
             return None
+        if self.variants is not None:
+            empty = [""] if self.augment.caption_dropout else []
+            return list(dict.fromkeys([c for vs in self.variants for c in vs] + empty))
         rng = random.Random(0)  # a static augmentation draws nothing from it
         return list(dict.fromkeys(self.augment.apply(ex.caption, rng) for ex in self.examples))
+
+    def _draw_caption_variants(self, count: int, seed: int) -> list[list[str]] | None:
+        """``count`` arrangements of each image's caption (shuffled, tags dropped), drawn once
+        from the seed; None when off or when the augmentation has nothing to vary."""
+        if not count or self.augment.is_static:
+            return None
+        return [[self.augment.arrange(ex.caption, random.Random(f"{seed}:caption:{i}:{j}"))
+                 for j in range(count)] for i, ex in enumerate(self.examples)]
+
+    def _step_caption(self, i: int, rng: random.Random) -> str:
+        """Image ``i``'s caption for a step: a fresh augmentation, or one of its variants."""
+        if self.variants is None:
+            return self.augment.apply(self.examples[i].caption, rng)
+        if self.augment.drops(rng):
+            return ""
+        variants = self.variants[i]
+        return variants[rng.randrange(len(variants))]
 
     @functools.cached_property
     def vae_hash(self) -> str:
@@ -180,7 +203,7 @@ class TrainingData:
                 z, ids = self._encode(ex, flip, rng, sample=True, generator=g)
             latents.append(z)
             time_ids.append(ids)
-            caption = self.augment.apply(ex.caption, rng)
+            caption = self._step_caption(i, rng)
             if self.caption_hook is not None:
                 caption = self.caption_hook(ex.caption, caption, rng)
             captions.append(caption)

@@ -38,6 +38,13 @@ class DataConfig(_Section):
     class_images: int = opt(0, "Have at least this many class images: the base model draws "
                             "the missing ones into class_dir before training (needs "
                             "class_prompt); 0 = use the folder as it is.", min=0, max=100_000)
+    caption_variants: int = opt(0, "With shuffle_tags or tag_dropout: draw this many versions "
+                                "of each caption before training and let each step pick one "
+                                "(caption_dropout still empties a step's caption), so every "
+                                "caption is encoded once and the text encoders can leave the "
+                                "GPU. Each kept caption costs memory (SDXL: ~0.3 MB in bf16). "
+                                "0 = a new draw every step, encoded every step.",
+                                min=0, max=1024)
 
     def validate(self) -> None:
         if self.class_images and not (self.class_dir and self.class_prompt):

@@ -86,8 +86,17 @@ class CaptionAugment:
         Returns:
             The augmented caption, tags joined with ", " ("" after caption dropout).
         """
-        if self.caption_dropout > 0 and rng.random() < self.caption_dropout:
+        if self.drops(rng):
             return ""
+        return self.arrange(caption, rng)
+
+    def drops(self, rng: random.Random) -> bool:
+        """Whether this step trains on the empty caption (draws only with caption_dropout)."""
+        return self.caption_dropout > 0 and rng.random() < self.caption_dropout
+
+    def arrange(self, caption: str, rng: random.Random) -> str:
+        """The caption's tags laid out for one step (trigger first, kept tags, the rest
+        dropped and shuffled): :meth:`apply` without the caption dropout."""
         trigger = split_tags(self.trigger_word)
         if not trigger and self.is_static:
             return caption
