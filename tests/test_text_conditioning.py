@@ -67,6 +67,8 @@ def test_captions_that_can_change_are_encoded_per_step(monkeypatch, tiny_model, 
     _, calls, messages = _counted_run(monkeypatch, tiny_model, image_folder, tmp_path, **extra)
     assert calls["in_steps"] >= 4  # every step encodes its captions
     assert not any("text encoders moved" in m for m in messages)
+    hinted = any("data.caption_variants" in m for m in messages)
+    assert hinted == ("network.train_text_encoder" not in extra)  # the way to cache them
 
 
 def test_previews_still_sample_with_the_encoders_parked(monkeypatch, tiny_model, image_folder,

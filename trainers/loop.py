@@ -213,6 +213,11 @@ class TrainingRun:
         """Every caption's conditioning before the first step, then the text encoders off
         the accelerator (``train.offload_text_encoders``), when no caption can change."""
         if not (self.config.train.offload_text_encoders and self.text.cacheable):
+            if not (self.train_te or self.data.captions_static):
+                self.cb.on_message("captions change every step (tag shuffling or dropout): the "
+                                   "text encoders run every step and stay on the device; "
+                                   "data.caption_variants = 16 encodes 16 versions of each "
+                                   "caption once instead")
             return
         captions = [d.fixed_captions() for d in (self.data, self.class_data) if d is not None]
         if any(c is None for c in captions):
