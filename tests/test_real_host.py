@@ -125,6 +125,8 @@ def test_workflows_and_examples_run_with_zero_unmatched_lora_keys(host_models, t
         meta = _metadata(advanced)
         assert (meta["ss_network_alpha"], meta["ss_output_name"]) == ("1.0", "tsuika_advanced_run")
         assert meta["ss_lr_scheduler"] == "cosine", meta
+        assert meta["ss_shuffle_caption"] == "True", meta
+        assert json.loads(meta["tsuika.config"])["data"]["caption_variants"] == 4, meta
     finally:
         advanced.unlink(missing_ok=True)
     saved = LORAS / "tsuika_example_heart.safetensors"

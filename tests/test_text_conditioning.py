@@ -66,7 +66,7 @@ def test_captions_that_can_change_are_encoded_per_step(monkeypatch, tiny_model, 
                                                        tmp_path, extra):
     _, calls, messages = _counted_run(monkeypatch, tiny_model, image_folder, tmp_path, **extra)
     assert calls["in_steps"] >= 4  # every step encodes its captions
-    assert not any("text encoders moved" in m for m in messages)
+    assert not any("encoded once" in m for m in messages)
     hinted = any("data.caption_variants" in m for m in messages)
     assert hinted == ("network.train_text_encoder" not in extra)  # the way to cache them
 
@@ -126,10 +126,12 @@ def test_caption_variants_are_encoded_before_the_first_step(monkeypatch, tiny_mo
     """data.caption_variants: augmented captions drawn up front, so no step encodes; the same
     seed gives the same run."""
     extra = {**extra, "data.caption_variants": 3}
-    losses, calls, _ = _counted_run(monkeypatch, tiny_model, image_folder, tmp_path / "a",
-                                    **extra)
+    losses, calls, messages = _counted_run(monkeypatch, tiny_model, image_folder,
+                                           tmp_path / "a", **extra)
     again, _, _ = _counted_run(monkeypatch, tiny_model, image_folder, tmp_path / "b", **extra)
     assert calls["in_steps"] == 0 and calls["n"] >= 1
+    told = [m for m in messages if "encoded once before the first step" in m]
+    assert len(told) == 1 and int(told[0].split()[0]) > 4, messages  # 4 images, >1 version
     assert losses == again
 
 

@@ -226,9 +226,9 @@ class TrainingRun:
             count = self.text.encode_all([c for cs in captions for c in cs])
         moved = self.text.offload()
         self.scope.callback(self.text.restore)  # where they were, when the run ends or fails
-        if moved:
-            self.cb.on_message(f"text encoders moved off {self.device} ({moved / 2**30:.2f} GiB) "
-                               f"after encoding the {count} captions once")
+        self.cb.on_message(f"{count} captions encoded once before the first step" + (
+            f"; text encoders moved off {self.device} ({moved / 2**30:.2f} GiB)" if moved
+            else ""))
 
     def _prepare_updates(self) -> None:
         """The optimizer, schedule, scaler and EMA; then ``train.resume``'s state into them."""
