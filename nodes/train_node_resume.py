@@ -11,6 +11,7 @@ changed: a state trained otherwise is refused naming the widget or options node 
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -139,3 +140,22 @@ def refuse_other_network(spec: TrainNodeSpec, config, state: Path, advanced: boo
         f"resume: the state {label} of the training named {name!r} was trained with other "
         f"network options: {what}. To continue it: {fixes}. Or turn 'resume' off to train "
         "a new one (its states are kept).")
+
+
+def refuse_past_steps(config, state: Path) -> None:
+    """Refuse, naming the node's ``steps`` widget, a resume from a state already at or past
+    this run's steps (a node's default steps may be fewer than the run was started with).
+
+    Raises:
+        InputRefused: naming the state's step and the widget to raise.
+    """
+    try:
+        step = json.loads((state / "state.json").read_text(encoding="utf-8"))["step"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # checked when the state was chosen; the loop reads it again
+    steps = config.train.steps
+    if isinstance(step, int) and step > steps:
+        raise InputRefused(
+            f"resume: the state {state_label(state)} of the training named "
+            f"{config.output.name!r} is at step {step}, past steps = {steps}; set steps above "
+            f"{step} on this node to train on from it, or turn 'resume' off.")

@@ -25,6 +25,7 @@ from .train_node_resume import (
     adopt_trained_network,
     filled_by_node,
     refuse_other_network,
+    refuse_past_steps,
     state_label,
 )
 from .train_node_spec import Finished, TrainNodeSpec
@@ -125,6 +126,7 @@ def run_training(spec: TrainNodeSpec, node_id, model, clip, vae, dataset,
         kept = adopt_trained_network(spec, values, filled_by_node(chosen, values), state)
         config = build_checked(values) if kept else config
         refuse_other_network(spec, config, state, advanced, options)
+        refuse_past_steps(config, state)
         config.train.resume = state_path
         resumed = [f"resumed from {state_label(state)}", *kept, *skipped]
     config.data.dir = str(dataset.root)

@@ -22,6 +22,7 @@ from tsuika.nodes.train_node_resume import (
     adopt_trained_network,
     filled_by_node,
     refuse_other_network,
+    refuse_past_steps,
 )
 from tsuika.nodes.train_node_spec import TrainNodeSpec
 from tsuika.nodes.validation import InputRefused
@@ -194,6 +195,15 @@ def test_what_the_user_chose_is_never_overridden_and_the_refusal_names_the_graph
     with pytest.raises(InputRefused, match="connect a Network Options \\(Tsuika\\) node with "
                                            "target = attention to 'options'"):
         refuse_other_network(SPEC, config, copy, advanced=True, options={})
+
+
+def test_a_state_past_the_node_steps_is_refused_naming_the_steps_widget(old_run):
+    state = old_run / "out" / "states" / "step_00000002"
+    chosen, values = _node_values()
+    refuse_past_steps(build_checked({**values, "train.steps": 2, "data.dir": "/d"}), state)
+    with pytest.raises(InputRefused, match=r"is at step 2, past steps = 1; set steps above 2 "
+                                           r"on this node to train on from it"):
+        refuse_past_steps(build_checked({**values, "train.steps": 1, "data.dir": "/d"}), state)
 
 
 COMFY = os.environ.get("COMFYUI_DIR")
