@@ -18,7 +18,7 @@ from typing import Any
 
 from ..trainers.config import NetworkConfig
 from ..trainers.guards import recorded_network, shape_differences
-from .options import option_node_of, widget_name
+from .options import NO_FILE, option_node_of, widget_name
 from .train_node_spec import TrainNodeSpec
 from .validation import InputRefused
 
@@ -64,6 +64,8 @@ def adopt_trained_network(spec: TrainNodeSpec, values: dict[str, Any], filled: s
         filled: the options the node filled in itself (:func:`filled_by_node`).
         state: the state folder the run resumes from.
     """
+    if values.get("network.init_lora") not in (None, "", NO_FILE):
+        return []  # the init file decides the network (trainers/init_lora.py), state or not
     recorded, where = recorded_network(state)
     if recorded is None:
         log.info("resuming %s: it records no network options", state)
@@ -120,8 +122,8 @@ def refuse_other_network(spec: TrainNodeSpec, config, state: Path, advanced: boo
         InputRefused: naming each option, the state's value and this run's, and the fix.
     """
     recorded, _ = recorded_network(state)
-    if recorded is None:
-        return
+    if recorded is None or config.network.init_lora:
+        return  # with an init file the loop takes its network first, then checks the state
     name, label = config.output.name, state_label(state)
     if recorded.get("method") != spec.method:
         raise InputRefused(

@@ -197,6 +197,21 @@ def test_what_the_user_chose_is_never_overridden_and_the_refusal_names_the_graph
         refuse_other_network(SPEC, config, copy, advanced=True, options={})
 
 
+def test_with_an_init_lora_file_the_file_decides_the_network_not_the_state(old_run):
+    """network.init_lora: the loop takes the file's algorithm / rank / alpha before it checks
+    the state, so the node neither adopts nor refuses on the node's values."""
+    state = old_run / "out" / "states" / "step_00000002"
+    chosen, values = _node_values(rank=8)
+    values["network.init_lora"] = "a_loha.safetensors"
+    assert adopt_trained_network(SPEC, values, filled_by_node(chosen, values), state) == []
+    assert values["network.algorithm"] == "locon"
+    config = build_checked({**values, "network.init_lora": "none", "data.dir": "/d"})
+    with pytest.raises(InputRefused, match="rank 4 \\(this run 8\\)"):
+        refuse_other_network(SPEC, config, state, advanced=False, options=None)
+    config.network.init_lora = "/models/loras/a_loha.safetensors"
+    refuse_other_network(SPEC, config, state, advanced=False, options=None)  # the loop's
+
+
 def test_a_state_past_the_node_steps_is_refused_naming_the_steps_widget(old_run):
     state = old_run / "out" / "states" / "step_00000002"
     chosen, values = _node_values()
