@@ -109,7 +109,7 @@ def test_a_plain_lora_state_resumes_on_the_simple_node_after_the_locon_default(
     for name, flow in flows.items():
         (tmp_path / name).write_text(json.dumps(flow))
     r = _run(["--models", str(host_models), "--output-dir", str(out), "--report", str(report),
-              "--strict-lora", *(str(tmp_path / name) for name in flows),
+              "--strict-lora", "--show-log", *(str(tmp_path / name) for name in flows),
               "--expect-fail", "refused.json"])  # last: it takes every name after it
     log = r.stdout + r.stderr
     assert r.returncode == 0 and "RESULT: PASS" in r.stdout, log[-6000:]
