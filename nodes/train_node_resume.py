@@ -1,7 +1,7 @@
 """Resume on a train node across a change of the node's own defaults (pure: no ComfyUI).
 
 Some options a node fills in itself where the user chose none (``TrainNodeSpec.prepare``: the
-Train LoRA nodes' LoCon recipe since session 9). A state trained before such a default
+Train LoRA nodes' LoCon recipe, plain LoRA before). A state trained before such a default
 changed was trained with other values, and its tensors fit only those. Resuming it, the node
 takes the state's values for exactly the options it filled in (:func:`adopt_trained_network`,
 said in the node's report); what the user chose (a widget, an options node) is never
