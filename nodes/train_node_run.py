@@ -21,6 +21,13 @@ from . import _host
 from .options import OPTION_NODES, build_checked, check_widgets, section_options, widget_name
 from .reports import stopped_report, ui_report
 from .train_node_prior import check_class_prompt, prior_folder
+from .train_node_resume import (
+    adopt_trained_network,
+    filled_by_node,
+    refuse_other_network,
+    refuse_past_steps,
+    state_label,
+)
 from .train_node_spec import Finished, TrainNodeSpec
 from .validation import InputRefused
 
@@ -104,18 +111,27 @@ def run_training(spec: TrainNodeSpec, node_id, model, clip, vae, dataset,
     values.setdefault("sample.seed", values.get("train.seed", 0))  # previews follow the seed
     if spec.has_prior(advanced):
         prior_folder(values, kwargs.get("class_dataset"), model)
+    chosen = dict(values)
     if spec.prepare is not None:
         spec.prepare(values, kwargs)
     config = build_checked(values)  # the whole config, before any work; widget names
     name = config.output.name
+    resumed: list[str] = []
+    skipped: list[str] = []
+    if kwargs.get("resume"):
+        state_path, skipped = _host.latest_state(name)
+        state = Path(state_path)
+        # What the node filled in itself follows the state (its defaults may have changed
+        # since); what the user chose is kept, and a state trained otherwise is refused.
+        kept = adopt_trained_network(spec, values, filled_by_node(chosen, values), state)
+        config = build_checked(values) if kept else config
+        refuse_other_network(spec, config, state, advanced, options)
+        refuse_past_steps(config, state)
+        config.train.resume = state_path
+        resumed = [f"resumed from {state_label(state)}", *kept, *skipped]
     config.data.dir = str(dataset.root)
     config.output.dir = str(_host.run_dir(name))
     config.data.cache_dir = str(_host.cache_dir())
-    resumed: list[str] = []
-    if kwargs.get("resume"):
-        config.train.resume, skipped = _host.latest_state(name)
-        state = Path(config.train.resume)
-        resumed = [f"resumed from {state.parent.parent.name}/{state.name}", *skipped]
     _host.comfy_family(model)  # refuse an unsupported family before any work
     progress = _host.ComfyProgress(node_id, config.train.steps)
     with _host.leave_host_as_found():  # a failed or cancelled run leaves nothing alive
@@ -134,7 +150,7 @@ def run_training(spec: TrainNodeSpec, node_id, model, clip, vae, dataset,
                         file_word=spec.file_word, lines=done.lines)
     preflight = progress.start_info.get("preflight")  # the dataset check, every method
     text = "\n".join(t for t in (text, preflight, *resumed) if t)
-    level = "warning" if len(resumed) > 1 else "info"  # a damaged state was passed over
+    level = "warning" if skipped else "info"  # a damaged state was passed over
     return io.NodeOutput(*outputs, {"loss": list(result.losses)},
                          _host.images_to_tensor(result.samples_after), ui=ui_report(text, level))
 

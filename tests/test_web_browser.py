@@ -95,11 +95,17 @@ def comfy_server(tmp_path):
     paths = write_fixture("sd15-hostable", models / "build", dtype="fp16")
     (models / "checkpoints").mkdir()
     os.symlink(paths["single_file"], models / "checkpoints" / "sd15-hostable.safetensors")
+    from test_captioning_tagger import _tagger
+    from test_real_host import HOST_TAGS, TAGGER_NAME, _tag_example_input
+
+    _tagger(models / "captioners" / TAGGER_NAME, tags=HOST_TAGS)  # the tag example's tagger
     extra = tmp_path / "extra_model_paths.yaml"
-    extra.write_text(f"tsuika_browser_test:\n  base_path: {models}\n  checkpoints: checkpoints\n")
+    extra.write_text(f"tsuika_browser_test:\n  base_path: {models}\n  checkpoints: checkpoints\n"
+                     "  captioners: captioners\n")
     dirs = {d: tmp_path / d for d in ("output", "input", "temp", "user")}
     for d in dirs.values():
         d.mkdir()
+    _tag_example_input(dirs["input"])  # the tag example's dataset, uncaptioned
     lora_name = f"tsuika_browser_test_{os.getpid()}"
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
@@ -208,7 +214,8 @@ def test_loss_chart_draws_live_in_the_browser(comfy_server, tmp_path):
 @pytest.mark.parametrize("example", ["tsuika_train_lora_then_generate.json",
                                      "tsuika_dataset_from_generated_images.json",
                                      "dreambooth.json",
-                                     "tsuika_train_lora_step_strength_grid.json"])
+                                     "tsuika_train_lora_step_strength_grid.json",
+                                     "tsuika_tag_check_train.json"])
 def test_the_example_workflows_load_and_queue_in_the_real_frontend(comfy_server, tmp_path,
                                                                    example):
     """The UI-format example as shipped, loaded by the page itself (not converted by a

@@ -4,7 +4,8 @@
   moments that hold NaN/inf, and the loop refuses to save them (:class:`NonFiniteLoss`).
 - A state records what it belongs to (:func:`run_identity`: method, the network options that
   shape the trained tensors, the base model, the dataset, the seed); :func:`compare_identity`
-  says what differs, as refusals or warnings.
+  says what differs, as refusals or warnings; :func:`recorded_network` reads what a state was
+  trained with, so a caller whose options are only defaults can take the state's instead.
 - :func:`resume_into` checks every saved tensor and optimizer moment against the parameter
   it is loaded into BEFORE any copy (a rank-1 state copied into rank-4 parameters used to
   broadcast and then crash the fused optimizer), then loads it.
@@ -12,6 +13,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from collections.abc import Mapping
@@ -20,6 +22,7 @@ from pathlib import Path
 import torch
 
 from .config import TsuikaConfig
+from .formats.safetensors_io import safetensors_metadata
 from .methods.base import MethodError
 from .state import StateError, TrainingState
 
@@ -127,6 +130,57 @@ def _probe_differs(a: list, b: list) -> bool:
     return False
 
 
+def shape_differences(method: str, recorded: Mapping, network: Mapping,
+                      ) -> list[tuple[str, object, object]]:
+    """``(key, recorded value, this run's value)`` of each network option that shapes the
+    trained tensors of ``method`` and differs (an option the state does not record is not
+    compared).
+
+    Args:
+        method: the ``network.method`` of both.
+        recorded: the network options a state was trained with (:func:`recorded_network`).
+        network: this run's network options (``vars(config.network)``).
+    """
+    keys = _SHAPE_OPTIONS.get(method) or [k for k in network if k not in ("dropout", "method")]
+    return [(key, recorded[key], network.get(key)) for key in keys
+            if key in recorded and recorded[key] != network.get(key)]
+
+
+def recorded_network(folder: Path) -> tuple[dict | None, str]:
+    """The network options (``method`` included) a state was trained with, and where they
+    were read: its ``state.json`` identity, or, for a state written by an older Tsuika
+    without one, the config recorded in the file saved with it (``tsuika.config``, beside
+    the ``states`` folder: ``<name>-step<N>.safetensors``, or the final file whose
+    ``ss_steps`` is the state's step). ``(None, "")`` when neither says.
+
+    Args:
+        folder: a state folder (``<output.dir>/states/step_<N>``), already checked
+            (:func:`trainers.state.check_state`).
+    """
+    try:
+        info = json.loads((folder / "state.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        log.warning("cannot read %s: %s", folder / "state.json", e)
+        return None, ""
+    identity = info.get("identity") if isinstance(info, dict) else None
+    if isinstance(identity, dict) and isinstance(identity.get("network"), dict):
+        return {**identity["network"], "method": identity.get("method")}, "state.json"
+    step = info.get("step") if isinstance(info, dict) else None
+    run = folder.parent.parent
+    named = sorted(run.glob(f"*-step{step:08d}.safetensors")) if isinstance(step, int) else []
+    others = sorted(set(run.glob("*.safetensors")) - set(named))
+    for path in named + others:
+        try:
+            meta = safetensors_metadata(path)
+            net = json.loads(meta.get("tsuika.config", "")).get("network")
+        except (OSError, ValueError, AttributeError) as e:
+            log.debug("no network options in %s: %s", path, e)
+            continue
+        if isinstance(net, dict) and (path in named or meta.get("ss_steps") == str(step)):
+            return dict(net), path.name
+    return None, ""
+
+
 def compare_identity(saved: dict | None, now: dict) -> tuple[list[str], list[str]]:
     """(refusals, warnings): what differs between a state's identity and this run's.
 
@@ -143,13 +197,9 @@ def compare_identity(saved: dict | None, now: dict) -> tuple[list[str], list[str
         refuse.append(f"network.method: state {saved.get('method')!r}, this run "
                       f"{now['method']!r}")
     else:
-        keys = _SHAPE_OPTIONS.get(now["method"]) or [k for k in now["network"]
-                                                     if k != "dropout"]
-        old = saved.get("network") or {}
-        for key in keys:
-            if key in old and old[key] != now["network"].get(key):
-                refuse.append(f"network.{key}: state {old[key]!r}, this run "
-                              f"{now['network'].get(key)!r}")
+        refuse += [f"network.{key}: state {was!r}, this run {is_now!r}" for key, was, is_now
+                   in shape_differences(now["method"], saved.get("network") or {},
+                                        now["network"])]
     old_model, new_model = saved.get("model") or {}, now["model"]
     if old_model.get("family") not in (None, new_model["family"]):
         refuse.append(f"model family: state {old_model.get('family')!r}, this run "

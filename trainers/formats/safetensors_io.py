@@ -225,6 +225,23 @@ def check_safetensors(path) -> list[str]:
                          "again or download it again.") from e
 
 
+def safetensors_metadata(path) -> dict[str, str]:
+    """The metadata of a safetensors file, reading its header only (a checkpoint is GBs).
+
+    Raises:
+        FileNotFoundError, IsADirectoryError, ValueError: as :func:`load_safetensors`.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    path = _checked_file(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except (SafetensorError, json.JSONDecodeError, OSError) as e:
+        raise ValueError(f"{path} is a damaged or incomplete safetensors file ({e}); write it "
+                         "again or download it again.") from e
+
+
 def _checked_file(path) -> Path:
     """``path`` as a Path, once it is an existing file that is not a pickle."""
     path = Path(path)
