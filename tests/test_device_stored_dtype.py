@@ -143,3 +143,37 @@ def test_a_layer_unfrozen_after_the_hooks_trains_in_the_compute_dtype():
     net(torch.randn(1, 4, 9, 9)).sum().backward()
     assert net.down.weight.grad is not None and net.norm.weight.grad is not None
     assert net.lin.weight.grad is None and net.lin.weight.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("stride,bias", [(1, True), (2, False)])
+def test_a_conv_larger_than_a_chunk_runs_in_slices_with_the_cast_convs_results(monkeypatch,
+                                                                              stride, bias):
+    """A weight larger than ``CONV_CHUNK`` is cast and convolved a slice at a time (output
+    channels forward, input channels for the input gradient). The forward pass is the cast
+    conv's bit for bit (each output channel is the same oneDNN sum); the input gradient is a
+    sum over every output channel and kernel tap either way, whose rounding follows oneDNN's
+    blocking of the slice: equal to fp32 rounding (relative 1e-5 of its scale)."""
+    from tsuika.trainers.device import stored_dtype
+
+    torch.manual_seed(4)
+    stored = torch.nn.Conv2d(24, 40, 3, stride=stride, padding=1, bias=bias)
+    stored = stored.to(torch.bfloat16).requires_grad_(False)
+    cast = copy.deepcopy(stored).float()
+    monkeypatch.setattr(stored_dtype, "CONV_CHUNK", 40 * 24 * 9 // 2)  # half the weight
+    assert stored_dtype._spans(24, 40 * 9) == [(0, 12), (12, 24)]  # input-gradient slices
+    calls = []
+    real = torch.nn.functional.conv2d
+    monkeypatch.setattr(stored_dtype.F, "conv2d", lambda *a, **k: calls.append(a[1].shape)
+                        or real(*a, **k))
+    StoredDtype(stored, torch.float32)
+    x = torch.randn(2, 24, 9, 9, requires_grad=True)
+    x_cast = x.detach().clone().requires_grad_(True)
+    y = stored(x)
+    assert [s[0] for s in calls] == [20, 20]  # two slices of output channels
+    y.square().sum().backward()
+    y_cast = cast(x_cast)
+    y_cast.square().sum().backward()
+    assert torch.equal(y, y_cast)
+    scale = x_cast.grad.abs().max().item()
+    torch.testing.assert_close(x.grad, x_cast.grad, rtol=1e-5, atol=1e-5 * scale)
+    assert stored.weight.dtype == torch.bfloat16  # nothing cast was kept on the layer
