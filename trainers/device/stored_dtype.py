@@ -12,7 +12,10 @@ cast weight in the autograd graph (the input gradient needs it), which is the wh
 again by the end of the forward pass. Linear and conv layers therefore run through autograd
 functions that keep the stored weight and cast it again for the input gradient; so a LoRA can
 train over a UNet stored in bf16 and computing in fp32 at half the memory of its weights
-(``train.frozen_weights``, docs/BENCHMARKS.md).
+(``train.frozen_weights``, docs/BENCHMARKS.md). A conv whose weight is larger than
+``CONV_CHUNK`` runs a cache-sized slice of it at a time (faster than the whole weight, and
+than an fp32-stored one, on a CPU: ``_RecastConv2d``); the input gradients of those convs then
+equal the cast module's to fp32 rounding rather than bit for bit.
 
 This is what ComfyUI's own "manual cast" layers do; here it is a pair of hooks on any module,
 so the transformers / diffusers classes stay as they are.
@@ -125,10 +128,21 @@ def _conv_forward(layer: torch.nn.Conv2d, cast: _Caster, x: torch.Tensor):
                                layer.padding, layer.dilation, layer.groups)
 
 
+def _embedding_forward(layer: torch.nn.Embedding, cast: _Caster, ids: torch.Tensor):
+    # The rows first, then the cast: a lookup copies values, so this is the cast table's
+    # result without casting (and allocating) the whole table each call, e.g. CLIP's
+    # 49408-token table (150 MB in fp32) every text-encoder pass of a Textual Inversion step.
+    # Frozen: nothing flows back into the table.
+    return F.embedding(ids, layer.weight.detach(), layer.padding_idx).to(cast.dtype)
+
+
 def _recast_forward(layer: torch.nn.Module):
     """The autograd-lean forward for ``layer``'s type, or None (hooks cast it instead)."""
     if type(layer) is torch.nn.Linear:
         return _linear_forward
+    if (type(layer) is torch.nn.Embedding and layer.max_norm is None
+            and not layer.scale_grad_by_freq and not layer.sparse):
+        return _embedding_forward
     if (type(layer) is torch.nn.Conv2d and layer.padding_mode == "zeros"
             and not isinstance(layer.padding, str)):
         return _conv_forward
