@@ -148,12 +148,12 @@ def test_a_layer_unfrozen_after_the_hooks_trains_in_the_compute_dtype():
 @pytest.mark.parametrize("stride,bias", [(1, True), (2, False)])
 def test_a_conv_larger_than_a_chunk_runs_in_slices_with_the_cast_convs_results(monkeypatch,
                                                                               stride, bias):
-    """A weight larger than ``CONV_CHUNK`` is cast and convolved a slice at a time (output
-    channels forward, input channels for the input gradient). Each output element is still
-    one oneDNN sum over the same terms; only the blocking oneDNN picks for a slice, and so the
-    order of the fp32 additions, may differ. On the project's CPU the forward pass came out bit
-    for bit (SD1.5's 1280->1280 and 2560->1280 convs too) and the input gradient within 2e-6 of
-    its scale; the bound here is fp32 rounding over a few hundred terms (1e-5 of the scale),
+    """A weight larger than ``CONV_CHUNK`` is cast and convolved a slice of output channels
+    at a time; backward, the slices' input gradients are summed. Each forward output element
+    is still one oneDNN sum over the same terms (only the blocking oneDNN picks for a slice may
+    reorder it); the input gradient adds its slices' partial sums in another order. On the
+    project's CPU the forward pass came out bit for bit (SD1.5's 1280->1280 and 2560->1280
+    convs too); the bound here is fp32 rounding over a few hundred terms (1e-5 of the scale),
     so that another CPU's blocking does not fail it."""
     from tsuika.trainers.device import stored_dtype
 
@@ -162,7 +162,7 @@ def test_a_conv_larger_than_a_chunk_runs_in_slices_with_the_cast_convs_results(m
     stored = stored.to(torch.bfloat16).requires_grad_(False)
     cast = copy.deepcopy(stored).float()
     monkeypatch.setattr(stored_dtype, "CONV_CHUNK", 40 * 24 * 9 // 2)  # half the weight
-    assert stored_dtype._spans(24, 40 * 9) == [(0, 12), (12, 24)]  # input-gradient slices
+    assert stored_dtype._spans(40, 24 * 9) == [(0, 20), (20, 40)]
     calls = []
     real = torch.nn.functional.conv2d
     monkeypatch.setattr(stored_dtype.F, "conv2d", lambda *a, **k: calls.append(a[1].shape)

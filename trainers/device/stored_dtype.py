@@ -85,8 +85,8 @@ class _RecastConv2d(torch.autograd.Function):
 
     oneDNN reorders a plain conv's whole weight before every call; a weight larger than the
     CPU's last-level cache is then cast, written out, reordered and read again from memory.
-    A slice of output channels (forward) or input channels (input gradient) at a time keeps
-    each cast slice in the cache: on this project's CPU (2-core AMD EPYC without AVX512, 32 MiB
+    A slice of output channels at a time (their input gradients summed backward) keeps each
+    cast slice in the cache: on this project's CPU (2-core AMD EPYC without AVX512, 32 MiB
     L3) a 1280->1280 3x3 conv on an 8x8 map took 69 ms forward from the bf16 weight cast whole
     and 42 ms in slices (62 ms from a plain fp32 weight). Each output element is still one
     conv's sum, over the same terms; only oneDNN's blocking, and so the rounding, may differ.
@@ -107,15 +107,19 @@ class _RecastConv2d(torch.autograd.Function):
     def backward(ctx, grad):
         (weight,) = ctx.saved_tensors
         shape, cast, stride, padding, dilation, groups = ctx.geometry
-        spans = (_spans(weight.shape[1], weight[:, 0].numel()) if groups == 1
-                 else [(0, 0)])
+        spans = _spans(weight.shape[0], weight[0].numel()) if groups == 1 else [(0, 0)]
         if len(spans) == 1:
             grad_in = torch.nn.grad.conv2d_input(shape, cast(weight), grad, stride, padding,
                                                  dilation, groups)
         else:
-            grad_in = torch.cat([torch.nn.grad.conv2d_input(
-                (shape[0], e - s, *shape[2:]), cast(weight[:, s:e]), grad, stride, padding,
-                dilation) for s, e in spans], 1)
+            # The same output-channel slices, their input gradients summed. Not slices of
+            # input channels: a slice of a small map's input falls under PyTorch's size
+            # threshold for oneDNN (20480 elements at batch 1) to its much slower own conv.
+            grad_in = None
+            for s, e in spans:
+                part = torch.nn.grad.conv2d_input(shape, cast(weight[s:e]), grad[:, s:e],
+                                                  stride, padding, dilation)
+                grad_in = part if grad_in is None else grad_in.add_(part)
         return (grad_in,) + (None,) * 7
 
 
