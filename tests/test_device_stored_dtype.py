@@ -143,3 +143,58 @@ def test_a_layer_unfrozen_after_the_hooks_trains_in_the_compute_dtype():
     net(torch.randn(1, 4, 9, 9)).sum().backward()
     assert net.down.weight.grad is not None and net.norm.weight.grad is not None
     assert net.lin.weight.grad is None and net.lin.weight.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("stride,bias", [(1, True), (2, False)])
+def test_a_conv_larger_than_a_chunk_runs_in_slices_with_the_cast_convs_results(monkeypatch,
+                                                                              stride, bias):
+    """A weight larger than ``CONV_CHUNK`` is cast and convolved a slice of output channels
+    at a time; backward, the slices' input gradients are summed. Each forward output element
+    is still one oneDNN sum over the same terms (only the blocking oneDNN picks for a slice may
+    reorder it); the input gradient adds its slices' partial sums in another order. On the
+    project's CPU the forward pass came out bit for bit (SD1.5's 1280->1280 and 2560->1280
+    convs too); the bound here is fp32 rounding over a few hundred terms (1e-5 of the scale),
+    so that another CPU's blocking does not fail it."""
+    from tsuika.trainers.device import stored_dtype
+
+    torch.manual_seed(4)
+    stored = torch.nn.Conv2d(24, 40, 3, stride=stride, padding=1, bias=bias)
+    stored = stored.to(torch.bfloat16).requires_grad_(False)
+    cast = copy.deepcopy(stored).float()
+    monkeypatch.setattr(stored_dtype, "CONV_CHUNK", 40 * 24 * 9 // 2)  # half the weight
+    assert stored_dtype._spans(40, 24 * 9) == [(0, 20), (20, 40)]
+    calls = []
+    real = torch.nn.functional.conv2d
+    monkeypatch.setattr(stored_dtype.F, "conv2d", lambda *a, **k: calls.append(a[1].shape)
+                        or real(*a, **k))
+    StoredDtype(stored, torch.float32)
+    x = torch.randn(2, 24, 9, 9, requires_grad=True)
+    x_cast = x.detach().clone().requires_grad_(True)
+    y = stored(x)
+    assert [s[0] for s in calls] == [20, 20]  # two slices of output channels
+    y.square().sum().backward()
+    y_cast = cast(x_cast)
+    y_cast.square().sum().backward()
+    for ours, want in ((y, y_cast), (x.grad, x_cast.grad)):
+        scale = want.abs().max().item()
+        torch.testing.assert_close(ours, want, rtol=1e-5, atol=1e-5 * scale)
+    assert stored.weight.dtype == torch.bfloat16  # nothing cast was kept on the layer
+
+
+def test_an_embedding_looks_up_its_stored_rows_then_casts_them():
+    """The lookup gives the cast table's rows bit for bit, without casting the whole table
+    (CLIP's is 49408 x 768: 150 MB in fp32 every text-encoder pass)."""
+    stored = _encoder()
+    table = stored.get_input_embeddings()
+    want = table.weight.float()[torch.tensor([[5, 999, 0]])]
+    hooks = StoredDtype(stored, torch.float32)
+    assert table in hooks.recast
+    casts = []
+    real = torch.Tensor.to
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.Tensor, "to", lambda t, *a, **k: casts.append(t.shape) or
+                   real(t, *a, **k))
+        got = table(torch.tensor([[5, 999, 0]]))
+    assert got.dtype == torch.float32 and torch.equal(got, want)
+    assert casts == [(1, 3, 32)]  # the three rows, never the 1000-row table
+    assert table.weight.dtype == torch.float16
