@@ -145,8 +145,8 @@ def refuse_other_network(spec: TrainNodeSpec, config, state: Path, advanced: boo
 
 
 def refuse_past_steps(config, state: Path) -> None:
-    """Refuse, naming the node's ``steps`` widget, a resume from a state already at or past
-    this run's steps (a node's default steps may be fewer than the run was started with).
+    """Refuse, naming the node's ``steps`` widget, a resume from a state already past this
+    run's steps (a node's default steps may be fewer than the run was started with).
 
     Raises:
         InputRefused: naming the state's step and the widget to raise.

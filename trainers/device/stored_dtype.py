@@ -73,8 +73,12 @@ class _RecastLinear(torch.autograd.Function):
 CONV_CHUNK = 1 << 22  # weight elements per conv call: 16 MiB in fp32, half this CPU's L3
 
 
-def _spans(rows: int, per_row: int) -> list[tuple[int, int]]:
-    """``rows`` split into even spans of at most ``CONV_CHUNK`` elements (one if it fits)."""
+def _spans(weight: torch.Tensor, groups: int) -> list[tuple[int, int]]:
+    """The conv weight's output channels split into even spans of at most ``CONV_CHUNK``
+    elements (one span if it fits, or for a grouped conv)."""
+    rows, per_row = weight.shape[0], weight[0].numel()
+    if groups != 1:
+        return [(0, rows)]
     pieces = -(-rows * per_row // CONV_CHUNK)
     step = -(-rows // max(1, pieces))
     return [(s, min(rows, s + step)) for s in range(0, rows, step)]
@@ -97,7 +101,7 @@ class _RecastConv2d(torch.autograd.Function):
         ctx.save_for_backward(weight)
         ctx.geometry = (x.shape, cast, stride, padding, dilation, groups)
         bias = None if bias is None else bias.to(cast.dtype)
-        spans = _spans(weight.shape[0], weight[0].numel()) if groups == 1 else [(0, 0)]
+        spans = _spans(weight, groups)
         if len(spans) == 1:
             return F.conv2d(x, cast(weight), bias, stride, padding, dilation, groups)
         return torch.cat([F.conv2d(x, cast(weight[s:e]), None if bias is None else bias[s:e],
@@ -107,7 +111,7 @@ class _RecastConv2d(torch.autograd.Function):
     def backward(ctx, grad):
         (weight,) = ctx.saved_tensors
         shape, cast, stride, padding, dilation, groups = ctx.geometry
-        spans = _spans(weight.shape[0], weight[0].numel()) if groups == 1 else [(0, 0)]
+        spans = _spans(weight, groups)
         if len(spans) == 1:
             grad_in = torch.nn.grad.conv2d_input(shape, cast(weight), grad, stride, padding,
                                                  dilation, groups)
