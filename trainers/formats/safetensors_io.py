@@ -214,15 +214,7 @@ def check_safetensors(path) -> list[str]:
     Raises:
         FileNotFoundError, IsADirectoryError, ValueError: as :func:`load_safetensors`.
     """
-    from safetensors import SafetensorError, safe_open
-
-    path = _checked_file(path)
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return list(f.keys())
-    except (SafetensorError, json.JSONDecodeError, OSError) as e:
-        raise ValueError(f"{path} is a damaged or incomplete safetensors file ({e}); write it "
-                         "again or download it again.") from e
+    return _from_header(path, lambda f: list(f.keys()))
 
 
 def safetensors_metadata(path) -> dict[str, str]:
@@ -231,12 +223,18 @@ def safetensors_metadata(path) -> dict[str, str]:
     Raises:
         FileNotFoundError, IsADirectoryError, ValueError: as :func:`load_safetensors`.
     """
+    return _from_header(path, lambda f: dict(f.metadata() or {}))
+
+
+def _from_header(path, read):
+    """``read(f)`` of the file opened without reading its tensors; a damaged file is a
+    ValueError naming it."""
     from safetensors import SafetensorError, safe_open
 
     path = _checked_file(path)
     try:
         with safe_open(str(path), framework="pt") as f:
-            return dict(f.metadata() or {})
+            return read(f)
     except (SafetensorError, json.JSONDecodeError, OSError) as e:
         raise ValueError(f"{path} is a damaged or incomplete safetensors file ({e}); write it "
                          "again or download it again.") from e
